@@ -1,0 +1,3 @@
+module example.com/devmapper-version
+
+go 1.19

@@ -1,0 +1,273 @@
+"""One function per layer kind: each turns a recipe and its resolved inputs into layer blobs in the store.
+
+A builder returns the layers it made as :class:`Built` (blob descriptor + diff_id), bottom first; the planner
+records them as a cache entry. Builders write blobs only through ``Store.writer``, so a failure part-way leaves
+nothing in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, cast
+
+from . import oci, tarlayer
+from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
+from .inputs import Tree, fetch
+from .oci import Descriptor, Digest
+from .recipe import LayerRecipe
+from .store import Store
+from .tarlayer import Entry
+
+log = logging.getLogger(__name__)
+
+Output = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Built:
+    descriptor: Descriptor
+    diff_id: Digest
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    store: Store
+    project_root: Path
+    compression: str
+    epoch: int
+    offline: bool
+    output: Output  # receives progress lines and the output of build steps
+
+
+def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> Built:
+    """Write ``entries`` as one reproducible, compressed layer blob into the store."""
+    with ctx.store.writer() as blob:
+        stats = tarlayer.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
+    return Built(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
+
+
+def _owner(layer: LayerRecipe) -> tuple[int, int]:
+    uid, gid = layer.str_("owner").split(":")
+    return int(uid), int(gid)
+
+
+def _under(dest: str, path: str) -> str:
+    joined = str(PurePosixPath(dest) / path) if path else dest
+    normal = tarlayer.normalise_path(joined)
+    if normal is None:
+        raise RecipeError(f"destination {joined!r} is the root itself")
+    return normal
+
+
+def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[Built]:
+    """``copy``: the tree below ``from`` at ``to``. Owners default to 0:0; modes are normalised to 0755 for
+    directories and executables, 0644 for other files, so that umask and checkout do not change the layer."""
+    uid, gid = _owner(layer)
+    to = layer.str_("to")
+    single_file = not (ctx.project_root / layer.str_("from")).is_dir()
+    entries = []
+    for item in tree.entries:
+        # a single file lands at `to` itself, or inside it when `to` ends with '/' (as COPY does)
+        path = _under(to, item.path) if not single_file or to.endswith("/") else _under(to, "")
+        if item.type == "dir":
+            entries.append(Entry(path, "dir", 0o755, uid, gid, mtime=ctx.epoch))
+        elif item.type == "symlink":
+            entries.append(Entry(path, "symlink", 0o777, uid, gid, linkname=item.linkname, mtime=ctx.epoch))
+        else:
+            mode = 0o755 if item.mode & 0o111 else 0o644
+            entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch))
+    return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
+
+
+@contextmanager
+def _temp_file(ctx: BuildContext, suffix: str) -> Iterator[Path]:
+    fd, name = tempfile.mkstemp(suffix=suffix, dir=ctx.store.private_dir("tmp"))
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def archive_source(ctx: BuildContext, layer: LayerRecipe) -> Path:
+    """The archive file of an ``archive`` layer, downloaded (or found in the download cache) and verified."""
+    url = layer.str_("url")
+    where = url if "://" in url else str(layer.dir / url)
+    return fetch(where, layer.str_("sha256"), ctx.store.private_dir("downloads"), offline=ctx.offline,
+                 progress=ctx.output, what=f"layer '{layer.name}'")
+
+
+def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
+    """``archive``: a release tarball unpacked at ``dest`` with ``strip_components``, owners 0:0 by default."""
+    source = archive_source(ctx, layer)
+    uid, gid = _owner(layer)
+    strip = layer.int_("strip_components")
+    dest = layer.str_("dest")
+    what = f"layer '{layer.name}': {layer.str_('url')}"
+    with _temp_file(ctx, ".tar") as plain:
+        with open(source, "rb") as src, open(plain, "wb") as dst:
+            compression = tarlayer.sniff_compression(src.read(8))
+            src.seek(0)
+            tarlayer.decompress_to(src, dst, compression)
+        entries = []
+        for entry in tarlayer.read_archive_members(plain, what=what):
+            parts = entry.path.split("/")
+            if len(parts) <= strip:
+                continue
+            path = _under(dest, "/".join(parts[strip:]))
+            linkname = entry.linkname
+            if entry.type == "hardlink":
+                link_parts = linkname.split("/")
+                if len(link_parts) <= strip:
+                    continue
+                linkname = _under(dest, "/".join(link_parts[strip:]))
+            entries.append(replace(entry, path=path, linkname=linkname, uid=uid, gid=gid))
+        return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
+
+
+def build_bootstrap(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
+    """``bootstrap``: a root filesystem by mmdebstrap, reproducible via SOURCE_DATE_EPOCH; owners kept."""
+    if ctx.offline:
+        raise OcibuildError(f"layer '{layer.name}': a bootstrap layer downloads packages, which --offline forbids",
+                            "build it on a connected machine and bring it with `ocibuild export`/`import`")
+    mirror, suite = layer.str_("mirror"), layer.str_("suite")
+    components = " ".join(layer.strings("components"))
+    sources = [f"deb {mirror} {suite} {components}"]
+    if layer.bool_("deb_src"):
+        sources.append(f"deb-src {mirror} {suite} {components}")
+    with _temp_file(ctx, ".tar") as out:
+        argv = ["mmdebstrap", f"--variant={layer.str_('variant')}", f"--components={','.join(layer.strings('components'))}"]
+        if layer.strings("packages"):
+            argv.append(f"--include={','.join(layer.strings('packages'))}")
+        if os.geteuid() != 0:
+            argv.append("--mode=unshare")
+        argv += [suite, str(out), *sources]
+        env = {**os.environ, "SOURCE_DATE_EPOCH": str(ctx.epoch)}
+        run_streaming(argv, env=env, output=ctx.output, what=f"layer '{layer.name}': mmdebstrap",
+                      missing_hint="install mmdebstrap (apt-get install mmdebstrap), or run `ocibuild doctor`")
+        entries = [e for e in tarlayer.read_archive_members(out, what=f"layer '{layer.name}'", skip_devices=True)]
+        return [write_entries(ctx, entries)]
+
+
+def run_streaming(argv: Sequence[str], *, env: dict[str, str] | None, output: Output, what: str,
+                  missing_hint: str, tail_lines: int = 20) -> None:
+    """Run a helper tool, streaming its output lines to ``output``; StepFailed with the last lines on failure."""
+    tail: list[str] = []
+    try:
+        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise EngineError(f"{what}: '{argv[0]}' is not installed", missing_hint) from None
+    assert proc.stdout is not None
+    with proc:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            output(line)
+            tail = (tail + [line])[-tail_lines:]
+    if proc.returncode != 0:
+        raise StepFailed(f"{what} exited {proc.returncode}", "see the output above; fix the recipe and build again",
+                         exit_code=proc.returncode, tail="\n".join(tail))
+
+
+def build_image(ctx: BuildContext, layer: LayerRecipe, manifest_digest: Digest) -> tuple[list[Built], oci.ImageConfig]:
+    """``image``: the layers of an existing image, copied (verified) into the store; returns them and its config."""
+    ref = layer.str_("ref")
+    what = f"layer '{layer.name}': {ref}"
+    if ref.startswith("oci-archive:"):
+        _import_oci_archive(ctx, layer, ref)
+    elif ref.startswith("oci:"):
+        source = open_oci_dir(ctx.project_root, layer, ref)[0]
+        _copy_manifest_blobs(source, ctx.store, manifest_digest, what)
+    else:
+        raise registry_not_supported(layer)
+    manifest = ctx.store.get_manifest(manifest_digest)
+    config = ctx.store.get_config(manifest.config.digest)
+    if len(config.diff_ids) != len(manifest.layers):
+        raise FormatError(f"{what}: the config lists {len(config.diff_ids)} diff_ids for {len(manifest.layers)} layers")
+    for descriptor in manifest.layers:
+        if descriptor.media_type not in oci.LAYER_TYPES:
+            raise FormatError(f"{what}: layer media type '{descriptor.media_type}' is not supported",
+                              "use an image with OCI or Docker tar/gzip/zstd layers")
+    return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)], config
+
+
+def registry_not_supported(layer: LayerRecipe) -> OcibuildError:
+    return OcibuildError(
+        f"layer '{layer.name}': registry references ({layer.str_('ref')}) are not supported yet",
+        "save the image with `skopeo copy docker://REF oci-archive:base.tar` and use ref = \"oci-archive:base.tar\"",
+    )
+
+
+def split_oci_ref(text: str) -> tuple[str, str | None]:
+    """``oci:DIR[:TAG]`` / ``oci-archive:PATH[:TAG]`` → (path, tag or None)."""
+    body = text.split(":", 1)[1]
+    if ":" in body:
+        path, tag = body.rsplit(":", 1)
+        return path, tag or None
+    return body, None
+
+
+def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str]:
+    path, tag = split_oci_ref(ref)
+    directory = (layer.dir / path) if not os.path.isabs(path) else Path(path)
+    try:
+        return Store.open(directory, create=False), tag or "latest"
+    except StoreError as err:
+        raise RecipeError(f"layer '{layer.name}': {ref}: {err}", "point ref at an OCI image layout directory") from None
+
+
+def _copy_manifest_blobs(source: Store, target: Store, manifest_digest: Digest, what: str) -> None:
+    manifest_bytes = source.read_blob(manifest_digest)
+    manifest = oci.Manifest.parse(manifest_bytes, what)
+    for descriptor in (manifest.config, *manifest.layers):
+        if not target.has(descriptor.digest):
+            with source.open_blob(descriptor.digest, size=descriptor.size) as src, \
+                    target.writer(expected=descriptor.digest, size=descriptor.size) as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+    target.put(manifest_bytes, manifest.media_type)
+
+
+def _import_oci_archive(ctx: BuildContext, layer: LayerRecipe, ref: str) -> None:
+    """Every blob of an oci-archive into the store, each verified against its file name."""
+    path, _ = split_oci_ref(ref)
+    archive = layer.dir / path
+    what = f"layer '{layer.name}': {ref}"
+    try:
+        f = open(archive, "rb")
+    except OSError as err:
+        raise RecipeError(f"{what}: cannot open {archive}: {err.strerror}", "fix ref in the layer.toml") from None
+    with f:
+        for member, reader in tarlayer.iter_members(f, "none", what=what):
+            parts = member.path.split("/")
+            if member.type != "file" or reader is None or len(parts) != 3 or parts[0] != "blobs":
+                continue
+            digest = Digest.parse(f"{parts[1]}:{parts[2]}")
+            if ctx.store.has(digest):
+                continue
+            with ctx.store.writer(expected=digest, size=member.size) as dst:
+                while chunk := reader.read(1 << 20):
+                    dst.write(chunk)
+
+
+def read_oci_archive_index(path: Path, what: str) -> oci.Index:
+    with open(path, "rb") as f:
+        for member, reader in tarlayer.iter_members(f, "none", what=what):
+            if member.path == "index.json" and reader is not None:
+                return oci.Index.parse(reader.read(16 << 20), f"{what}: index.json")
+    raise FormatError(f"{what}: no index.json inside; is it an oci-archive?",
+                      "make one with `skopeo copy … oci-archive:PATH`")
+
+
+def run_layer_not_supported(layer: LayerRecipe) -> OcibuildError:
+    return EngineError(
+        f"layer '{layer.name}': run layers need a container engine, which this version of ocibuild cannot drive yet",
+        "build this layer's content another way (archive or copy layer) until engine support lands",
+    )

@@ -1,0 +1,402 @@
+"""Per layer: cached in the store, or to build; then build what is missing and assemble the image.
+
+Data flows one way: recipes → inputs and lock → cache keys → status → builders → cache entries → image.
+
+Every built (or imported) layer is recorded as a *cache entry*: an OCI image manifest tagged
+``<name>-<64 hex of the key>`` in the store's index.json, whose layers are the layer blobs and whose config
+carries ``rootfs.diff_ids`` and the labels ``dev.ocibuild.layer.{name,kind,key,inputs}``. A layer is cached
+exactly when its entry's tag is present. The registry cache uses the same entries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import builders, oci, tarlayer
+from .builders import BuildContext, Built
+from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError
+from .inputs import StatCache, Tree, hash_file, walk_tree
+from .oci import Descriptor, Digest, History, ImageConfig, Manifest
+from .recipe import Input, LayerRecipe, Lock, LockEntry, Project, cache_key
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+LABEL_PREFIX = "dev.ocibuild.layer."
+Output = Callable[[str], None]
+
+
+def cache_tag(name: str, key: Digest) -> str:
+    """The ref name of a layer's cache entry: ``<name>-<64 hex>``, name lowered to [a-z0-9._-], at most 63."""
+    lowered = re.sub(r"[^a-z0-9._-]", "-", name.lower())[:63]
+    return f"{lowered}-{key.hex}"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    recipe: LayerRecipe
+    key: Digest
+    inputs: tuple[Input, ...]
+    status: str  # plan: "cached" | "build"; after build: "cached" | "built"
+    tree: Tree | None = field(default=None, compare=False)  # a copy layer's walked tree, reused by the builder
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.recipe.name,
+            "kind": self.recipe.kind,
+            "needs": list(self.recipe.needs),
+            "key": str(self.key),
+            "status": self.status,
+            "inputs": [i.to_dict() for i in self.inputs],
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    project: Project
+    layers: tuple[LayerPlan, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.project.image.name, "layers": [layer.to_dict() for layer in self.layers]}
+
+    def layer(self, name: str) -> LayerPlan:
+        return next(layer for layer in self.layers if layer.name == name)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    plan: Plan
+    image: Descriptor
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.plan.to_dict()
+        out["digest"] = str(self.image.digest)
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
+
+
+# ---- the lock -------------------------------------------------------------------------------------------------
+
+
+def lock_source(layer: LayerRecipe) -> str | None:
+    """What a layer's moving input is resolved from, or None when the layer has no moving input."""
+    if layer.kind == "bootstrap":
+        return f"{layer.str_('mirror').rstrip('/')}/dists/{layer.str_('suite')}/InRelease"
+    if layer.kind == "image":
+        return layer.str_("ref")
+    return None
+
+
+def resolve_lock(project: Project, lock: Lock, *, refresh: Sequence[str] = (), offline: bool = False) -> Lock:
+    """``lock`` with an entry for every layer with a moving input; entries are kept unless missing, made for
+    another source (the recipe changed) or named in ``refresh``."""
+    resolved = lock.only(project.layer_names)
+    for layer in project.layers:
+        source = lock_source(layer)
+        if source is None:
+            continue
+        if resolved.get(layer.name, source) is not None and layer.name not in refresh:
+            continue
+        if offline and layer.kind == "bootstrap":
+            raise LockError(f"ocibuild.lock has no entry for layer '{layer.name}' ({source}) and --offline forbids "
+                            "resolving it", "run `ocibuild lock` on a connected machine and commit ocibuild.lock")
+        resolved = resolved.with_entry(LockEntry(layer.name, source, _resolve(project, layer, source)))
+    return resolved
+
+
+def _resolve(project: Project, layer: LayerRecipe, source: str) -> Digest:
+    if layer.kind == "bootstrap":
+        return Digest.of(fetch_small(source, what=f"layer '{layer.name}'"))
+    if source.startswith("oci-archive:"):
+        path, tag = builders.split_oci_ref(source)
+        index = builders.read_oci_archive_index(layer.dir / path, f"layer '{layer.name}': {source}")
+        return _pick(index, tag, layer, source)
+    if source.startswith("oci:"):
+        store, tag = builders.open_oci_dir(project.root, layer, source)
+        return _pick(store.index(), tag, layer, source)
+    raise builders.registry_not_supported(layer)
+
+
+def _pick(index: oci.Index, tag: str | None, layer: LayerRecipe, source: str) -> Digest:
+    if tag is not None:
+        found = index.find(tag)
+    else:
+        manifests = [d for d in index.manifests if d.media_type in oci.MANIFEST_TYPES]
+        found = manifests[0] if len(manifests) == 1 else None
+    if found is None or found.media_type not in oci.MANIFEST_TYPES:
+        tags = ", ".join(sorted(d.ref_name for d in index.manifests if d.ref_name)) or "none"
+        raise RecipeError(f"layer '{layer.name}': {source}: no image manifest "
+                          f"{'tagged ' + repr(tag) if tag else '(several or none, give a tag)'}",
+                          f"tags present: {tags}")
+    return found.digest
+
+
+def fetch_small(url: str, *, what: str) -> bytes:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ocibuild"}), timeout=60) as r:
+            data: bytes = r.read(64 << 20)
+            return data
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise FetchError(f"{what}: cannot fetch {url}: {err}", "check the mirror URL and the network") from None
+
+
+def write_lock(project: Project, lock: Lock) -> None:
+    path = project.root / "ocibuild.lock"
+    text = lock.to_toml()
+    try:
+        if path.exists() and path.read_text() == text:
+            return
+        tmp = path.with_name(".ocibuild.lock.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        raise LockError(f"{path}: cannot write: {err.strerror}", "check the project directory is writable") from None
+
+
+# ---- planning -------------------------------------------------------------------------------------------------
+
+
+def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache) -> Plan:
+    """Keys and status of every layer, bottom first. Reads inputs (through the stat cache), not the network."""
+    keys: dict[str, Digest] = {}
+    layers = []
+    index = store.index()
+    epoch = project.image.source_date_epoch
+    for layer in project.layers:
+        inputs, tree = _inputs(project, layer, lock, stat_cache)
+        key = cache_key(layer, epoch, inputs, [keys[n] for n in layer.needs])
+        keys[layer.name] = key
+        status = "cached" if index.find(cache_tag(layer.name, key)) is not None else "build"
+        layers.append(LayerPlan(layer, key, tuple(inputs), status, tree))
+    return Plan(project, tuple(layers))
+
+
+def _relative(project: Project, path: Path) -> str:
+    try:
+        return str(path.relative_to(project.root))
+    except ValueError:
+        return str(path)
+
+
+def _inputs(project: Project, layer: LayerRecipe, lock: Lock, cache: StatCache) -> tuple[list[Input], Tree | None]:
+    where = _relative(project, layer.file)
+    source = lock_source(layer)
+    if source is not None:
+        entry = lock.get(layer.name, source)
+        if entry is None:
+            raise LockError(f"ocibuild.lock has no entry for layer '{layer.name}' ({source})",
+                            "run `ocibuild lock` to resolve it")
+        return [Input(source, entry.digest)], None
+    if layer.kind == "copy":
+        root = (project.root / layer.str_("from")).resolve()
+        if root != project.root and project.root not in root.parents:
+            raise RecipeError(f"{where}: 'from' {layer.str_('from')!r} leaves the project directory",
+                              "copy only paths inside the project")
+        tree = walk_tree(root, layer.strings("exclude"), cache, what=where)
+        return [Input(layer.str_("from"), tree.digest)], tree
+    if layer.kind == "archive":
+        url = layer.str_("url")
+        name = url if "://" in url else _relative(project, layer.dir / url)
+        return [Input(name, Digest.from_hex(layer.str_("sha256")))], None
+    if layer.kind == "run":
+        inputs = [_file_input(project, layer, layer.str_("script"), cache, where)]
+        for ref in layer.inputs:
+            if ref.path is not None:
+                inputs.append(_file_input(project, layer, ref.path, cache, where))
+            else:
+                assert ref.url is not None and ref.sha256 is not None
+                inputs.append(Input(ref.url, Digest.from_hex(ref.sha256)))
+        return inputs, None
+    raise RecipeError(f"{where}: unknown kind '{layer.kind}'")
+
+
+def _file_input(project: Project, layer: LayerRecipe, rel: str, cache: StatCache, where: str) -> Input:
+    path = layer.dir / rel
+    try:
+        st = path.stat()
+    except OSError:
+        raise RecipeError(f"{where}: {rel!r} not found beside layer.toml", f"create {_relative(project, path)}") from None
+    if not path.is_file():
+        raise RecipeError(f"{where}: {rel!r} is not a file", "name a file beside layer.toml")
+    return Input(_relative(project, path), Digest.from_hex(cache.digest(str(path), st)))
+
+
+# ---- building -------------------------------------------------------------------------------------------------
+
+
+def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = False,
+          output: Output = lambda line: None) -> BuildResult:
+    """Build every layer whose entry is missing, then assemble and tag the image."""
+    project = plan.project
+    ctx = BuildContext(store, project.root, project.image.compression, project.image.source_date_epoch, offline,
+                       output)
+    done = []
+    with store.lease():  # gc waits: blobs written here are unreachable until they are tagged
+        for layer in plan.layers:
+            if layer.status == "cached" and store.resolve(cache_tag(layer.name, layer.key)) is not None:
+                done.append(replace(layer, status="cached"))
+                continue
+            output(f"building layer '{layer.name}' ({layer.recipe.kind})")
+            _build_layer(ctx, layer)
+            done.append(replace(layer, status="built"))
+        result_plan = Plan(project, tuple(done))
+        image, warnings = assemble(result_plan, store, strict=strict, output=output)
+    return BuildResult(result_plan, image, tuple(warnings))
+
+
+def _build_layer(ctx: BuildContext, layer: LayerPlan) -> Descriptor:
+    recipe = layer.recipe
+    if recipe.kind == "copy":
+        assert layer.tree is not None
+        built = builders.build_copy(ctx, recipe, layer.tree)
+    elif recipe.kind == "archive":
+        built = builders.build_archive(ctx, recipe)
+    elif recipe.kind == "bootstrap":
+        _check_release(recipe, layer.inputs[0])
+        built = builders.build_bootstrap(ctx, recipe)
+    elif recipe.kind == "image":
+        built, _ = builders.build_image(ctx, recipe, layer.inputs[0].digest)
+    else:
+        raise builders.run_layer_not_supported(recipe)
+    return put_cache_entry(ctx.store, layer, built)
+
+
+def _check_release(layer: LayerRecipe, locked: Input) -> None:
+    """A bootstrap layer is built only from the archive state the lock records."""
+    current = Digest.of(fetch_small(locked.name, what=f"layer '{layer.name}'"))
+    if current != locked.digest:
+        raise LockError(
+            f"layer '{layer.name}': {locked.name} changed since ocibuild.lock was written "
+            f"(locked {locked.digest.short}, now {current.short})",
+            "run `ocibuild lock` to take the archive's new state (this rebuilds the layer and those above it)",
+        )
+
+
+def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[Built], architecture: str = "amd64") -> Descriptor:
+    """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it."""
+    labels = {
+        LABEL_PREFIX + "name": layer.name,
+        LABEL_PREFIX + "kind": layer.recipe.kind,
+        LABEL_PREFIX + "key": str(layer.key),
+        LABEL_PREFIX + "inputs": json.dumps([i.to_dict() for i in layer.inputs], sort_keys=True, separators=(",", ":")),
+    }
+    config = ImageConfig(diff_ids=tuple(b.diff_id for b in built), architecture=architecture, labels=labels)
+    config_descriptor = store.put(config.to_json(), oci.OCI_CONFIG)
+    manifest = Manifest(config_descriptor, tuple(b.descriptor for b in built))
+    descriptor = store.put_manifest(manifest)
+    store.tag(cache_tag(layer.name, layer.key), descriptor)
+    return descriptor
+
+
+def entry_layers(store: Store, layer: LayerPlan) -> list[Built]:
+    """The layers recorded in ``layer``'s cache entry."""
+    descriptor = store.resolve(cache_tag(layer.name, layer.key))
+    if descriptor is None:
+        raise OcibuildError(f"layer '{layer.name}' is not in the store", "run `ocibuild build`")
+    manifest = store.get_manifest(descriptor.digest)
+    config = store.get_config(manifest.config.digest)
+    return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)]
+
+
+def assemble(plan: Plan, store: Store, *, strict: bool = False,
+             output: Output = lambda line: None) -> tuple[Descriptor, list[str]]:
+    """The image of ``plan``: every cache entry's layers in order, one config, tagged ``[image] name``."""
+    image = plan.project.image
+    layers: list[Built] = []
+    history: list[History] = []
+    for layer in plan.layers:
+        recipe = layer.recipe
+        built = entry_layers(store, layer)
+        layers += built
+        where = _relative(plan.project, recipe.file)
+        for i, _ in enumerate(built):
+            suffix = f" [{i + 1}/{len(built)}]" if len(built) > 1 else ""
+            history.append(History(f"ocibuild {recipe.kind} layer '{recipe.name}' from {where}{suffix}",
+                                   comment=f"key {layer.key}"))
+    config = ImageConfig(
+        diff_ids=tuple(b.diff_id for b in layers),
+        architecture=image.architecture,
+        env=tuple(f"{k}={v}" for k, v in image.env.items()),
+        workdir=image.workdir or None,
+        cmd=image.cmd or None,
+        history=tuple(history),
+        created=_rfc3339(image.source_date_epoch),
+    )
+    config_bytes = config.to_json()
+    manifest = Manifest(Descriptor(oci.OCI_CONFIG, Digest.of(config_bytes), len(config_bytes)),
+                        tuple(b.descriptor for b in layers))
+    manifest_bytes = manifest.to_json()
+    current = store.resolve(image.name)
+    if current is not None and current.digest == Digest.of(manifest_bytes) and store.has(current.digest):
+        return current, []
+    warnings = find_conflicts(plan, store)
+    if warnings and strict:
+        raise LayerConflict(warnings[0], "make one layer need the other, or remove the path from one of them")
+    for warning in warnings:
+        output(f"warning: {warning}")
+    store.put(config_bytes, oci.OCI_CONFIG)
+    descriptor = store.put_manifest(manifest)
+    store.tag(image.name, descriptor)
+    return descriptor, warnings
+
+
+def _rfc3339(epoch: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def layer_listing(store: Store, built: Built) -> dict[str, str]:
+    """Path → content fingerprint of a layer; cached by diff_id in the store's private area."""
+    cache = store.private_dir("listings") / f"{built.diff_id.hex}.json"
+    try:
+        listing: dict[str, str] = json.loads(cache.read_bytes())
+        return listing
+    except (OSError, ValueError):
+        pass
+    with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
+        listing = tarlayer.list_layer(f, oci.layer_compression(built.descriptor.media_type),
+                                      what=f"layer {built.descriptor.digest.short}")
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(listing, sort_keys=True))
+    tmp.replace(cache)
+    return listing
+
+
+def find_conflicts(plan: Plan, store: Store) -> list[str]:
+    """One warning per pair of independent layers that put different content at the same paths."""
+    listings: dict[str, dict[str, str]] = {}
+    for layer in plan.layers:
+        merged: dict[str, str] = {}
+        for built in entry_layers(store, layer):
+            merged.update(layer_listing(store, built))
+        listings[layer.name] = merged
+    warnings = []
+    names = [layer.name for layer in plan.layers]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if not plan.project.independent(a, b):
+                continue
+            clashes = sorted(
+                path for path, fingerprint in listings[a].items()
+                if not fingerprint.startswith("dir") and listings[b].get(path, fingerprint) != fingerprint
+            )
+            if clashes:
+                shown = ", ".join("/" + p for p in clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+                warnings.append(f"independent layers '{a}' and '{b}' write different content at {shown}; "
+                                f"'{b}' wins")
+    return warnings

@@ -1,0 +1,223 @@
+"""plan → build → assemble on small projects of copy and archive layers (no network, no containers)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import write
+from ocibuild import cli, oci
+from ocibuild.errors import LayerConflict, RecipeError
+from ocibuild.inputs import StatCache, hash_file
+from ocibuild.planner import build, cache_tag, make_plan
+from ocibuild.recipe import Lock, load_project
+from ocibuild.store import Store
+
+
+def _tarball(path: Path, files: dict[str, bytes]) -> str:
+    """A .tar.gz of ``files`` (owned by a user with a name, as release tarballs are); returns its sha256."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uid, info.uname = len(data), 0o755, 1000, "someone"
+            tf.addfile(info, io.BytesIO(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw.getvalue(), mtime=0))
+    return hash_file(path)
+
+
+TOOLCHAIN = {"go/bin/go": b"#!/bin/sh\necho go\n", "go/VERSION": b"go1.19"}
+
+
+def _project(make_project, tmp_path: Path, root: Path | None = None) -> Path:
+    root = root or tmp_path / "project"
+    sha = _tarball(root / "layers/go/toolchain.tar.gz", TOOLCHAIN)
+    make_project(
+        {
+            "go": f'kind = "archive"\nurl = "toolchain.tar.gz"\nsha256 = "{sha}"\ndest = "/usr/local"\n',
+            "tools": 'kind = "copy"\nfrom = "tools"\nto = "/usr/local/bin"\nneeds = ["go"]\n',
+            "source": 'kind = "copy"\nfrom = "src"\nto = "/go/src/example"\n',
+        },
+        image='env = { GOPATH = "/go" }\nworkdir = "/go/src/example"\n',
+        root=root,
+        files={"src/main.go": "package main\n", "src/hack/make.sh": "#!/bin/sh\n", "tools/lint": "#!/bin/sh\n",
+               "src/.containerignore": "bundles\n", "src/bundles/old": "stale\n"},
+    )
+    (root / "src/hack/make.sh").chmod(0o755)
+    return root
+
+
+def _build(root: Path, store: Store, **kw):
+    project = load_project(root)
+    plan = make_plan(project, store, Lock(), StatCache(None))
+    return plan, build(plan, store, **kw)
+
+
+def test_build_then_everything_cached(make_project, tmp_path: Path, store: Store) -> None:
+    root = _project(make_project, tmp_path)
+    plan, result = _build(root, store)
+    assert [l.status for l in plan.layers] == ["build"] * 3
+    assert [l.status for l in result.plan.layers] == ["built"] * 3
+    again, result2 = _build(root, store)
+    assert [l.status for l in again.layers] == ["cached"] * 3
+    assert result2.image.digest == result.image.digest
+    tagged = store.resolve("dev")
+    assert tagged is not None and tagged.digest == result.image.digest
+    manifest = store.get_manifest(result.image.digest)
+    config = store.get_config(manifest.config.digest)
+    assert len(manifest.layers) == 3 and all(l.media_type == oci.LAYER_ZSTD for l in manifest.layers)
+    assert config.env == ("GOPATH=/go",) and config.workdir == "/go/src/example"
+    assert [h.created_by.split("'")[1] for h in config.history] == ["go", "tools", "source"]
+    # every layer has a cache entry carrying its metadata as labels
+    for layer in result.plan.layers:
+        entry = store.get_manifest(store.resolve(cache_tag(layer.name, layer.key)).digest)
+        labels = store.get_config(entry.config.digest).labels
+        assert labels["dev.ocibuild.layer.key"] == str(layer.key)
+        assert json.loads(labels["dev.ocibuild.layer.inputs"]) == [i.to_dict() for i in layer.inputs]
+
+
+def test_only_the_changed_layer_and_its_dependents_rebuild(make_project, tmp_path: Path, store: Store) -> None:
+    root = _project(make_project, tmp_path)
+    _build(root, store)
+    (root / "src/main.go").write_text("package main // edited\n")
+    plan, _ = _build(root, store)
+    assert {l.name: l.status for l in plan.layers} == {"go": "cached", "tools": "cached", "source": "build"}
+    sha = _tarball(root / "layers/go/toolchain.tar.gz", {"go/bin/go": b"#!/bin/sh\necho go2\n"})
+    write(root / "layers/go/layer.toml", f'kind = "archive"\nurl = "toolchain.tar.gz"\nsha256 = "{sha}"\ndest = "/usr/local"\n')
+    plan, _ = _build(root, store)
+    assert {l.name: l.status for l in plan.layers} == {"go": "build", "tools": "build", "source": "cached"}
+
+
+def test_excluded_files_do_not_change_the_key(make_project, tmp_path: Path, store: Store) -> None:
+    root = _project(make_project, tmp_path)
+    _build(root, store)
+    (root / "src/bundles/new-output").write_text("binary")
+    plan, _ = _build(root, store)
+    assert all(l.status == "cached" for l in plan.layers)
+
+
+def test_reproducible_across_paths_mtimes_and_umask(make_project, tmp_path: Path) -> None:
+    stores, digests = [], []
+    for i, umask in enumerate((0o022, 0o002)):
+        old = os.umask(umask)
+        try:
+            root = _project(make_project, tmp_path / f"t{i}", root=tmp_path / f"copy{i}" / "project")
+        finally:
+            os.umask(old)
+        for path in root.rglob("*"):
+            os.utime(path, (1_000_000 * (i + 1), 1_000_000 * (i + 1)), follow_symlinks=False)
+        store = Store.open(tmp_path / f"store{i}")
+        _, result = _build(root, store)
+        stores.append(store)
+        digests.append((result.image.digest, [l.digest for l in store.get_manifest(result.image.digest).layers]))
+    assert digests[0] == digests[1]
+    for store in stores:
+        assert store.verify() == []
+
+
+def test_gzip_and_zstd_layers_share_diff_ids(make_project, tmp_path: Path, store: Store) -> None:
+    root = _project(make_project, tmp_path)
+    _, zstd = _build(root, store)
+    config = root / "ocibuild.toml"
+    config.write_text(config.read_text().replace('name = "dev"', 'name = "dev"\ncompression = "gzip"'))
+    other = Store.open(tmp_path / "gz")
+    _, gz = _build(root, other)
+    diff = lambda s, r: s.get_config(s.get_manifest(r.image.digest).config.digest).diff_ids
+    assert diff(store, zstd) == diff(other, gz)
+    assert {l.media_type for l in other.get_manifest(gz.image.digest).layers} == {oci.LAYER_GZIP}
+    assert other.verify() == []
+
+
+def test_conflicting_independent_layers_warn_or_fail(make_project, tmp_path: Path, store: Store) -> None:
+    root = make_project(
+        {"a": 'kind = "copy"\nfrom = "a"\nto = "/etc"\n', "b": 'kind = "copy"\nfrom = "b"\nto = "/etc"\n'},
+        files={"a/app.conf": "one\n", "b/app.conf": "two\n", "b/same": "x", "a/same": "x"},
+    )
+    _, result = _build(root, store)
+    assert len(result.warnings) == 1 and "/etc/app.conf" in result.warnings[0]
+    assert "/etc/same" not in result.warnings[0]
+    (root / "b/app.conf").write_text("three\n")
+    with pytest.raises(LayerConflict, match="/etc/app.conf"):
+        _build(root, store, strict=True)
+
+
+def test_archive_strip_components_and_owner(make_project, tmp_path: Path, store: Store) -> None:
+    tarball = tmp_path / "t.tar.gz"
+    sha = _tarball(tarball, {"go/bin/go": b"x", "go/doc/README": b"y"})
+    root = make_project({"go": f'kind = "archive"\nurl = "file://{tarball}"\nsha256 = "{sha}"\ndest = "/opt/go"\n'
+                               'strip_components = 1\nowner = "10:20"\n'})
+    _, result = _build(root, store)
+    blob = store.get_manifest(result.image.digest).layers[0]
+    with store.open_blob(blob.digest) as f:
+        data = subprocess.run(["zstd", "-dc"], input=f.read(), capture_output=True, check=True).stdout
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(data))}
+    assert {"opt/go/bin/go", "opt/go/doc/README"} <= set(members)
+    assert members["opt/go/bin/go"].uid == 10 and members["opt/go/bin/go"].gid == 20
+    assert members["opt/go/bin/go"].uname == ""
+
+
+def test_cli_json_contract(make_project, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _project(make_project, tmp_path)
+    store = str(tmp_path / "cli-store")
+    assert cli.main(["plan", "--json", "-C", str(root), "--store", store]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["image"] == "dev"
+    assert [sorted(l) for l in plan["layers"]] == [["inputs", "key", "kind", "name", "needs", "status"]] * 3
+    assert plan["layers"][1]["needs"] == ["go"]
+    assert all(l["status"] == "build" and l["key"].startswith("sha256:") for l in plan["layers"])
+    assert plan["layers"][2]["inputs"][0]["name"] == "src"
+    assert cli.main(["build", "--json", "-C", str(root), "--store", store]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert [l["status"] for l in built["layers"]] == ["built"] * 3
+    assert built["digest"].startswith("sha256:")
+    assert cli.main(["build", "--json", "-C", str(root), "--store", store]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [l["status"] for l in again["layers"]] == ["cached"] * 3 and again["digest"] == built["digest"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda root: (root / "src").rename(root / "gone"), "does not exist"),
+        (lambda root: (root / "ocibuild.toml").write_text("[image\n"), "malformed TOML"),
+        (lambda root: write(root / "layers/go/layer.toml", 'kind = "archive"\nurl = "missing.tar"\nsha256 = "' + "0" * 64 + '"\n'),
+         "not found"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1_and_store_untouched(make_project, tmp_path: Path, change, message,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    root = _project(make_project, tmp_path)
+    change(root)
+    store = tmp_path / "bad-store"
+    assert cli.main(["build", "-C", str(root), "--store", str(store)]) == 1
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "hint:" in err
+    s = Store.open(store)
+    assert s.index().manifests == () and s.verify() == []
+
+
+def test_unwritable_store_is_a_clear_error(make_project, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _project(make_project, tmp_path)
+    (tmp_path / "file").write_text("not a dir")
+    assert cli.main(["build", "-C", str(root), "--store", str(tmp_path / "file" / "store")]) == 1
+    assert "error:" in capsys.readouterr().err
+
+
+def test_run_layers_say_they_need_an_engine(make_project, store: Store) -> None:
+    root = make_project({"x": 'kind = "run"\nscript = "s.sh"\n'}, files={"layers/x/s.sh": "true\n"})
+    project = load_project(root)
+    plan = make_plan(project, store, Lock(), StatCache(None))
+    assert plan.layers[0].inputs[0].name == "layers/x/s.sh"
+    with pytest.raises(Exception, match="need a container engine"):
+        build(plan, store)

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ocibuild.errors import LockError, RecipeError
+from ocibuild.oci import Digest
+from ocibuild.recipe import Input, Lock, LockEntry, load_lock, load_project, cache_key, reference_table
+
+COPY = 'kind = "copy"\nfrom = "src"\nto = "/app"\n'
+
+
+def test_loads_defaults_and_order(make_project) -> None:
+    root = make_project({"base": 'kind = "bootstrap"\nsuite = "bookworm"\n', "src": COPY + 'needs = ["base"]\n'},
+                        image='env = { B = "2", A = "1" }\nworkdir = "/app"\n')
+    project = load_project(root)
+    assert project.image.compression == "zstd"
+    assert project.image.source_date_epoch == 0
+    assert list(project.image.env) == ["A", "B"]
+    base = project.layer("base")
+    assert base.str_("mirror") == "http://deb.debian.org/debian"
+    assert base.strings("components") == ("main",)
+    assert project.layer("src").needs == ("base",)
+    assert project.closure("src") == ("base",)
+    assert not project.independent("base", "src")
+
+
+@pytest.mark.parametrize(
+    "layers, image, message",
+    [
+        ({"a": 'kind = "copy"\nfrom = "src"\nto = "/x"\nouptut = 1\n'}, "", "unknown key 'ouptut'"),
+        ({"a": 'kind = "copy"\nfrom = "src"\nto = "/x"\nexlude = []\n'}, "", "did you mean 'exclude'"),
+        ({"a": 'kind = "cpy"\n'}, "", "unknown kind 'cpy' (did you mean 'copy'?)"),
+        ({"a": 'kind = "copy"\nto = "/x"\n'}, "", "missing required key 'from'"),
+        ({"a": 'kind = "copy"\nfrom = "../etc"\nto = "/x"\n'}, "", "must be relative and stay inside"),
+        ({"a": 'kind = "archive"\nurl = "x.tar"\nsha256 = "abc"\n'}, "", "is not 64 lowercase hex digits"),
+        ({"a": COPY + 'needs = ["b"]\n', "b": COPY}, "", "needs 'b', which must come before 'a'"),
+        ({"a": COPY + 'needs = ["zz"]\n'}, "", "needs unknown layer 'zz'"),
+        ({"a": COPY + 'needs = ["a"]\n'}, "", "cannot need itself"),
+        ({"a": COPY + "needs = 3\n"}, "", "'needs' must be a list of strings"),
+        ({"a": "kind = \n"}, "", "malformed TOML"),
+        ({"a": COPY}, 'compression = "lz4"\n', "compression must be"),
+        ({"a": COPY}, "[run]\nmounts = [\"../out:/out\"]\n", "leaves the project directory"),
+        ({"a": COPY, "b": 'kind = "image"\nref = "oci:x"\n'}, "", "must come first"),
+    ],
+)
+def test_bad_recipes_name_the_file(make_project, layers, image, message) -> None:
+    root = make_project(layers, image=image)
+    with pytest.raises(RecipeError) as info:
+        load_project(root)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_layer_file(make_project, tmp_path: Path) -> None:
+    root = make_project({"a": COPY})
+    (root / "layers" / "a" / "layer.toml").unlink()
+    with pytest.raises(RecipeError, match=r"layers/a/layer.toml: file not found"):
+        load_project(root)
+
+
+def test_key_ignores_description_and_compression(make_project) -> None:
+    root = make_project({"a": COPY})
+    one = load_project(root).layer("a")
+    (root / "layers/a/layer.toml").write_text(COPY + 'description = "changed"\n')
+    (root / "ocibuild.toml").write_text('[image]\nname = "dev"\nlayers = ["a"]\ncompression = "gzip"\n')
+    two = load_project(root).layer("a")
+    inputs = [Input("src", Digest.of(b"x"))]
+    assert cache_key(one, 0, inputs, []) == cache_key(two, 0, inputs, [])
+    assert cache_key(one, 0, inputs, []) != cache_key(one, 1, inputs, [])
+    assert cache_key(one, 0, inputs, []) != cache_key(one, 0, [Input("src", Digest.of(b"y"))], [])
+    assert cache_key(one, 0, inputs, []) != cache_key(one, 0, inputs, [Digest.of(b"need")])
+
+
+def test_lock_round_trip(tmp_path: Path) -> None:
+    lock = Lock().with_entry(LockEntry("base", "http://m/dists/bookworm/InRelease", Digest.of(b"r")))
+    (tmp_path / "ocibuild.lock").write_text(lock.to_toml())
+    assert load_lock(tmp_path) == lock
+    assert load_lock(tmp_path).get("base", "other") is None
+    (tmp_path / "ocibuild.lock").write_text("version = 7\n")
+    with pytest.raises(LockError, match="unknown lock format"):
+        load_lock(tmp_path)
+
+
+def test_readme_carries_the_key_table() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert reference_table() in readme, "regenerate the README key table from recipe.reference_table()"
