@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import stat
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -19,7 +21,8 @@ from typing import BinaryIO, cast
 
 from . import oci, tarlayer
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
-from .inputs import Tree, fetch
+from .engine import BindMount, Engine
+from .inputs import IgnoreRules, Tree, fetch
 from .oci import Descriptor, Digest
 from .recipe import LayerRecipe
 from .store import Store
@@ -266,8 +269,96 @@ def read_oci_archive_index(path: Path, what: str) -> oci.Index:
                       "make one with `skopeo copy … oci-archive:PATH`")
 
 
-def run_layer_not_supported(layer: LayerRecipe) -> OcibuildError:
-    return EngineError(
-        f"layer '{layer.name}': run layers need a container engine, which this version of ocibuild cannot drive yet",
-        "build this layer's content another way (archive or copy layer) until engine support lands",
-    )
+# ---- run layers ------------------------------------------------------------------------------------------------
+
+#: Paths a run layer never keeps (``exclude`` in layer.toml extends the list): scratch space, package-manager
+#: caches and indexes, logs, byte-code caches, and ocibuild's own mount points.
+VOLATILE = (
+    "tmp/*", "var/tmp/*", "var/lib/apt/lists/*", "var/cache/apt/*", "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old", "var/log/*", "**/__pycache__", "root/.cache", "var/cache/ldconfig/aux-cache",
+    "ocibuild", "run/*",
+)
+SCRIPT_PATH = "/ocibuild/script"
+INPUTS_DIR = "/ocibuild/inputs"
+
+
+def run_inputs(ctx: BuildContext, layer: LayerRecipe) -> list[BindMount]:
+    """The script and the inputs of a run layer as read-only bind mounts (downloads fetched and verified)."""
+    mounts = [BindMount(layer.dir / layer.str_("script"), SCRIPT_PATH, read_only=True)]
+    for ref in layer.inputs:
+        if ref.path is not None:
+            mounts.append(BindMount(layer.dir / ref.path, f"{INPUTS_DIR}/{PurePosixPath(ref.path).name}", True))
+        else:
+            assert ref.url is not None and ref.sha256 is not None and ref.name is not None
+            path = fetch(ref.url, ref.sha256, ctx.store.private_dir("downloads"), offline=ctx.offline,
+                         progress=ctx.output, what=f"layer '{layer.name}'")
+            mounts.append(BindMount(path, f"{INPUTS_DIR}/{ref.name}", True))
+    return mounts
+
+
+def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest, image: str) -> list[Built]:
+    """``run``: the script in a container on the stack of its needs; what it changed becomes the layer.
+
+    The change set comes from the engine's container diff and the files from its mounted root filesystem, so
+    capturing costs in proportion to the change, not to the image."""
+    if ctx.offline and layer.bool_("network"):
+        raise OcibuildError(f"layer '{layer.name}' is a run layer with network = true, which --offline forbids",
+                            "bring the layer from a connected machine (`ocibuild export` / `import`)")
+    container = f"ocibuild-{re.sub(r'[^a-z0-9_.-]', '-', layer.name.lower())}-{key.hex[:12]}"
+    log_path = ctx.store.private_dir("logs") / f"{layer.name}-{key.hex[:12]}.log"
+    engine.remove_container(container)
+    try:
+        with open(log_path, "w", encoding="utf-8", errors="replace") as log_file:
+            def tee(line: str) -> None:
+                log_file.write(line + "\n")
+                ctx.output(line)
+
+            engine.run(image, ["/bin/sh", "-eu", SCRIPT_PATH], name=container, mounts=run_inputs(ctx, layer),
+                       env=layer.table("env"), workdir=layer.str_("workdir"), network=layer.bool_("network"),
+                       output=tee, what=f"layer '{layer.name}'")
+        changes = engine.diff(container)
+        rules = IgnoreRules([*VOLATILE, *layer.strings("exclude")])
+        with engine.mounted(container) as root:
+            entries = capture(root, changes, rules, what=f"layer '{layer.name}'")
+            return [write_entries(ctx, entries)]
+    finally:
+        engine.remove_container(container)
+
+
+def capture(root: Path, changes: Mapping[str, str], rules: IgnoreRules, *, what: str) -> list[Entry]:
+    """Layer entries for a container's changes (``{"/path": "A"|"C"|"D"}``) read from its root ``root``.
+
+    Deleted paths become OCI whiteouts; a path reported deleted that exists again was replaced (``rm -rf d;
+    mkdir d``), so it gets an opaque whiteout and its new content. Hard links are stored as separate files."""
+    entries: dict[str, Entry] = {}
+    for raw_path, kind in changes.items():
+        path = tarlayer.normalise_path(raw_path)
+        if path is None or rules.excluded(path):
+            continue
+        parent, _, name = path.rpartition("/")
+        try:
+            st: os.stat_result | None = os.lstat(root / path)
+        except FileNotFoundError:
+            st = None
+        if kind == "D":
+            if st is None:
+                whiteout = f"{parent}/.wh.{name}" if parent else f".wh.{name}"
+                entries[whiteout] = Entry(whiteout, "file", 0o644)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                opaque = f"{path}/.wh..wh..opq"
+                entries[opaque] = Entry(opaque, "file", 0o644)
+        if st is None:
+            log.debug("%s: %s changed but is gone", what, path)
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        common = dict(mode=mode, uid=st.st_uid, gid=st.st_gid, mtime=int(st.st_mtime))
+        if stat.S_ISDIR(st.st_mode):
+            entries[path] = Entry(path, "dir", **common)  # type: ignore[arg-type]
+        elif stat.S_ISREG(st.st_mode):
+            entries[path] = Entry(path, "file", size=st.st_size, source=str(root / path), **common)  # type: ignore[arg-type]
+        elif stat.S_ISLNK(st.st_mode):
+            entries[path] = Entry(path, "symlink", linkname=os.readlink(root / path), **common)  # type: ignore[arg-type]
+        else:
+            log.info("%s: leaving out %s (device, fifo or socket)", what, path)
+    return list(entries.values())

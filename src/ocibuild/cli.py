@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, bundle, planner
+from . import __version__, bundle, doctor, planner
 from .config import Config, load_config
+from .engine import BindMount, Engine
 from .errors import OcibuildError
 from .inputs import StatCache
 from .oci import Descriptor
@@ -45,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="never touch the network")
     p.add_argument("--strict", action="store_true", help="fail when independent layers write the same path")
     p.add_argument("--output", metavar="oci-archive:PATH", help="also write the image as an oci-archive")
+    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine for run layers")
+
+    p = sub.add_parser("run", parents=[common], help="run the compile step (or COMMAND) in the assembled image")
+    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine (default: [run] engine)")
+    p.add_argument("--offline", action="store_true", help="never touch the network")
+    p.add_argument("--source-mount", action="store_true",
+                   help="bind-mount the live trees of copy layers instead of their baked layers")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command instead of [run] command")
+
+    p = sub.add_parser("doctor", parents=[common], help="check the engine, runtime, cgroups, ulimits, subuid, mmdebstrap")
+    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), default="auto")
 
     p = sub.add_parser("lock", parents=[common], help="resolve moving inputs (image tags, suites) into ocibuild.lock")
     p.add_argument("layers", nargs="*", help="refresh only these layers (default: all)")
@@ -73,18 +86,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except OcibuildError as err:
-        if args.debug:
-            log.exception("failed")
-        print(f"error: {err}", file=sys.stderr)
-        tail = getattr(err, "tail", "")
-        if tail:
-            print(tail, file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
+        _report(err, args.debug)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _engine_factory(config: Config, project: Project, choice: str | None) -> Callable[[], Engine]:
+    return lambda: Engine.detect(choice or project.run.engine, config.engine_args)
+
+
+def _report(err: OcibuildError, debug: bool) -> None:
+    if debug:
+        log.exception("failed")
+    print(f"error: {err}", file=sys.stderr)
+    tail = getattr(err, "tail", "")
+    if tail:
+        print(tail, file=sys.stderr)
+    if err.hint:
+        print(f"hint: {err.hint}", file=sys.stderr)
 
 
 def _open(args: argparse.Namespace) -> tuple[Config, Store]:
@@ -119,9 +140,10 @@ def _run(args: argparse.Namespace) -> int:
             _print_layers(plan.to_dict())
         return 0
     if args.command == "build":
-        _, store = _open(args)
+        config, store = _open(args)
         plan = _plan(args, store)
-        result = planner.build(plan, store, offline=args.offline, strict=args.strict, output=console)
+        result = planner.build(plan, store, offline=args.offline, strict=args.strict, output=console,
+                               engine=_engine_factory(config, plan.project, args.engine))
         if args.output:
             _write_output(store, result.image, plan.project.image.name, args.output)
         if args.json:
@@ -129,6 +151,18 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _print_layers(result.to_dict(), file=sys.stderr)
             print(f"{plan.project.image.name} {result.image.digest}")
+        return 0
+    if args.command == "run":
+        return _compile(args, console)
+    if args.command == "doctor":
+        checks = doctor.run_checks(load_config(args.store), args.engine)
+        for check in checks:
+            print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+            if not check.ok and check.fix:
+                print(f"     fix: {check.fix}")
+        failed = [c for c in checks if not c.ok]
+        if failed:
+            raise OcibuildError(f"{len(failed)} check(s) failed", "apply the fixes above, then run `ocibuild doctor` again")
         return 0
     if args.command == "lock":
         project = _project(args)
@@ -156,6 +190,44 @@ def _run(args: argparse.Namespace) -> int:
             print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
         return 0
     raise AssertionError(args.command)
+
+
+def _compile(args: argparse.Namespace, console: _Console) -> int:
+    """`ocibuild run`: build (a no-op when cached), hand the image to the engine, run the command. Exits with the
+    command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
+    try:
+        config, store = _open(args)
+        plan = _plan(args, store)
+        project = plan.project
+        factory = _engine_factory(config, project, args.engine)
+        result = planner.build(plan, store, offline=args.offline, output=console, engine=factory)
+        command = [c for c in args.cmd if c != "--"] if args.cmd and args.cmd[0] == "--" else list(args.cmd)
+        command = command or list(project.run.command)
+        if not command:
+            raise OcibuildError("nothing to run: [run] command is empty and no command was given",
+                                "add [run] command = [...] to ocibuild.toml, or run `ocibuild run -- COMMAND`")
+        engine = factory()
+        mounts = [BindMount(project.root / m.host, m.container, m.read_only) for m in project.run.mounts]
+        if args.source_mount:
+            mounts += [BindMount(project.root / l.recipe.str_("from"), l.recipe.str_("to"))
+                       for l in plan.layers if l.recipe.kind == "copy"]
+        for mount in mounts:
+            if not mount.host.exists():
+                mount.host.mkdir(parents=True)
+        config_digest = store.get_manifest(result.image.digest).config.digest
+
+        def archive() -> Path:
+            path = store.private_dir("tmp") / f"{project.image.name}-{os.getpid()}.tar"
+            bundle.write_oci_archive(store, result.image, project.image.name, path)
+            return path
+
+        image = engine.load_from_layout(store.root, project.image.name, config_digest.hex, archive)
+        image_config = store.get_config(config_digest)
+    except OcibuildError as err:
+        _report(err, args.debug)
+        return 125
+    return engine.run_attached(image, command, mounts=mounts, env=project.run.env, workdir=image_config.workdir,
+                               interactive=sys.stdin.isatty())
 
 
 def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:

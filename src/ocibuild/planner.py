@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import builders, oci, tarlayer
+from . import builders, bundle, oci, tarlayer
 from .builders import BuildContext, Built
+from .engine import Engine
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError
 from .inputs import StatCache, Tree, hash_file, walk_tree
 from .oci import Descriptor, Digest, History, ImageConfig, Manifest
@@ -239,19 +240,31 @@ def _file_input(project: Project, layer: LayerRecipe, rel: str, cache: StatCache
 
 
 def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = False,
-          output: Output = lambda line: None) -> BuildResult:
-    """Build every layer whose entry is missing, then assemble and tag the image."""
+          output: Output = lambda line: None, engine: Callable[[], Engine] | None = None) -> BuildResult:
+    """Build every layer whose entry is missing, then assemble and tag the image.
+
+    ``engine`` makes the container engine, asked for only when a run layer must be built."""
     project = plan.project
     ctx = BuildContext(store, project.root, project.image.compression, project.image.source_date_epoch, offline,
                        output)
-    done = []
+    done: list[LayerPlan] = []
+    engines: list[Engine] = []
+
+    def get_engine() -> Engine:
+        if not engines:
+            engines.append(engine() if engine is not None else Engine.detect(project.run.engine))
+        return engines[0]
+
     with store.lease():  # gc waits: blobs written here are unreachable until they are tagged
         for layer in plan.layers:
             if layer.status == "cached" and store.resolve(cache_tag(layer.name, layer.key)) is not None:
                 done.append(replace(layer, status="cached"))
                 continue
             output(f"building layer '{layer.name}' ({layer.recipe.kind})")
-            _build_layer(ctx, layer)
+            if layer.recipe.kind == "run":
+                _build_run_layer(ctx, plan, done, layer, get_engine())
+            else:
+                _build_layer(ctx, layer)
             done.append(replace(layer, status="built"))
         result_plan = Plan(project, tuple(done))
         image, warnings = assemble(result_plan, store, strict=strict, output=output)
@@ -268,11 +281,41 @@ def _build_layer(ctx: BuildContext, layer: LayerPlan) -> Descriptor:
     elif recipe.kind == "bootstrap":
         _check_release(recipe, layer.inputs[0])
         built = builders.build_bootstrap(ctx, recipe)
-    elif recipe.kind == "image":
-        built, _ = builders.build_image(ctx, recipe, layer.inputs[0].digest)
     else:
-        raise builders.run_layer_not_supported(recipe)
+        built, _ = builders.build_image(ctx, recipe, layer.inputs[0].digest)
     return put_cache_entry(ctx.store, layer, built)
+
+
+def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], layer: LayerPlan,
+                     engine: Engine) -> Descriptor:
+    """Stage the stack of the layer's needs as an image, hand it to the engine, run the script, capture."""
+    below = plan.project.closure(layer.name)
+    if not below:
+        raise RecipeError(f"{_relative(plan.project, layer.recipe.file)}: a run layer needs the layers it runs on",
+                          "add needs = [\"base\"] (a bootstrap or image layer) to the layer.toml")
+    by_name = {l.name: l for l in done}
+    stage = [by_name[name] for name in below]
+    config_bytes, manifest = image_manifest(plan.project, ctx.store, stage, cmd=None)
+    tag = f"ocibuild-stage-{layer.key.hex[:16]}"
+    store = ctx.store
+    store.put(config_bytes, oci.OCI_CONFIG)
+    store.tag(tag, store.put_manifest(manifest))
+    try:
+        def archive() -> Path:
+            path = store.private_dir("tmp") / f"{tag}.tar"
+            bundle.write_oci_archive(store, store.resolve(tag) or _missing(tag), tag, path)
+            return path
+
+        image = engine.load_from_layout(store.root, tag, Digest.of(config_bytes).hex, archive)
+        built = builders.build_run(ctx, engine, layer.recipe, layer.key, image)
+    finally:
+        store.untag(tag)
+        (store.private_dir("tmp") / f"{tag}.tar").unlink(missing_ok=True)
+    return put_cache_entry(store, layer, built)
+
+
+def _missing(tag: str) -> Descriptor:
+    raise OcibuildError(f"staging image {tag} vanished from the store", "run the build again")
 
 
 def _check_release(layer: LayerRecipe, locked: Input) -> None:
@@ -316,29 +359,7 @@ def assemble(plan: Plan, store: Store, *, strict: bool = False,
              output: Output = lambda line: None) -> tuple[Descriptor, list[str]]:
     """The image of ``plan``: every cache entry's layers in order, one config, tagged ``[image] name``."""
     image = plan.project.image
-    layers: list[Built] = []
-    history: list[History] = []
-    for layer in plan.layers:
-        recipe = layer.recipe
-        built = entry_layers(store, layer)
-        layers += built
-        where = _relative(plan.project, recipe.file)
-        for i, _ in enumerate(built):
-            suffix = f" [{i + 1}/{len(built)}]" if len(built) > 1 else ""
-            history.append(History(f"ocibuild {recipe.kind} layer '{recipe.name}' from {where}{suffix}",
-                                   comment=f"key {layer.key}"))
-    config = ImageConfig(
-        diff_ids=tuple(b.diff_id for b in layers),
-        architecture=image.architecture,
-        env=tuple(f"{k}={v}" for k, v in image.env.items()),
-        workdir=image.workdir or None,
-        cmd=image.cmd or None,
-        history=tuple(history),
-        created=_rfc3339(image.source_date_epoch),
-    )
-    config_bytes = config.to_json()
-    manifest = Manifest(Descriptor(oci.OCI_CONFIG, Digest.of(config_bytes), len(config_bytes)),
-                        tuple(b.descriptor for b in layers))
+    config_bytes, manifest = image_manifest(plan.project, store, plan.layers, cmd=image.cmd or None)
     manifest_bytes = manifest.to_json()
     current = store.resolve(image.name)
     if current is not None and current.digest == Digest.of(manifest_bytes) and store.has(current.digest):
@@ -352,6 +373,36 @@ def assemble(plan: Plan, store: Store, *, strict: bool = False,
     descriptor = store.put_manifest(manifest)
     store.tag(image.name, descriptor)
     return descriptor, warnings
+
+
+def image_manifest(project: Project, store: Store, plans: Sequence[LayerPlan], *,
+                   cmd: Sequence[str] | None) -> tuple[bytes, Manifest]:
+    """Config bytes and manifest of an image stacking the cache entries of ``plans``, bottom first."""
+    image = project.image
+    layers: list[Built] = []
+    history: list[History] = []
+    for layer in plans:
+        recipe = layer.recipe
+        built = entry_layers(store, layer)
+        layers += built
+        where = _relative(project, recipe.file)
+        for i, _ in enumerate(built):
+            suffix = f" [{i + 1}/{len(built)}]" if len(built) > 1 else ""
+            history.append(History(f"ocibuild {recipe.kind} layer '{recipe.name}' from {where}{suffix}",
+                                   comment=f"key {layer.key}"))
+    config = ImageConfig(
+        diff_ids=tuple(b.diff_id for b in layers),
+        architecture=image.architecture,
+        env=tuple(f"{k}={v}" for k, v in image.env.items()),
+        workdir=image.workdir or None,
+        cmd=tuple(cmd) if cmd else None,
+        history=tuple(history),
+        created=_rfc3339(image.source_date_epoch),
+    )
+    config_bytes = config.to_json()
+    manifest = Manifest(Descriptor(oci.OCI_CONFIG, Digest.of(config_bytes), len(config_bytes)),
+                        tuple(b.descriptor for b in layers))
+    return config_bytes, manifest
 
 
 def _rfc3339(epoch: int) -> str:

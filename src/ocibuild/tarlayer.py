@@ -26,8 +26,10 @@ Writing (:func:`write_layer`). The tar stream is a pure function of the entries 
   an extra empty block depending on thread timing, and the extra block keeps our output independent of that.
 - zstd: level 3, multi-threaded mode always (its output does not depend on the number of workers, while the
   single-threaded mode writes different bytes), no checksum, no content size.
-- gzip: ISA-L level 1 (the stream is deflated in 4 MiB pieces on a helper thread; ISA-L's output depends on how
-  its input is cut, so ``_CHUNK`` is part of the gzip format). The gzip header has no name and mtime 0.
+- gzip: ISA-L level 1, on one helper thread, in 4 MiB pieces (ISA-L's output depends on how its input is cut, so
+  ``_CHUNK`` is part of the gzip format). The gzip header has no name and mtime 0. Level 1 deflates at 300-450
+  MB/s on one core and is within 0.3% of level 2's size at the same speed; ``tar | pigz`` (level 6, 2 cores)
+  manages about 40 MB/s for a 5% smaller blob.
 
 Reading (:func:`iter_members`, :func:`extract_layer`, :func:`list_layer`, :func:`read_archive_members`) uses a
 streaming tar parser of our own rather than ``tarfile``: tarfile takes a truncated or corrupt header in the
@@ -47,6 +49,12 @@ middle of a stream for the end of the archive and buffers extended headers of an
   metadata) are skipped.
 - ``max_size`` (optional) bounds the number of uncompressed bytes read, against decompression bombs; memory use is
   constant whatever the stream claims.
+
+Extraction (:func:`extract_layer`) opens every directory relative to its parent with O_NOFOLLOW, so an entry whose
+parent is a symlink (from this layer or one below) is refused, never followed; what an entry replaces is removed
+first (a directory recursively, a symlink itself). Whiteouts remove only what lower layers left: a path this layer
+wrote survives a whiteout of it, whatever the order of the two in the stream. Directory modes and mtimes are set
+last, so that a read-only directory can still be filled.
 """
 
 from __future__ import annotations
@@ -892,8 +900,8 @@ def _parse(inp: _Input, what: str) -> Iterator[tuple[_Raw, _Data]]:
         offset = inp.pos
         block = inp.read(_BLOCK)
         if len(block) < _BLOCK:
-            problem = "empty" if offset == 0 and not block else "truncated or corrupt (no end-of-archive block)"
-            raise UnsafeArchive(f"{what} is {problem}", hint=_HINT_CORRUPT)
+            problem = "it is empty" if offset == 0 and not block else "no end-of-archive block"
+            raise UnsafeArchive(f"{what} is truncated or corrupt ({problem})", hint=_HINT_CORRUPT)
         if block == _ZERO_BLOCK:
             if pax or long_name is not None or long_link is not None:
                 raise UnsafeArchive(f"{what} is truncated or corrupt (extended header without entry)", hint=_HINT_CORRUPT)

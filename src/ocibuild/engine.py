@@ -1,0 +1,249 @@
+"""Container engines (podman, nerdctl) through python-on-whales — the only module that imports it.
+
+Work-arounds for python-on-whales 0.81 with podman 4.3, so that users see real error messages:
+global flags (``[engine] args`` from the user's config) go into ``client_call``; every run passes
+``pull="never"`` (podman would otherwise try a registry for seconds); ``image.pull`` of an ``oci:`` reference
+fails to inspect what it pulled, so pulls go through ``utils.run``; non-streaming calls lose stderr and raise
+``UnicodeDecodeError`` on non-UTF-8 output, so output that matters is streamed and decoded with replacement,
+and every ``DockerException`` becomes an :class:`EngineError` carrying the engine's stderr.
+
+nerdctl cannot be installed on the machines we test on; its command lines are checked by the tests against a
+recording stand-in. It lacks ``diff``/``mount``, so run layers need podman; ``ocibuild run`` works with both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import EngineError, StepFailed
+
+if TYPE_CHECKING:
+    from python_on_whales.exceptions import DockerException
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("podman", "nerdctl")
+Output = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BindMount:
+    host: Path
+    container: str
+    read_only: bool = False
+
+    def to_arg(self) -> str:
+        return f"{self.host}:{self.container}" + (":ro" if self.read_only else "")
+
+
+def _whales() -> Any:
+    """python-on-whales, imported on first use: it pulls in pydantic (~0.5 s), which a no-op build must not pay."""
+    import python_on_whales
+    import python_on_whales.utils
+
+    return python_on_whales
+
+
+def whales_run(args: list[str], **kwargs: Any) -> str:
+    return str(_whales().utils.run(args, **kwargs) or "")
+
+
+def _docker_exception() -> type[DockerException]:
+    from python_on_whales.exceptions import DockerException
+
+    return DockerException
+
+
+def _stderr_of(err: DockerException) -> str:
+    text = err.stderr or ""
+    return " ".join(line.strip() for line in text.strip().splitlines()[-3:]) or f"exit code {err.return_code}"
+
+
+class Engine:
+    """One container engine, with the user's global flags."""
+
+    def __init__(self, name: str, args: Sequence[str] = (), *, executable: str | None = None) -> None:
+        if name not in ENGINES:
+            raise EngineError(f"unknown engine '{name}'", "use podman or nerdctl (or auto)")
+        self.name = name
+        self.executable = executable or shutil.which(name) or name
+        self.args = tuple(args)
+        self._client = _whales().DockerClient(client_call=[self.executable, *self.args],
+                                              client_type="podman" if name == "podman" else "nerdctl")
+        self._error = _docker_exception()
+
+    @classmethod
+    def detect(cls, choice: str = "auto", args: Sequence[str] = ()) -> Engine:
+        """The engine asked for, or with ``auto`` podman if installed, else nerdctl."""
+        names = ENGINES if choice == "auto" else (choice,)
+        for name in names:
+            path = shutil.which(name)
+            if path is not None:
+                return cls(name, args, executable=path)
+        raise EngineError(
+            f"no container engine found ({' or '.join(names)} is not on PATH)",
+            "install podman (apt-get install podman runc uidmap), or run `ocibuild doctor`",
+        )
+
+    @property
+    def cmd(self) -> list[str]:
+        return [str(part) for part in self._client.client_config.docker_cmd]
+
+    def _call(self, *args: str, what: str) -> str:
+        try:
+            out = whales_run([*self.cmd, *args])
+        except self._error as err:
+            raise EngineError(f"{self.name} {what} failed: {_stderr_of(err)}", self._hint()) from None
+        except UnicodeDecodeError:
+            raise EngineError(f"{self.name} {what} printed output that is not UTF-8", self._hint()) from None
+        except FileNotFoundError:
+            raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
+        return str(out or "")
+
+    def _hint(self) -> str:
+        return "run `ocibuild doctor` to check the engine; host-specific flags go in [engine] args of the config"
+
+    # ---- images ----
+
+    def has_image(self, image_id: str) -> bool:
+        try:
+            return bool(self._client.image.exists(image_id))
+        except self._error:
+            return False
+
+    def load_from_layout(self, layout: Path, tag: str, image_id: str, archive: Callable[[], Path]) -> str:
+        """Make the image ``tag`` of the OCI layout ``layout`` available; returns the engine's image id.
+
+        podman copies from the layout and skips layers it already holds; nerdctl can only load an archive,
+        made by ``archive()`` when needed. Nothing moves when the engine already has ``image_id``."""
+        if self.has_image(image_id):
+            return image_id
+        if self.name == "podman":
+            out = self._call("pull", "--quiet", f"oci:{layout}:{tag}", what=f"loading image {tag}")
+            return out.strip().splitlines()[-1] if out.strip() else image_id
+        self._call("load", "--input", str(archive()), what=f"loading image {tag}")
+        return image_id
+
+    # ---- containers ----
+
+    def run(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        name: str | None = None,
+        mounts: Sequence[BindMount] = (),
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        network: bool = True,
+        remove: bool = False,
+        output: Output,
+        what: str,
+        tail_lines: int = 20,
+    ) -> None:
+        """Run ``command`` in a new container, streaming its output lines to ``output``.
+
+        A non-zero exit raises :class:`StepFailed` naming ``what``, the exit code and the last lines."""
+        tail: list[str] = []
+        try:
+            stream = self._client.run(
+                image,
+                list(command),
+                name=name,
+                volumes=[(str(m.host), m.container, "ro" if m.read_only else "rw") for m in mounts],
+                envs=dict(env or {}),
+                workdir=workdir,
+                networks=[] if network else ["none"],
+                remove=remove,
+                pull="never",
+                stream=True,
+            )
+            assert not isinstance(stream, str)
+            for _source, raw in stream:
+                text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+                for line in text.rstrip("\n").split("\n"):
+                    output(line)
+                    tail = (tail + [line])[-tail_lines:]
+        except self._error as err:
+            if err.return_code in (125, 126, 127) and not tail:
+                raise EngineError(f"{what}: {self.name} could not start the container: {_stderr_of(err)}",
+                                  self._hint()) from None
+            raise StepFailed(f"{what}: exited {err.return_code}; last {len(tail)} lines follow",
+                             "fix the script (the full log is in the store's ocibuild/logs)",
+                             exit_code=err.return_code, tail="\n".join(tail)) from None
+        except FileNotFoundError:
+            raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
+
+    def run_attached(self, image: str, command: Sequence[str], *, mounts: Sequence[BindMount],
+                     env: Mapping[str, str], workdir: str | None, interactive: bool) -> int:
+        """The compile step: the container's output straight on our terminal; returns its exit code."""
+        argv = ["run", "--rm", "--pull=never"]
+        if interactive:
+            argv += ["-i"] + (["-t"] if os.isatty(0) and os.isatty(1) else [])
+        for m in mounts:
+            argv += ["-v", m.to_arg()]
+        for key, value in env.items():
+            argv += ["-e", f"{key}={value}"]
+        if workdir:
+            argv += ["-w", workdir]
+        argv += [image, *command]
+        try:
+            whales_run([*self.cmd, *argv], capture_stdout=False, capture_stderr=False)
+        except self._error as err:
+            return int(err.return_code)
+        except FileNotFoundError:
+            raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
+        return 0
+
+    def diff(self, container: str) -> dict[str, str]:
+        """Paths the container changed: ``{"/path": "A" | "C" | "D"}``."""
+        if self.name != "podman":
+            raise EngineError(f"run layers need podman: {self.name} has no container diff",
+                              "install podman, or set engine = \"podman\" in [run]")
+        try:
+            changes = self._client.container.diff(container)
+        except self._error as err:
+            raise EngineError(f"{self.name} diff {container} failed: {_stderr_of(err)}", self._hint()) from None
+        except UnicodeDecodeError:
+            raise EngineError(f"{self.name} diff {container}: a changed path is not UTF-8",
+                              "make the script create only UTF-8 file names") from None
+        return dict(changes)
+
+    @contextmanager
+    def mounted(self, container: str) -> Iterator[Path]:
+        """The container's root filesystem as a host path while the context lasts."""
+        path = Path(self._call("mount", container, what=f"mount {container}").strip())
+        try:
+            yield path
+        finally:
+            try:
+                self._call("unmount", container, what=f"unmount {container}")
+            except EngineError as err:
+                log.warning("%s", err)
+
+    def remove_container(self, container: str) -> None:
+        try:
+            self._client.container.remove(container, force=True)
+        except self._error as err:
+            if "no such container" not in (err.stderr or "").lower():
+                log.warning("could not remove container %s: %s", container, _stderr_of(err))
+
+    def container_exists(self, container: str) -> bool:
+        try:
+            return bool(self._client.container.exists(container))
+        except self._error:
+            return False
+
+    def info(self) -> str:
+        return self._call("info", what="info")
+
+    def version(self) -> str:
+        return self._call("--version", what="--version").strip()
