@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,24 @@ def require(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed: run scripts/setup-host")
     return path
+
+
+Podman = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    """``podman(*args)`` → the completed process (asserted to succeed), on an image storage of this session's
+    own: tests neither see the host's images nor leave any behind, and images pulled once are reused."""
+    exe = require("podman")
+    base = tmp_path_factory.mktemp("podman")
+    argv = [exe, "--root", str(base / "root"), "--runroot", str(base / "runroot"), "--tmpdir", str(base / "tmp")]
+
+    def run(*args: str, timeout: float = 300) -> "subprocess.CompletedProcess[str]":
+        result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"podman {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+        return result
+
+    yield run
+    subprocess.run([*argv, "rmi", "--all", "--force"], capture_output=True, timeout=300)
+    shutil.rmtree(base, ignore_errors=True)

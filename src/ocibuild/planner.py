@@ -262,7 +262,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
                 continue
             output(f"building layer '{layer.name}' ({layer.recipe.kind})")
             if layer.recipe.kind == "run":
-                _build_run_layer(ctx, plan, done, layer, get_engine())
+                _build_run_layer(ctx, plan, done, layer, get_engine)
             else:
                 _build_layer(ctx, layer)
             done.append(replace(layer, status="built"))
@@ -287,12 +287,13 @@ def _build_layer(ctx: BuildContext, layer: LayerPlan) -> Descriptor:
 
 
 def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], layer: LayerPlan,
-                     engine: Engine) -> Descriptor:
+                     get_engine: Callable[[], Engine]) -> Descriptor:
     """Stage the stack of the layer's needs as an image, hand it to the engine, run the script, capture."""
     below = plan.project.closure(layer.name)
     if not below:
         raise RecipeError(f"{_relative(plan.project, layer.recipe.file)}: a run layer needs the layers it runs on",
                           "add needs = [\"base\"] (a bootstrap or image layer) to the layer.toml")
+    engine = get_engine()
     by_name = {l.name: l for l in done}
     stage = [by_name[name] for name in below]
     config_bytes, manifest = image_manifest(plan.project, ctx.store, stage, cmd=None)

@@ -904,7 +904,9 @@ def _parse(inp: _Input, what: str) -> Iterator[tuple[_Raw, _Data]]:
             raise UnsafeArchive(f"{what} is truncated or corrupt ({problem})", hint=_HINT_CORRUPT)
         if block == _ZERO_BLOCK:
             if pax or long_name is not None or long_link is not None:
-                raise UnsafeArchive(f"{what} is truncated or corrupt (extended header without entry)", hint=_HINT_CORRUPT)
+                raise UnsafeArchive(
+                    f"{what} is truncated or corrupt (extended header without entry)", hint=_HINT_CORRUPT
+                )
             return
         stored = _octal(block[148:156], what, offset)
         unsigned = sum(block[:148]) + 256 + sum(block[156:])
@@ -1187,6 +1189,7 @@ def _forget(result: dict[str, Entry], old: Entry, *, keep_children: bool) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 # Extraction
 
+_NEW_FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS: Final = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 
 
@@ -1333,7 +1336,7 @@ class _Extractor:
             self.dirs[m.path] = m
         elif m.type == "file":
             self._remove(parent_fd, name)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=parent_fd)
+            fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=parent_fd)
             try:
                 assert data is not None
                 view = memoryview(self.buf)

@@ -101,9 +101,11 @@ class Jail:
                 state[str(path)] = (stat.S_IFMT(st.st_mode), st.st_mode & 0o7777, st.st_nlink, st.st_uid, detail)
         return state
 
-    def extract(self, *layers: bytes, compression: str = "none", **kw: object) -> None:
+    def extract(self, *layers: bytes, compression: str = "none", max_size: int | None = None) -> None:
         for i, data in enumerate(layers):
-            tarlayer.extract_layer(io.BytesIO(data), compression, self.root, what=f"layer {i}", chown=False, **kw)  # type: ignore[arg-type]
+            tarlayer.extract_layer(
+                io.BytesIO(data), compression, self.root, what=f"layer {i}", chown=False, max_size=max_size
+            )
 
 
 @pytest.fixture
