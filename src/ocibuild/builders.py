@@ -7,11 +7,13 @@ nothing in the store.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -296,16 +298,37 @@ def run_inputs(ctx: BuildContext, layer: LayerRecipe) -> list[BindMount]:
     return mounts
 
 
-def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest, image: str) -> list[Built]:
-    """``run``: the script in a container on the stack of its needs; what it changed becomes the layer.
+@dataclass(frozen=True)
+class CaptureFilter:
+    """Which changed paths a run step keeps: not ``exclude``-matched, and within ``only`` when it is given."""
 
-    The change set comes from the engine's container diff and the files from its mounted root filesystem, so
-    capturing costs in proportion to the change, not to the image."""
+    exclude: tuple[str, ...] = ()
+    only: frozenset[str] | None = None
+
+    def keeps(self, path: str, rules: IgnoreRules) -> bool:
+        return (self.only is None or path in self.only) and not rules.excluded(path)
+
+
+def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest, image: str) -> list[Built]:
+    """``run``: the script in a container on the stack of its needs; what it changed becomes the layer."""
     if ctx.offline and layer.bool_("network"):
         raise OcibuildError(f"layer '{layer.name}' is a run layer with network = true, which --offline forbids",
                             "bring the layer from a connected machine (`ocibuild export` / `import`)")
-    container = f"ocibuild-{re.sub(r'[^a-z0-9_.-]', '-', layer.name.lower())}-{key.hex[:12]}"
-    log_path = ctx.store.private_dir("logs") / f"{layer.name}-{key.hex[:12]}.log"
+    keep = CaptureFilter((*VOLATILE, *layer.strings("exclude")))
+    return [run_and_capture(ctx, engine, image, name=layer.name, key=key, mounts=run_inputs(ctx, layer),
+                            env=layer.table("env"), workdir=layer.str_("workdir"), network=layer.bool_("network"),
+                            keep=keep)]
+
+
+def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str, key: Digest,
+                    mounts: Sequence[BindMount], env: Mapping[str, str], workdir: str, network: bool,
+                    keep: CaptureFilter) -> Built:
+    """Run the script mounted at SCRIPT_PATH in a container of ``image``; the paths it changed that ``keep``
+    accepts become one layer. The change set comes from the engine's container diff and the files from its
+    mounted root filesystem, so capturing costs in proportion to the change, not to the image. The output
+    streams to ``ctx.output`` and to a log file in the store."""
+    container = f"ocibuild-{re.sub(r'[^a-z0-9_.-]', '-', name.lower())}-{key.hex[:12]}"
+    log_path = ctx.store.private_dir("logs") / f"{name}-{key.hex[:12]}.log"
     engine.remove_container(container)
     try:
         with open(log_path, "w", encoding="utf-8", errors="replace") as log_file:
@@ -313,19 +336,59 @@ def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest
                 log_file.write(line + "\n")
                 ctx.output(line)
 
-            engine.run(image, ["/bin/sh", "-eu", SCRIPT_PATH], name=container, mounts=run_inputs(ctx, layer),
-                       env=layer.table("env"), workdir=layer.str_("workdir"), network=layer.bool_("network"),
-                       output=tee, what=f"layer '{layer.name}'")
+            engine.run(image, ["/bin/sh", "-eu", SCRIPT_PATH], name=container, mounts=mounts, env=env,
+                       workdir=workdir, network=network, output=tee, what=f"layer '{name}'")
         changes = engine.diff(container)
-        rules = IgnoreRules([*VOLATILE, *layer.strings("exclude")])
-        with engine.mounted(container) as root:
-            entries = capture(root, changes, rules, what=f"layer '{layer.name}'")
-            return [write_entries(ctx, entries)]
+        if engine.needs_unshare():
+            return _capture_in_user_namespace(ctx, engine, container, changes, keep, name)
+        return capture_container(ctx, engine, container, changes, keep, what=f"layer '{name}'")
     finally:
         engine.remove_container(container)
 
 
-def capture(root: Path, changes: Mapping[str, str], rules: IgnoreRules, *, what: str) -> list[Entry]:
+def capture_container(ctx: BuildContext, engine: Engine, container: str, changes: Mapping[str, str],
+                      keep: CaptureFilter, *, what: str) -> Built:
+    rules = IgnoreRules(keep.exclude)
+    with engine.mounted(container) as root:
+        return write_entries(ctx, capture(root, changes, lambda p: keep.keeps(p, rules), what=what))
+
+
+def _capture_in_user_namespace(ctx: BuildContext, engine: Engine, container: str, changes: Mapping[str, str],
+                               keep: CaptureFilter, name: str) -> Built:
+    """Rootless: the container's files belong to subordinate ids, readable only inside podman's user namespace,
+    so the capture runs there (``podman unshare``), writing the blob into the store as the invoking user."""
+    spec = {
+        "store": str(ctx.store.root), "project": str(ctx.project_root), "compression": ctx.compression,
+        "epoch": ctx.epoch, "container": container, "changes": dict(changes), "name": name,
+        "exclude": list(keep.exclude), "only": sorted(keep.only) if keep.only is not None else None,
+        "engine": engine.name, "engine_args": list(engine.args),
+    }
+    out = engine.unshare([sys.executable, "-m", "ocibuild.builders"], json.dumps(spec).encode(),
+                         what=f"layer '{name}': capture")
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+        return Built(Descriptor(result["media_type"], Digest.parse(result["digest"]), int(result["size"])),
+                     Digest.parse(result["diff_id"]))
+    except (ValueError, KeyError, IndexError):
+        raise EngineError(f"layer '{name}': the capture in the user namespace printed no result",
+                          "run with --debug and report the output") from None
+
+
+def _capture_main() -> int:
+    """``python -m ocibuild.builders`` < spec: the capture step inside ``podman unshare`` (see above)."""
+    spec = json.load(sys.stdin)
+    store = Store.open(Path(spec["store"]))
+    ctx = BuildContext(store, Path(spec["project"]), spec["compression"], spec["epoch"], True,
+                       lambda line: print(line, file=sys.stderr))
+    keep = CaptureFilter(tuple(spec["exclude"]), frozenset(spec["only"]) if spec["only"] is not None else None)
+    engine = Engine(spec["engine"], spec["engine_args"])
+    built = capture_container(ctx, engine, spec["container"], spec["changes"], keep, what=f"layer '{spec['name']}'")
+    print(json.dumps({"media_type": built.descriptor.media_type, "digest": str(built.descriptor.digest),
+                      "size": built.descriptor.size, "diff_id": str(built.diff_id)}))
+    return 0
+
+
+def capture(root: Path, changes: Mapping[str, str], keep: Callable[[str], bool], *, what: str) -> list[Entry]:
     """Layer entries for a container's changes (``{"/path": "A"|"C"|"D"}``) read from its root ``root``.
 
     Deleted paths become OCI whiteouts; a path reported deleted that exists again was replaced (``rm -rf d;
@@ -333,7 +396,7 @@ def capture(root: Path, changes: Mapping[str, str], rules: IgnoreRules, *, what:
     entries: dict[str, Entry] = {}
     for raw_path, kind in changes.items():
         path = tarlayer.normalise_path(raw_path)
-        if path is None or rules.excluded(path):
+        if path is None or not keep(path):
             continue
         parent, _, name = path.rpartition("/")
         try:
@@ -362,3 +425,7 @@ def capture(root: Path, changes: Mapping[str, str], rules: IgnoreRules, *, what:
         else:
             log.info("%s: leaving out %s (device, fifo or socket)", what, path)
     return list(entries.values())
+
+
+if __name__ == "__main__":
+    sys.exit(_capture_main())

@@ -229,6 +229,17 @@ class Engine:
             except EngineError as err:
                 log.warning("%s", err)
 
+    def needs_unshare(self) -> bool:
+        """Rootless podman: container files are readable only inside its user namespace."""
+        return self.name == "podman" and os.geteuid() != 0 and "_CONTAINERS_USERNS_CONFIGURED" not in os.environ
+
+    def unshare(self, argv: Sequence[str], stdin: bytes, *, what: str) -> str:
+        """Run ``argv`` inside podman's user namespace (``podman unshare``), feeding it ``stdin``."""
+        try:
+            return whales_run([*self.cmd, "unshare", *argv], input=stdin)
+        except self._error as err:
+            raise EngineError(f"{what} failed: {_stderr_of(err)}", self._hint()) from None
+
     def remove_container(self, container: str) -> None:
         try:
             self._client.container.remove(container, force=True)

@@ -13,20 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import builders, bundle, oci, tarlayer
+from . import bookkeeping, builders, bundle, oci, tarlayer
 from .builders import BuildContext, Built
-from .engine import Engine
+from .engine import BindMount, Engine
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError
 from .inputs import StatCache, Tree, hash_file, walk_tree
-from .oci import Descriptor, Digest, History, ImageConfig, Manifest
-from .recipe import Input, LayerRecipe, Lock, LockEntry, Project, cache_key
+from .oci import Descriptor, Digest, History, ImageConfig, Manifest, canonical_json
+from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -267,7 +270,8 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
                 _build_layer(ctx, layer)
             done.append(replace(layer, status="built"))
         result_plan = Plan(project, tuple(done))
-        image, warnings = assemble(result_plan, store, strict=strict, output=output)
+        merge = build_merge(ctx, result_plan, get_engine)
+        image, warnings = assemble(result_plan, store, strict=strict, output=output, merge=merge)
     return BuildResult(result_plan, image, tuple(warnings))
 
 
@@ -295,28 +299,31 @@ def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], l
                           "add needs = [\"base\"] (a bootstrap or image layer) to the layer.toml")
     engine = get_engine()
     by_name = {l.name: l for l in done}
-    stage = [by_name[name] for name in below]
-    config_bytes, manifest = image_manifest(plan.project, ctx.store, stage, cmd=None)
-    tag = f"ocibuild-stage-{layer.key.hex[:16]}"
-    store = ctx.store
-    store.put(config_bytes, oci.OCI_CONFIG)
-    store.tag(tag, store.put_manifest(manifest))
-    try:
-        def archive() -> Path:
-            path = store.private_dir("tmp") / f"{tag}.tar"
-            bundle.write_oci_archive(store, store.resolve(tag) or _missing(tag), tag, path)
-            return path
-
-        image = engine.load_from_layout(store.root, tag, Digest.of(config_bytes).hex, archive)
+    with _staged(ctx.store, plan.project, [by_name[name] for name in below], layer.key, engine) as image:
         built = builders.build_run(ctx, engine, layer.recipe, layer.key, image)
+    return put_cache_entry(ctx.store, layer, built)
+
+
+@contextmanager
+def _staged(store: Store, project: Project, stack: Sequence[LayerPlan], key: Digest, engine: Engine) -> Iterator[str]:
+    """The image stacking ``stack``, tagged in the store for the engine to load while the context lasts; yields
+    the engine's image id. The engine copies only layers it lacks; nothing moves when it has the image."""
+    config_bytes, manifest = image_manifest(project, store, stack, cmd=None)
+    tag = f"ocibuild-stage-{key.hex[:16]}"
+    archive = store.private_dir("tmp") / f"{tag}.tar"
+    store.put(config_bytes, oci.OCI_CONFIG)
+    descriptor = store.put_manifest(manifest)
+    store.tag(tag, descriptor)
+
+    def write_archive() -> Path:
+        bundle.write_oci_archive(store, descriptor, tag, archive)
+        return archive
+
+    try:
+        yield engine.load_from_layout(store.root, tag, Digest.of(config_bytes).hex, write_archive)
     finally:
         store.untag(tag)
-        (store.private_dir("tmp") / f"{tag}.tar").unlink(missing_ok=True)
-    return put_cache_entry(store, layer, built)
-
-
-def _missing(tag: str) -> Descriptor:
-    raise OcibuildError(f"staging image {tag} vanished from the store", "run the build again")
+        archive.unlink(missing_ok=True)
 
 
 def _check_release(layer: LayerRecipe, locked: Input) -> None:
@@ -356,11 +363,13 @@ def entry_layers(store: Store, layer: LayerPlan) -> list[Built]:
     return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)]
 
 
-def assemble(plan: Plan, store: Store, *, strict: bool = False,
-             output: Output = lambda line: None) -> tuple[Descriptor, list[str]]:
-    """The image of ``plan``: every cache entry's layers in order, one config, tagged ``[image] name``."""
+def assemble(plan: Plan, store: Store, *, strict: bool = False, output: Output = lambda line: None,
+             merge: LayerPlan | None = None) -> tuple[Descriptor, list[str]]:
+    """The image of ``plan``: every cache entry's layers in order (then the bookkeeping merge layer, if any),
+    one config, tagged ``[image] name``."""
     image = plan.project.image
-    config_bytes, manifest = image_manifest(plan.project, store, plan.layers, cmd=image.cmd or None)
+    stack = plan.layers + ((merge,) if merge is not None else ())
+    config_bytes, manifest = image_manifest(plan.project, store, stack, cmd=image.cmd or None)
     manifest_bytes = manifest.to_json()
     current = store.resolve(image.name)
     if current is not None and current.digest == Digest.of(manifest_bytes) and store.has(current.digest):
@@ -446,9 +455,119 @@ def find_conflicts(plan: Plan, store: Store) -> list[str]:
             clashes = sorted(
                 path for path, fingerprint in listings[a].items()
                 if not fingerprint.startswith("dir") and listings[b].get(path, fingerprint) != fingerprint
+                and path not in bookkeeping.MERGED_PATHS  # merged by build_merge instead
             )
             if clashes:
                 shown = ", ".join("/" + p for p in clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
                 warnings.append(f"independent layers '{a}' and '{b}' write different content at {shown}; "
                                 f"'{b}' wins")
     return warnings
+
+
+# ---- the bookkeeping merge layer ------------------------------------------------------------------------------
+
+MERGE_LAYER = "ocibuild-merge"
+
+
+def build_merge(ctx: BuildContext, plan: Plan, get_engine: Callable[[], Engine]) -> LayerPlan | None:
+    """The layer that merges package bookkeeping of layers built side by side (see :mod:`bookkeeping`), or None
+    when stacking alone gives the right files. Keyed by the keys of every layer below; cached like a layer."""
+    project, store = plan.project, ctx.store
+    key = Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [str(layer.key) for layer in plan.layers]}))
+    recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", project.layer_names,
+                         "package bookkeeping of independent layers, merged", {})
+    merge = LayerPlan(recipe, key, (), "cached")
+    marker = store.private_dir("merge") / key.hex
+    if store.resolve(cache_tag(MERGE_LAYER, key)) is not None:
+        return merge
+    if marker.exists():
+        return None
+    holders: dict[str, list[str]] = {path: [] for path in bookkeeping.MERGED_PATHS}
+    for layer in plan.layers:
+        listing = {}
+        for built in entry_layers(store, layer):
+            listing.update(layer_listing(store, built))
+        for path in holders:
+            if listing.get(path, "").startswith("file:"):
+                holders[path].append(layer.name)
+    texts: dict[tuple[str, str], str] = {}
+
+    def text(name: str, path: str) -> str:
+        if (name, path) not in texts:
+            found = _read_files(store, plan.layer(name), {p for p, names in holders.items() if name in names})
+            texts.update({(name, p): content.decode("utf-8", "replace") for p, content in found.items()})
+        return texts.get((name, path), "")
+
+    merged: dict[str, str] = {}
+    for path, identity in bookkeeping.STANZA_FILES.items():
+        names = holders[path]
+        if len(names) < 2:
+            continue
+        changes = []
+        for name in names:
+            below = next((n for n in reversed(project.closure(name)) if n in names), None)
+            changes.append((text(below, path) if below else None, text(name, path)))
+        result = bookkeeping.merge_changes(changes, identity)
+        if bookkeeping.parse_stanzas(result, identity) != bookkeeping.parse_stanzas(text(names[-1], path), identity):
+            merged[path] = result
+    ld_holders = holders[bookkeeping.LD_SO_CACHE]
+    ldconfig = any(project.independent(a, b) for i, a in enumerate(ld_holders) for b in ld_holders[i + 1:])
+    if not merged and not ldconfig:
+        marker.write_text("none\n")
+        return None
+    ctx.output(f"merging package bookkeeping of independent layers ({', '.join(sorted(merged)) or 'ld.so.cache'})")
+    if ldconfig:
+        built = _merge_with_ldconfig(ctx, plan, merge, merged, get_engine())
+    else:
+        built = _merge_files(ctx, merged)
+    put_cache_entry(store, merge, [built])
+    return merge
+
+
+def _read_files(store: Store, layer: LayerPlan, paths: set[str]) -> dict[str, bytes]:
+    """The content of ``paths`` in a layer's blobs (a later blob of the same entry wins)."""
+    found: dict[str, bytes] = {}
+    for built in entry_layers(store, layer):
+        with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
+            for member, reader in tarlayer.iter_members(f, oci.layer_compression(built.descriptor.media_type),
+                                                        what=f"layer '{layer.name}'"):
+                if member.path in paths and member.type == "file" and reader is not None:
+                    found[member.path] = reader.read()
+    return found
+
+
+def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
+    directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
+    try:
+        entries = []
+        for i, (path, content) in enumerate(sorted(merged.items())):
+            file = directory / str(i)
+            file.write_text(content)
+            entries.append(tarlayer.Entry(path, "file", 0o644, size=file.stat().st_size, source=str(file)))
+        return builders.write_entries(ctx, tarlayer.with_parents(entries))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _merge_with_ldconfig(ctx: BuildContext, plan: Plan, merge: LayerPlan, merged: dict[str, str],
+                         engine: Engine) -> Built:
+    """Put the merged files in place and re-run ldconfig over the whole stack, in a container."""
+    directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
+    try:
+        lines = []
+        for i, (path, content) in enumerate(sorted(merged.items())):
+            (directory / str(i)).write_text(content)
+            lines.append(f"cat {builders.INPUTS_DIR}/{i} > /{path}")
+        lines.append("ldconfig")
+        script = directory / "script"
+        script.write_text("\n".join(lines) + "\n")
+        mounts = [BindMount(script, builders.SCRIPT_PATH, True)]
+        mounts += [BindMount(directory / str(i), f"{builders.INPUTS_DIR}/{i}", True) for i in range(len(merged))]
+        wanted = bookkeeping.MERGED_PATHS
+        ancestors = {p.rsplit("/", n)[0] for p in wanted for n in range(1, p.count("/") + 1)}
+        with _staged(ctx.store, plan.project, plan.layers, merge.key, engine) as image:
+            return builders.run_and_capture(ctx, engine, image, name=MERGE_LAYER, key=merge.key, mounts=mounts,
+                                            env={}, workdir="/", network=False,
+                                            keep=builders.CaptureFilter(only=frozenset(wanted | ancestors)))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -99,7 +99,7 @@ WHITEOUT_OPAQUE: Final = ".wh..wh..opq"
 
 ZSTD_LEVEL: Final = 3
 GZIP_LEVEL: Final = 1
-MAX_EXTENDED_HEADER: Final = 1 << 20  # bytes of one PAX / GNU long-name header
+MAX_EXTENDED_HEADER: Final = 1 << 20  # bytes of the PAX / GNU long-name headers of one entry (and of global ones)
 
 _BLOCK: Final = 512
 _CHUNK: Final = 4 << 20  # the writer feeds hash and compressor in pieces of this size
@@ -896,6 +896,8 @@ def _parse(inp: _Input, what: str) -> Iterator[tuple[_Raw, _Data]]:
     pax: dict[bytes, bytes] = {}
     long_name: bytes | None = None
     long_link: bytes | None = None
+    extended = 0  # bytes of extended headers for the next entry (and, cumulated, of global ones)
+    global_extended = 0
     while True:
         offset = inp.pos
         block = inp.read(_BLOCK)
@@ -917,9 +919,14 @@ def _parse(inp: _Input, what: str) -> Iterator[tuple[_Raw, _Data]]:
         typeflag = block[156:157]
         size = _octal(block[124:136], what, offset)
         if typeflag in (b"x", b"g", b"L", b"K", b"X"):
-            if size > MAX_EXTENDED_HEADER:
+            if typeflag == b"g":
+                global_extended += size
+            else:
+                extended += size
+            if max(size, extended, global_extended) > MAX_EXTENDED_HEADER:
                 raise UnsafeArchive(
-                    f"{what}: extended header at offset {offset} is {size} bytes (the limit is {MAX_EXTENDED_HEADER})",
+                    f"{what}: extended header at offset {offset} is {size} bytes (the limit is "
+                    f"{MAX_EXTENDED_HEADER} for all those of an entry)",
                     hint=_HINT_UNSAFE,
                 )
             data = inp.read(size)
@@ -974,7 +981,7 @@ def _parse(inp: _Input, what: str) -> Iterator[tuple[_Raw, _Data]]:
                 xattrs[key[13:].decode("utf-8", _ENC)] = value.decode("utf-8", _ENC)
             elif key.startswith(b"GNU.sparse."):
                 typeflag = b"S"
-        pax, long_name, long_link = {}, None, None
+        pax, long_name, long_link, extended = {}, None, None, 0
         data_size = 0 if typeflag in _HEADER_ONLY else size
         raw = _Raw(
             name.decode("utf-8", _ENC), typeflag, _octal(block[100:108], what, offset) & 0o7777, uid, gid,

@@ -252,6 +252,18 @@ def test_oversize_pax_header_is_refused_without_reading_it(jail: Jail) -> None:
     assert jail.snapshot() == before
 
 
+def test_stacked_pax_headers_are_limited_together(jail: Jail) -> None:
+    stack = b""
+    for i in range(3):  # each under the limit, together over it
+        record = b"%d SCHILY.xattr.user.k%d=" % (600_000, i)
+        record += b"v" * (600_000 - len(record) - 1) + b"\n"
+        info = tarfile.TarInfo("././@PaxHeader")
+        info.type, info.size = tarfile.XHDTYPE, len(record)
+        stack += info.tobuf(format=tarfile.USTAR_FORMAT) + record + bytes(-len(record) % 512)
+    with pytest.raises(UnsafeArchive, match=r"extended header at offset 600576 is 600000 bytes \(the limit is 1048576 for all"):
+        jail.extract(stack + layer(f("a")))
+
+
 def test_oversize_gnu_longname_is_refused(jail: Jail) -> None:
     info = tarfile.TarInfo("././@LongLink")
     info.type, info.size = tarfile.GNUTYPE_LONGNAME, 8 << 20

@@ -1,0 +1,195 @@
+"""Run layers and the compile step with real podman, on a busybox base made offline from Debian's busybox-static."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require, write
+from ocibuild import cli, oci, tarlayer
+from ocibuild.store import Store
+
+pytestmark = pytest.mark.podman
+OCIBUILD = [sys.executable, "-m", "ocibuild.cli"]
+
+
+def busybox_rootfs(root: Path) -> Path:
+    """A tiny root filesystem: static busybox with its applets, /etc, and a dpkg status file."""
+    busybox = require("busybox")
+    (root / "bin").mkdir(parents=True)
+    shutil.copy(busybox, root / "bin" / "busybox")
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    write(root / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+    write(root / "etc/group", "root:x:0:\n")
+    write(root / "etc/motd", "old\n")
+    write(root / "etc/remove-me", "bye\n")
+    write(root / "srv/dir/old", "old\n")
+    write(root / "var/lib/dpkg/status", "Package: base-files\nArchitecture: amd64\nStatus: install ok installed\n")
+    for d in ("tmp", "proc", "sys", "dev", "root"):
+        (root / d).mkdir(exist_ok=True)
+    return root
+
+
+def project(tmp_path: Path, layers: dict[str, str], scripts: dict[str, str], image: str = "", run: str = "") -> Path:
+    root = tmp_path / "project"
+    busybox_rootfs(root / "rootfs")
+    names = ", ".join(f'"{n}"' for n in ["base", *layers])
+    write(root / "ocibuild.toml", f'[image]\nname = "bb"\nlayers = [{names}]\n{image}\n{run}\n')
+    write(root / "layers/base/layer.toml", 'kind = "copy"\nfrom = "rootfs"\nto = "/"\n')
+    for name, text in layers.items():
+        write(root / "layers" / name / "layer.toml", text)
+    for rel, text in scripts.items():
+        write(root / rel, text)
+    return root
+
+
+def build(root: Path, store: Path, *extra: str) -> dict:
+    result = subprocess.run([*OCIBUILD, "build", "--json", "-C", str(root), "--store", str(store), *extra],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def layer_listing(store: Store, image: str, index: int) -> dict[str, str]:
+    manifest = store.get_manifest(store.resolve(image).digest)
+    blob = manifest.layers[index]
+    with store.open_blob(blob.digest) as f:
+        return tarlayer.list_layer(f, oci.layer_compression(blob.media_type), what="test")
+
+
+def podman_run(store: Path, image: str, *command: str) -> str:
+    result = subprocess.run(["podman", "run", "--rm", f"oci:{store}:{image}", *command], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+CHANGES = """
+mkdir -p /opt/app && echo new > /opt/app/new
+echo changed > /etc/motd
+rm /etc/remove-me
+rm -rf /srv/dir && mkdir /srv/dir && echo fresh > /srv/dir/x
+echo scratch > /tmp/scratch
+mkdir -p /var/log /var/cache/apt && echo log > /var/log/x.log && echo deb > /var/cache/apt/x.deb
+mkdir -p /opt/app/__pycache__ && echo pyc > /opt/app/__pycache__/m.pyc
+echo skip > /opt/app/skip.me
+echo "input: $(cat /ocibuild/inputs/data.txt)"
+"""
+
+
+def test_run_layer_captures_changes_whiteouts_and_drops_volatile_paths(tmp_path: Path) -> None:
+    root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\ninputs = ["data.txt"]\n'
+                                      'exclude = ["opt/app/skip.me"]\nnetwork = false\n'},
+                   {"layers/app/s.sh": CHANGES, "layers/app/data.txt": "42\n"})
+    store_dir = tmp_path / "store"
+    result = build(root, store_dir)
+    assert [l["status"] for l in result["layers"]] == ["built", "built"]
+    store = Store.open(store_dir)
+    listing = layer_listing(store, "bb", 1)
+    assert listing["opt/app/new"].startswith("file:0644:")
+    assert listing["etc/motd"].startswith("file:")
+    assert listing["etc/.wh.remove-me"] == "whiteout"
+    assert listing["srv/dir/.wh..wh..opq"] == "opaque"  # the directory was removed and made again
+    assert listing["srv/dir/x"].startswith("file:")
+    for dropped in ("tmp/scratch", "var/log/x.log", "var/cache/apt/x.deb", "opt/app/__pycache__/m.pyc",
+                    "opt/app/skip.me", "ocibuild", "ocibuild/script"):
+        assert dropped not in listing, dropped
+    out = podman_run(store_dir, "bb", "sh", "-c",
+                     "cat /opt/app/new /etc/motd; ls /srv/dir; test ! -e /etc/remove-me && echo gone")
+    assert out.split() == ["new", "changed", "x", "gone"]
+    log = next((store_dir / "ocibuild" / "logs").glob("app-*.log")).read_text()
+    assert "input: 42" in log
+    assert store.verify() == []
+    again = build(root, store_dir)
+    assert [l["status"] for l in again["layers"]] == ["cached", "cached"] and again["digest"] == result["digest"]
+
+
+def test_same_script_twice_gives_the_same_layer(tmp_path: Path) -> None:
+    root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
+                   {"layers/app/s.sh": "mkdir -p /opt/x && echo same > /opt/x/f && ln -s f /opt/x/l && rm /etc/motd\n"})
+    first = build(root, tmp_path / "one")
+    second = build(root, tmp_path / "two")
+    assert first["digest"] == second["digest"]
+
+
+def test_side_by_side_package_layers_are_merged_without_warnings(tmp_path: Path) -> None:
+    add = 'printf "\\nPackage: {0}\\nArchitecture: amd64\\nStatus: install ok installed\\n" >> /var/lib/dpkg/status\n'
+    root = project(tmp_path,
+                   {"a": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n',
+                    "b": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
+                   {"layers/a/s.sh": add.format("tool-a"), "layers/b/s.sh": add.format("tool-b")})
+    store_dir = tmp_path / "store"
+    result = build(root, store_dir, "--strict")
+    assert "warnings" not in result
+    status = podman_run(store_dir, "bb", "cat", "/var/lib/dpkg/status")
+    packages = [line.split(": ")[1] for line in status.splitlines() if line.startswith("Package: ")]
+    assert sorted(packages) == ["base-files", "tool-a", "tool-b"]
+    store = Store.open(store_dir)
+    config = store.get_config(store.get_manifest(store.resolve("bb").digest).config.digest)
+    assert "ocibuild-merge" in config.history[-1].created_by
+    assert len(config.diff_ids) == 4
+    assert build(root, store_dir)["digest"] == result["digest"]  # the merge layer is cached too
+
+
+def test_network_false_has_only_loopback(tmp_path: Path) -> None:
+    root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
+                   {"layers/app/s.sh": "mkdir -p /proc-copy && cat /proc/net/dev > /proc-copy/dev\n"})
+    store_dir = tmp_path / "store"
+    build(root, store_dir)
+    devices = podman_run(store_dir, "bb", "cat", "/proc-copy/dev")
+    interfaces = [line.split(":")[0].strip() for line in devices.splitlines()[2:]]
+    assert interfaces == ["lo"]
+
+
+def test_failing_script_names_layer_exit_code_and_last_lines(tmp_path: Path) -> None:
+    root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
+                   {"layers/app/s.sh": "echo step one\necho about to fail\nexit 3\n"})
+    store_dir = tmp_path / "store"
+    result = subprocess.run([*OCIBUILD, "build", "-C", str(root), "--store", str(store_dir)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1
+    assert "error: layer 'app': exited 3" in result.stderr
+    assert "about to fail" in result.stderr.split("error:")[1]
+    assert "hint:" in result.stderr
+    store = Store.open(store_dir)
+    assert store.verify() == []
+    assert not [d for d in store.index().manifests if (d.ref_name or "").startswith("app-")]
+    names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
+    assert "ocibuild-app-" not in names
+
+
+def test_compile_step_mounts_streams_and_exits_with_the_command_code(tmp_path: Path) -> None:
+    root = project(tmp_path, {"src": 'kind = "copy"\nfrom = "src"\nto = "/src"\n'},
+                   {"src/make.sh": "mkdir -p /src/bundles/0.1 && echo built > /src/bundles/0.1/binary && echo done\n"},
+                   image='workdir = "/src"\n',
+                   run='[run]\ncommand = ["sh", "make.sh"]\nmounts = ["bundles:/src/bundles"]\nenv = { MODE = "ci" }\n')
+    store_dir = str(tmp_path / "store")
+    result = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", store_dir], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "done" in result.stdout
+    assert (root / "bundles/0.1/binary").read_text() == "built\n"
+    code = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", store_dir, "--", "sh", "-c",
+                           'echo "$MODE"; exit 7'], capture_output=True, text=True, timeout=600)
+    assert code.returncode == 7 and code.stdout.strip() == "ci"
+    (root / "src/make.sh").write_text("echo live\n")
+    live = subprocess.run([*OCIBUILD, "run", "--source-mount", "-C", str(root), "--store", store_dir, "--", "cat",
+                           "/src/make.sh"], capture_output=True, text=True, timeout=600)
+    assert live.returncode == 0 and live.stdout.strip() == "echo live"
+
+
+def test_ocibuild_failing_before_the_command_exits_125(tmp_path: Path) -> None:
+    root = project(tmp_path, {}, {}, run='[run]\ncommand = ["true"]\n')
+    (root / "layers/base/layer.toml").write_text('kind = "copy"\nfrom = "missing"\nto = "/"\n')
+    result = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", str(tmp_path / "s")], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 125
+    assert "error:" in result.stderr and "missing" in result.stderr
