@@ -1,4 +1,4 @@
 # Debian's Go toolchain (golang-1.19 on bookworm) and what cgo needs.
-apt-get update
-apt-get install -y --no-install-recommends golang-go gcc libc6-dev make pkg-config
+apt-get -o Acquire::Retries=5 update
+apt-get -o Acquire::Retries=5 install -y --no-install-recommends golang-go gcc libc6-dev make pkg-config
 go version

@@ -173,8 +173,9 @@ class Engine:
                     output(line)
                     tail = (tail + [line])[-tail_lines:]
         except self._error as err:
-            if err.return_code in (125, 126, 127) and not tail:
-                raise EngineError(f"{what}: {self.name} could not start the container: {_stderr_of(err)}",
+            if err.return_code == 125:  # the engine's own failure, whose message arrived on the stream
+                detail = " ".join(line.strip() for line in tail[-3:]) or _stderr_of(err)
+                raise EngineError(f"{what}: {self.name} could not start the container: {detail}",
                                   self._hint()) from None
             raise StepFailed(f"{what}: exited {err.return_code}; last {len(tail)} lines follow",
                              "fix the script (the full log is in the store's ocibuild/logs)",

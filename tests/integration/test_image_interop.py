@@ -63,8 +63,8 @@ def ocibuild_json(*args: str, **kw: Any) -> dict[str, Any]:
 
 
 def verify_clean(store: Path) -> None:
+    """`ocibuild verify` exits 0 (it runs Store.verify: every blob re-hashed, every reference checked)."""
     assert ocibuild("verify", "--store", str(store)).stdout.strip() == f"store {store}: ok"
-    assert Store.open(store, create=False).verify() == []
 
 
 def run(*argv: str, timeout: float = 300) -> str:

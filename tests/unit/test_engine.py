@@ -1,0 +1,95 @@
+"""Engine command lines. nerdctl cannot be installed here (it is not packaged in Debian), so its command lines
+are checked against a recording stand-in on PATH; podman's are checked the same way and, for real, in
+tests/integration."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import write
+from ocibuild.engine import BindMount, Engine
+from ocibuild.errors import EngineError, StepFailed
+
+RECORDER = """#!/bin/sh
+printf '%s\\n' "$*" >> "{log}"
+case "$*" in
+  *"image inspect"*|*"image exists"*) exit 1 ;;
+  *" run "*|run\\ *) echo "line from the container"; exit {code} ;;
+esac
+exit 0
+"""
+
+
+def stand_in(tmp_path: Path, name: str, code: int = 0) -> tuple[Path, Path]:
+    log = tmp_path / f"{name}.log"
+    tool = write(tmp_path / "bin" / name, RECORDER.format(log=log, code=code), mode=0o755)
+    return tool, log
+
+
+@pytest.mark.parametrize("name", ["nerdctl", "podman"])
+def test_compile_step_command_line(tmp_path: Path, name: str) -> None:
+    tool, log = stand_in(tmp_path, name)
+    engine = Engine(name, ["--namespace", "ci"] if name == "nerdctl" else ["--runtime", "runc"], executable=str(tool))
+    code = engine.run_attached("img", ["hack/make.sh", "binary"],
+                               mounts=[BindMount(Path("/p/bundles"), "/go/src/x/bundles")],
+                               env={"CGO_ENABLED": "1"}, workdir="/go/src/x", interactive=False)
+    assert code == 0
+    flags = "--namespace ci" if name == "nerdctl" else "--runtime runc"
+    assert log.read_text().splitlines()[-1] == (
+        f"{flags} run --rm --pull=never -v /p/bundles:/go/src/x/bundles -e CGO_ENABLED=1 -w /go/src/x img "
+        "hack/make.sh binary"
+    )
+
+
+def test_nerdctl_loads_an_archive_and_podman_copies_from_the_layout(tmp_path: Path) -> None:
+    tool, log = stand_in(tmp_path, "nerdctl")
+    made = []
+
+    def archive() -> Path:
+        made.append(tmp_path / "image.tar")
+        return made[-1]
+
+    engine = Engine("nerdctl", executable=str(tool))
+    assert engine.load_from_layout(tmp_path / "store", "docker-dev", "ab" * 32, archive) == "ab" * 32
+    assert log.read_text().splitlines()[-1] == f"load --input {tmp_path / 'image.tar'}"
+    assert made
+    ptool, plog = stand_in(tmp_path, "podman")
+    Engine("podman", executable=str(ptool)).load_from_layout(tmp_path / "store", "docker-dev", "cd" * 32, archive)
+    assert plog.read_text().splitlines()[-1] == f"pull --quiet oci:{tmp_path / 'store'}:docker-dev"
+
+
+def test_run_step_command_line_and_failure(tmp_path: Path) -> None:
+    tool, log = stand_in(tmp_path, "nerdctl", code=3)
+    engine = Engine("nerdctl", executable=str(tool))
+    lines: list[str] = []
+    with pytest.raises(StepFailed) as info:
+        engine.run("img", ["/bin/sh", "-eu", "/ocibuild/script"], name="ocibuild-go-1",
+                   mounts=[BindMount(Path("/l/go/install.sh"), "/ocibuild/script", True)], env={"A": "1"},
+                   workdir="/", network=False, output=lines.append, what="layer 'go'")
+    assert info.value.exit_code == 3 and "layer 'go': exited 3" in str(info.value)
+    assert lines == ["line from the container"]
+    argv = log.read_text().splitlines()[-1]
+    assert argv.startswith("container run ") or argv.startswith("run ")
+    for part in ("--name ocibuild-go-1", "--network none", "--pull never", "--volume /l/go/install.sh:/ocibuild/script:ro",
+                 "--env A=1", "--workdir /", "img /bin/sh -eu /ocibuild/script"):
+        assert part in argv, (part, argv)
+    with pytest.raises(EngineError, match="run layers need podman"):
+        engine.diff("ocibuild-go-1")
+
+
+def test_no_engine_installed_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(EngineError) as info:
+        Engine.detect("auto")
+    assert "no container engine found" in str(info.value) and "apt-get install podman" in (info.value.hint or "")
+
+
+def test_engine_that_fails_to_start_is_a_clear_error(tmp_path: Path) -> None:
+    tool = write(tmp_path / "bin/podman", "#!/bin/sh\necho 'Error: cannot set up namespace' >&2\nexit 125\n", mode=0o755)
+    with pytest.raises(EngineError) as info:
+        Engine("podman", executable=str(tool)).run("img", ["true"], output=lambda line: None, what="layer 'x'")
+    assert "could not start the container" in str(info.value) and "cannot set up namespace" in str(info.value)
