@@ -227,7 +227,7 @@ def _compile(args: argparse.Namespace, console: _Console) -> int:
         _report(err, args.debug)
         return 125
     return engine.run_attached(image, command, mounts=mounts, env=project.run.env, workdir=image_config.workdir,
-                               interactive=sys.stdin.isatty())
+                               interactive=sys.stdin.isatty(), network=project.run.network)
 
 
 def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:

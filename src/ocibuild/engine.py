@@ -184,9 +184,9 @@ class Engine:
             raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
 
     def run_attached(self, image: str, command: Sequence[str], *, mounts: Sequence[BindMount],
-                     env: Mapping[str, str], workdir: str | None, interactive: bool) -> int:
+                     env: Mapping[str, str], workdir: str | None, interactive: bool, network: bool = True) -> int:
         """The compile step: the container's output straight on our terminal; returns its exit code."""
-        argv = ["run", "--rm", "--pull=never"]
+        argv = ["run", "--rm", "--pull=never"] + ([] if network else ["--network=none"])
         if interactive:
             argv += ["-i"] + (["-t"] if os.isatty(0) and os.isatty(1) else [])
         for m in mounts:

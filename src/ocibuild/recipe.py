@@ -74,6 +74,7 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("mounts", "list of strings", False, [], "host:container bind mounts, host relative to the project"),
         Key("env", "table of strings", False, {}, "extra environment of the compile step"),
         Key("engine", "string", False, "auto", "auto, podman or nerdctl"),
+        Key("network", "boolean", False, True, "whether the compile step may reach the network"),
     ),
     "cache": (Key("ref", "string", False, "", "registry repository used as the shared layer cache"),),
     "bootstrap": _COMMON
@@ -200,6 +201,7 @@ class RunSpec:
     mounts: tuple[Mount, ...]
     env: Mapping[str, str]
     engine: str
+    network: bool = True
 
 
 @dataclass(frozen=True)
@@ -400,7 +402,7 @@ def load_project(root: Path) -> Project:
     if run_data["engine"] not in ("auto", "podman", "nerdctl"):
         raise RecipeError(f"{PROJECT_FILE}: [run] engine must be auto, podman or nerdctl")
     mounts = tuple(_mount(root, m) for m in run_data["mounts"])
-    run = RunSpec(run_data["command"], mounts, run_data["env"], run_data["engine"])
+    run = RunSpec(run_data["command"], mounts, run_data["env"], run_data["engine"], run_data["network"])
     cache = _table(f"{PROJECT_FILE}: [cache]", data.get("cache", {}), SCHEMA["cache"])
     return Project(root, image, tuple(layers), run, cache["ref"])
 

@@ -39,18 +39,12 @@ JSON_LAYER_KEYS = ["inputs", "key", "kind", "name", "needs", "status"]
 # ---- helpers --------------------------------------------------------------------------------------------------
 
 
-def ocibuild_exe() -> str:
-    exe = Path(sys.executable).parent / "ocibuild"
-    if not exe.exists():
-        pytest.fail(f"{exe} is missing: install the project into the venv (scripts/setup-host)")
-    return str(exe)
-
-
 def ocibuild(*args: str, env: dict[str, str] | None = None, umask: int = -1, cwd: Path | None = None,
              timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """Run the ocibuild command line; it must succeed. No host config file is read."""
+    """Run the ocibuild command line in a process of its own (``python -m ocibuild.cli``: the venv's console
+    script, without depending on it being in place); it must succeed. No host config file is read."""
     full_env = {**os.environ, "OCIBUILD_CONFIG": "/nonexistent/ocibuild-config.toml", **(env or {})}
-    result = subprocess.run([ocibuild_exe(), *args], capture_output=True, text=True, env=full_env, umask=umask,
+    result = subprocess.run([sys.executable, "-m", "ocibuild.cli", *args], capture_output=True, text=True, env=full_env, umask=umask,
                             cwd=cwd, timeout=timeout)
     assert result.returncode == 0, f"ocibuild {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
     return result

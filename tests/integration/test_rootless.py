@@ -1,0 +1,89 @@
+"""Rootless: an ordinary user with subuid/subgid entries builds a small environment (busybox base, a run layer,
+a copy layer) with rootless podman, and runs the compile step; outputs belong to that user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require
+from test_run_layers import busybox_rootfs
+
+pytestmark = [pytest.mark.podman,
+              pytest.mark.skipif(os.geteuid() != 0, reason="creating the unprivileged test user needs root")]
+USER = "ocibuild-rootless"
+
+
+@pytest.fixture(scope="module")
+def user() -> pwd.struct_passwd:
+    require("newuidmap")
+    try:
+        entry = pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+        entry = pwd.getpwnam(USER)
+    for file, flag in (("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")):
+        if not any(line.startswith(f"{USER}:") for line in Path(file).read_text().splitlines()):
+            subprocess.run(["usermod", flag, "200000-265535", USER], check=True)
+    runtime = Path(f"/run/user/{entry.pw_uid}")
+    runtime.mkdir(parents=True, exist_ok=True)
+    os.chown(runtime, entry.pw_uid, entry.pw_gid)
+    runtime.chmod(0o700)
+    return entry
+
+
+def as_user(user: pwd.struct_passwd, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"HOME": user.pw_dir, "XDG_RUNTIME_DIR": f"/run/user/{user.pw_uid}", "PATH": os.environ["PATH"],
+           "LANG": "C.UTF-8"}
+    return subprocess.run(["runuser", "-u", user.pw_name, "--", sys.executable, "-m", "ocibuild.cli", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_rootless_build_and_run(user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = Path(f"/tmp/ocibuild-rootless-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    project = base / "project"
+    busybox_rootfs(project / "rootfs")
+    (project / "layers/base").mkdir(parents=True)
+    (project / "layers/base/layer.toml").write_text('kind = "copy"\nfrom = "rootfs"\nto = "/"\n')
+    (project / "layers/app").mkdir()
+    (project / "layers/app/layer.toml").write_text('kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n')
+    (project / "layers/app/s.sh").write_text("mkdir -p /opt/app && echo rootless > /opt/app/f && chmod 600 /opt/app/f"
+                                            " && chown 1000:1000 /opt/app && rm /etc/motd\n")
+    (project / "layers/src").mkdir()
+    (project / "layers/src/layer.toml").write_text('kind = "copy"\nfrom = "src"\nto = "/src"\n')
+    (project / "src").mkdir()
+    (project / "src/x").write_text("source\n")
+    (project / "ocibuild.toml").write_text(
+        '[image]\nname = "rl"\nlayers = ["base", "app", "src"]\n'
+        '[run]\ncommand = ["sh", "-c", "cat /opt/app/f /src/x; test ! -e /etc/motd; echo made > /out/result"]\n'
+        'mounts = ["out:/out"]\nnetwork = false\n')
+    base.chmod(0o755)
+    subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
+    store = str(base / "store")
+    try:
+        built = as_user(user, project, "build", "--store", store)
+        assert built.returncode == 0, built.stderr
+        ran = as_user(user, project, "run", "--store", store)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.split() == ["rootless", "source"]
+        result = project / "out/result"
+        assert result.read_text() == "made\n"
+        assert result.stat().st_uid == user.pw_uid, "output files belong to the invoking user"
+        again = as_user(user, project, "build", "--json", "--store", store)
+        assert again.returncode == 0 and again.stdout.count('"cached"') == 3
+        verify = as_user(user, project, "verify", "--store", store)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        # the captured layer keeps the container's owners and modes, as seen inside the namespace
+        listing = as_user(user, project, "run", "--store", store, "--", "stat", "-c", "%u %a", "/opt/app", "/opt/app/f")
+        assert listing.stdout.split("\n")[:2] == ["1000 755", "0 600"]
+    finally:
+        subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "unshare", "rm", "-rf", store], cwd="/tmp",
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
