@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -31,24 +32,32 @@ from _harness import (CACHE, OCIBUILD, PYTHON, WITH_PYC, Case, interleave, log, 
                       timed, write_if_changed)
 
 BENCH = Path(__file__).resolve().parent
-TREE = CACHE / "rebuild" / "toolchain"
+TREE = CACHE / "rebuild" / "toolchain"  # the same inodes as write/toolchain
 TAR = "tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C {root} -cf - {name}"
 
 
-def project(compression: str) -> Path:
-    """A project whose only layer copies (hardlinks of) the toolchain tree; its stat cache, seeded once."""
-    import gen_trees
+PROJECT = CACHE / "write"  # toolchain/ holds hardlinks to the tree (made once by gen_trees.py)
+SEED = CACHE / "store-write-seed"
 
-    root = CACHE / f"write-{compression}"
-    gen_trees.hardlink_tree(TREE, root / "toolchain")
-    write_if_changed(root / "ocibuild.toml",
+
+def project(compression: str) -> Path:
+    """The project whose only layer copies the toolchain tree, set to ``compression``; its stat cache seeded.
+
+    One project for both compressions (compression is not part of a cache key and every run uses a fresh
+    store): a second tree of hardlinks would change the inodes' ctime and so invalidate every stat cache.
+    """
+    write_if_changed(PROJECT / "ocibuild.toml",
                      f'[image]\nname = "bench-write"\nlayers = ["toolchain"]\ncompression = "{compression}"\n')
-    write_if_changed(root / "layers/toolchain/layer.toml", 'kind = "copy"\nfrom = "toolchain"\nto = "/usr/local/go"\n')
-    seed = CACHE / f"store-write-seed-{compression}"
-    if not (seed / "ocibuild/statcache/files.json").exists():
-        log(f"seeding the stat cache of {root.name} (one full build)")
-        run([OCIBUILD, "build", "-C", str(root), "--store", str(seed)], env=WITH_PYC)
-    return root
+    write_if_changed(PROJECT / "layers/toolchain/layer.toml", 'kind = "copy"\nfrom = "toolchain"\nto = "/usr/local/go"\n')
+    files = sum(not os.path.islink(os.path.join(d, f)) for d, _, fs in os.walk(PROJECT / "toolchain") for f in fs)
+    for _ in range(3):  # a file changed within 2 s of being hashed is not recorded (the racy rule): try again
+        cache = SEED / "ocibuild/statcache/files.json"
+        if cache.exists() and len(json.loads(cache.read_bytes())) >= files:
+            return PROJECT
+        log("seeding the stat cache of the write project")
+        run([OCIBUILD, "build", "-C", str(PROJECT), "--store", str(SEED)], env=WITH_PYC)
+        time.sleep(2)
+    raise SystemExit(f"the stat cache in {SEED} does not cover the {files} files of the tree")
 
 
 def writer_case(compression: str, info: dict[str, int]) -> Case:
@@ -61,7 +70,7 @@ def writer_case(compression: str, info: dict[str, int]) -> Case:
 
 
 def build_case(compression: str, root: Path, stores: list[Path]) -> Case:
-    seed = CACHE / f"store-write-seed-{compression}" / "ocibuild/statcache/files.json"
+    seed = SEED / "ocibuild/statcache/files.json"
 
     def case(i: int) -> float:
         store = CACHE / "store-write-runs" / f"{compression}-{time.time_ns()}"

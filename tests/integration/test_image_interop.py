@@ -44,8 +44,8 @@ def ocibuild(*args: str, env: dict[str, str] | None = None, umask: int = -1, cwd
     """Run the ocibuild command line in a process of its own (``python -m ocibuild.cli``: the venv's console
     script, without depending on it being in place); it must succeed. No host config file is read."""
     full_env = {**os.environ, "OCIBUILD_CONFIG": "/nonexistent/ocibuild-config.toml", **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "ocibuild.cli", *args], capture_output=True, text=True, env=full_env, umask=umask,
-                            cwd=cwd, timeout=timeout)
+    result = subprocess.run([sys.executable, "-m", "ocibuild.cli", *args], capture_output=True, text=True,
+                            env=full_env, umask=umask, cwd=cwd, timeout=timeout)
     assert result.returncode == 0, f"ocibuild {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
     return result
 
