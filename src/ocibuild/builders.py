@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
-from . import oci, tarlayer
+from . import oci, registry, tarlayer
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
 from .inputs import IgnoreRules, Tree, fetch
@@ -49,6 +49,7 @@ class BuildContext:
     epoch: int
     offline: bool
     output: Output  # receives progress lines and the output of build steps
+    registries: registry.Registries | None = None  # for image layers with a registry reference
 
 
 def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> Built:
@@ -191,7 +192,7 @@ def build_image(ctx: BuildContext, layer: LayerRecipe, manifest_digest: Digest) 
         source = open_oci_dir(ctx.project_root, layer, ref)[0]
         _copy_manifest_blobs(source, ctx.store, manifest_digest, what)
     else:
-        raise registry_not_supported(layer)
+        _fetch_registry_image(ctx, layer, ref, manifest_digest)
     manifest = ctx.store.get_manifest(manifest_digest)
     config = ctx.store.get_config(manifest.config.digest)
     if len(config.diff_ids) != len(manifest.layers):
@@ -201,6 +202,16 @@ def build_image(ctx: BuildContext, layer: LayerRecipe, manifest_digest: Digest) 
             raise FormatError(f"{what}: layer media type '{descriptor.media_type}' is not supported",
                               "use an image with OCI or Docker tar/gzip/zstd layers")
     return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)], config
+
+
+def _fetch_registry_image(ctx: BuildContext, layer: LayerRecipe, ref: str, manifest_digest: Digest) -> None:
+    """The locked manifest of a registry image, with its config and layers, into the store (verified)."""
+    if ctx.offline:
+        raise OcibuildError(f"layer '{layer.name}': {ref} must be fetched from its registry and --offline forbids it",
+                            "run the build once without --offline, or pull-cache the layer")
+    reference = oci.Reference.parse(ref)
+    registries = ctx.registries or registry.Registries()
+    registry.fetch_image(registries.client(reference.registry), ctx.store, reference.repository, manifest_digest)
 
 
 def registry_not_supported(layer: LayerRecipe) -> OcibuildError:
@@ -219,11 +230,12 @@ def split_oci_ref(text: str) -> tuple[str, str | None]:
     return body, None
 
 
-def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str]:
+def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str | None]:
+    """The layout of an ``oci:DIR[:TAG]`` ref and its tag (None: the layout's single manifest, as skopeo reads it)."""
     path, tag = split_oci_ref(ref)
     directory = (layer.dir / path) if not os.path.isabs(path) else Path(path)
     try:
-        return Store.open(directory, create=False), tag or "latest"
+        return Store.open(directory, create=False), tag
     except StoreError as err:
         raise RecipeError(f"layer '{layer.name}': {ref}: {err}", "point ref at an OCI image layout directory") from None
 

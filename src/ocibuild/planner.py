@@ -23,12 +23,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import bookkeeping, builders, bundle, oci, tarlayer
+from . import bookkeeping, builders, bundle, oci, registry, tarlayer
 from .builders import BuildContext, Built
 from .engine import BindMount, Engine
-from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError
+from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
 from .inputs import StatCache, Tree, hash_file, walk_tree
-from .oci import Descriptor, Digest, History, ImageConfig, Manifest, canonical_json
+from .oci import Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
 from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store
 
@@ -49,7 +49,7 @@ class LayerPlan:
     recipe: LayerRecipe
     key: Digest
     inputs: tuple[Input, ...]
-    status: str  # plan: "cached" | "build"; after build: "cached" | "built"
+    status: str  # plan: "cached" | "pull" | "build"; after build: "cached" | "pulled" | "built"
     tree: Tree | None = field(default=None, compare=False)  # a copy layer's walked tree, reused by the builder
 
     @property
@@ -105,7 +105,8 @@ def lock_source(layer: LayerRecipe) -> str | None:
     return None
 
 
-def resolve_lock(project: Project, lock: Lock, *, refresh: Sequence[str] = (), offline: bool = False) -> Lock:
+def resolve_lock(project: Project, lock: Lock, *, refresh: Sequence[str] = (), offline: bool = False,
+                 registries: registry.Registries | None = None) -> Lock:
     """``lock`` with an entry for every layer with a moving input; entries are kept unless missing, made for
     another source (the recipe changed) or named in ``refresh``."""
     resolved = lock.only(project.layer_names)
@@ -115,14 +116,18 @@ def resolve_lock(project: Project, lock: Lock, *, refresh: Sequence[str] = (), o
             continue
         if resolved.get(layer.name, source) is not None and layer.name not in refresh:
             continue
-        if offline and layer.kind == "bootstrap":
+        if offline and (layer.kind == "bootstrap" or is_registry_ref(source)):
             raise LockError(f"ocibuild.lock has no entry for layer '{layer.name}' ({source}) and --offline forbids "
                             "resolving it", "run `ocibuild lock` on a connected machine and commit ocibuild.lock")
-        resolved = resolved.with_entry(LockEntry(layer.name, source, _resolve(project, layer, source)))
+        resolved = resolved.with_entry(LockEntry(layer.name, source, _resolve(project, layer, source, registries)))
     return resolved
 
 
-def _resolve(project: Project, layer: LayerRecipe, source: str) -> Digest:
+def is_registry_ref(source: str) -> bool:
+    return not source.startswith(("oci-archive:", "oci:", "/", "http://", "https://", "file:"))
+
+
+def _resolve(project: Project, layer: LayerRecipe, source: str, registries: registry.Registries | None) -> Digest:
     if layer.kind == "bootstrap":
         return Digest.of(fetch_small(source, what=f"layer '{layer.name}'"))
     if source.startswith("oci-archive:"):
@@ -132,7 +137,10 @@ def _resolve(project: Project, layer: LayerRecipe, source: str) -> Digest:
     if source.startswith("oci:"):
         store, tag = builders.open_oci_dir(project.root, layer, source)
         return _pick(store.index(), tag, layer, source)
-    raise builders.registry_not_supported(layer)
+    ref = Reference.parse(source)
+    client = (registries or registry.Registries()).client(ref.registry)
+    platform = Platform("linux", project.image.architecture)
+    return registry.resolve_image(client, ref.repository, str(ref.digest or ref.tag), platform).digest
 
 
 def _pick(index: oci.Index, tag: str | None, layer: LayerRecipe, source: str) -> Digest:
@@ -243,13 +251,14 @@ def _file_input(project: Project, layer: LayerRecipe, rel: str, cache: StatCache
 
 
 def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = False,
-          output: Output = lambda line: None, engine: Callable[[], Engine] | None = None) -> BuildResult:
+          output: Output = lambda line: None, engine: Callable[[], Engine] | None = None,
+          registries: registry.Registries | None = None) -> BuildResult:
     """Build every layer whose entry is missing, then assemble and tag the image.
 
     ``engine`` makes the container engine, asked for only when a run layer must be built."""
     project = plan.project
     ctx = BuildContext(store, project.root, project.image.compression, project.image.source_date_epoch, offline,
-                       output)
+                       output, registries)
     done: list[LayerPlan] = []
     engines: list[Engine] = []
 
@@ -260,8 +269,8 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
 
     with store.lease():  # gc waits: blobs written here are unreachable until they are tagged
         for layer in plan.layers:
-            if layer.status == "cached" and store.resolve(cache_tag(layer.name, layer.key)) is not None:
-                done.append(replace(layer, status="cached"))
+            if layer.status in ("cached", "pulled") and store.resolve(cache_tag(layer.name, layer.key)) is not None:
+                done.append(layer)
                 continue
             output(f"building layer '{layer.name}' ({layer.recipe.kind})")
             if layer.recipe.kind == "run":
@@ -571,3 +580,65 @@ def _merge_with_ldconfig(ctx: BuildContext, plan: Plan, merge: LayerPlan, merged
                                             keep=builders.CaptureFilter(only=frozenset(wanted | ancestors)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---- the registry cache ---------------------------------------------------------------------------------------
+
+
+def cache_repository(project: Project, override: str | None) -> Reference | None:
+    """The registry repository of the shared layer cache: ``--cache``, else ``[cache] ref``, else None."""
+    text = override or project.cache_ref
+    return registry.parse_repository(text) if text else None
+
+
+def remote_status(plan: Plan, client: registry.Client, repository: str, *,
+                  jobs: int = registry.DEFAULT_JOBS) -> tuple[Plan, dict[str, registry.Remote]]:
+    """``plan`` with status "pull" for every missing layer whose cache entry the registry holds (and those
+    entries' manifests, by layer name). Nothing is stored."""
+    wanted = {cache_tag(l.name, l.key): l for l in plan.layers if l.status == "build"}
+    found = registry.find_manifests(client, repository, list(wanted), jobs=jobs)
+    remotes = {wanted[tag].name: remote for tag, remote in found.items() if remote is not None}
+    layers = tuple(replace(l, status="pull") if l.name in remotes else l for l in plan.layers)
+    return Plan(plan.project, layers), remotes
+
+
+def pull_layers(plan: Plan, store: Store, client: registry.Client, repository: str,
+                remotes: dict[str, registry.Remote], *, jobs: int = registry.DEFAULT_JOBS,
+                output: Output = lambda line: None) -> Plan:
+    """Fetch the cache entries of the layers with status "pull" (verified) and tag them: status "pulled"."""
+    pulling = {cache_tag(l.name, l.key): remotes[l.name] for l in plan.layers if l.status == "pull"}
+    with store.lease():
+        stored = registry.fetch_manifests(client, store, repository, pulling, jobs=jobs, tag=False, output=output)
+        for layer in plan.layers:
+            if layer.status != "pull":
+                continue
+            tag = cache_tag(layer.name, layer.key)
+            config = store.get_config(pulling[tag].manifest.config.digest)
+            if config.labels.get(LABEL_PREFIX + "key") != str(layer.key) or \
+                    len(config.diff_ids) != len(pulling[tag].manifest.layers):
+                raise RegistryError(
+                    f"{client.registry}/{repository}:{tag} is not the cache entry of layer '{layer.name}' "
+                    f"(its key label is {config.labels.get(LABEL_PREFIX + 'key')!r})",
+                    "something else was pushed under that tag; delete it from the registry and push the cache again")
+            store.tag(tag, stored[tag])
+    return Plan(plan.project, tuple(replace(l, status="pulled") if l.status == "pull" else l for l in plan.layers))
+
+
+def push_layers(plan: Plan, store: Store, client: registry.Client, repository: str, *,
+                jobs: int = registry.DEFAULT_JOBS, output: Output = lambda line: None) -> dict[str, str]:
+    """Push the cache entry of every layer the store holds: layer name → "pushed", "present" (the registry had
+    it: nothing moved) or "missing" (not built here)."""
+    tagged = []
+    result = {}
+    for layer in plan.layers:
+        tag = cache_tag(layer.name, layer.key)
+        descriptor = store.resolve(tag)
+        if descriptor is None:
+            result[layer.name] = "missing"
+        else:
+            tagged.append((layer.name, tag, descriptor))
+    pushed = registry.push_manifests(client, store, repository, [(t, d) for _, t, d in tagged], jobs=jobs,
+                                     output=output)
+    result.update({name: pushed[tag] for name, tag, _ in tagged})
+    return result
+
