@@ -17,11 +17,11 @@ CACHE = BENCH / ".cache"
 REPO = BENCH.parent
 OCIBUILD = os.environ.get("BENCH_OCIBUILD", str(REPO / ".venv" / "bin" / "ocibuild"))
 PYTHON = os.environ.get("BENCH_PYTHON", str(REPO / ".venv" / "bin" / "python"))
-# ocibuild as installed by pip (bytecode compiled, cached), even where PYTHONDONTWRITEBYTECODE=1 is set and the
-# package is an editable install (then every start compiles all modules again: ~0.3 s more per run). The
-# bytecode goes under .cache/, not into src/.
+# ocibuild as installed by pip: bytecode compiled once and cached (under .cache/, never into src/), whatever
+# PYTHONDONTWRITEBYTECODE says. NO_PYC: no bytecode cache at all, every module compiled at every start (what an
+# editable install under PYTHONDONTWRITEBYTECODE=1 costs when src/ has no __pycache__).
 WITH_PYC: dict[str, str | None] = {"PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": str(CACHE / "pycache")}
-NO_PYC: dict[str, str | None] = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": None}
+NO_PYC: dict[str, str | None] = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(CACHE / "no-pycache")}
 
 
 def log(msg: str) -> None:

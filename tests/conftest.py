@@ -78,6 +78,7 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
 
 # ---- a real registry (docker-registry on loopback) and a fault-injecting proxy in front of it ----------------------
 
+import contextlib  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -165,3 +166,186 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
     server = start_registry(tmp_path_factory.mktemp("registry"))
     yield server
     server.stop()
+
+
+def run_ocibuild(*args: str, env: dict[str, str] | None = None, ok: bool = True, stdin: str | None = None,
+                 timeout: float = 600) -> "subprocess.CompletedProcess[str]":
+    """``python -m ocibuild.cli ARGS`` in a subprocess; asserted to succeed unless ``ok`` is False."""
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ocibuild.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, input=stdin, timeout=timeout)
+    if ok:
+        assert result.returncode == 0, f"ocibuild {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+    return result
+
+
+def ocibuild_json(*args: str, env: dict[str, str] | None = None) -> Any:
+    return json.loads(run_ocibuild(*args, "--json", env=env).stdout)
+
+
+@dataclass
+class Fault:
+    """One fault of :class:`FaultProxy`, applied to the next ``times`` requests matching ``method`` and the
+    ``path`` regex. Actions: "status" (answer ``status`` without asking the registry, with ``retry_after``),
+    "cut" (close the connection after ``after`` bytes of the response body), "truncate" (announce and send only
+    ``after`` bytes, keeping the connection), "flip" (invert the byte at offset ``after``), "ignore-range" (drop
+    the request's Range header), "cut-upload" (forward only ``after`` bytes of the request body, then close
+    without answering)."""
+
+    method: str
+    path: str
+    action: str
+    times: int = 1
+    after: int = 0
+    status: int = 500
+    retry_after: str | None = None
+
+
+@dataclass
+class FaultProxy:
+    host: str
+    faults: list[Fault] = field(default_factory=list)
+    seen: list[tuple[str, str, int, str]] = field(default_factory=list)  # method, path, status, Range header
+
+    def add(self, *faults: Fault) -> None:
+        self.faults.extend(faults)
+
+    def take(self, method: str, path: str, action: str | None = None, length: int | None = None) -> Fault | None:
+        """The next fault for this request; body faults only for bodies longer than their offset."""
+        import re
+
+        for fault in self.faults:
+            if fault.times > 0 and fault.method == method and re.search(fault.path, path) and \
+                    (action is None or fault.action == action) and (length is None or length > fault.after):
+                fault.times -= 1
+                return fault
+        return None
+
+
+@pytest.fixture
+def fault_proxy(registry: RegistryServer) -> Iterator[FaultProxy]:
+    """A loopback HTTP proxy in front of the session registry that injects :class:`Fault` s."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    upstream_host, upstream_port = registry.host.split(":")
+    state = FaultProxy("")
+    hop = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _handle(self) -> None:
+            method, path = self.command, self.path
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+            length = int(self.headers.get("Content-Length") or 0)
+            status_fault = state.take(method, path, "status")
+            if status_fault is not None:
+                if length:
+                    self.rfile.read(length)
+                body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": "injected"}]}).encode()
+                self.send_response(status_fault.status)
+                if status_fault.retry_after is not None:
+                    self.send_header("Retry-After", status_fault.retry_after)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                state.seen.append((method, path, status_fault.status, self.headers.get("Range", "")))
+                return
+            if "Range" in headers and state.take(method, path, "ignore-range") is not None:
+                headers.pop("Range", None)
+            upload = state.take(method, path, "cut-upload")
+            conn = http.client.HTTPConnection(upstream_host, int(upstream_port), timeout=60)
+            if upload is not None:
+                partial = self.rfile.read(min(upload.after, length))
+                headers["Content-Length"] = str(len(partial))
+                if "Content-Range" in headers:
+                    start = int(headers["Content-Range"].split("-")[0])
+                    headers["Content-Range"] = f"{start}-{start + len(partial) - 1}"
+                conn.request(method, path, body=partial, headers=headers)
+                conn.getresponse().read()
+                conn.close()
+                state.seen.append((method, path, 0, "cut-upload"))
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            body_reader: Any = None
+            if length:
+                class Body:
+                    remaining = length
+
+                    def read(inner, size: int = -1) -> bytes:  # noqa: N805
+                        size = inner.remaining if size < 0 else min(size, inner.remaining)
+                        data = self.rfile.read(size) if size else b""
+                        inner.remaining -= len(data)
+                        return data
+
+                body_reader = Body()
+            with contextlib.closing(conn):
+                self._forward(conn, method, path, headers, body_reader)
+
+        def _forward(self, conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str],
+                     body_reader: Any) -> None:
+            conn.request(method, path, body=body_reader, headers=headers)
+            response = conn.getresponse()
+            fault = None
+            declared_length = int(response.getheader("Content-Length") or 0)
+            for action in ("cut", "truncate", "flip"):
+                fault = fault or state.take(method, path, action, declared_length)
+            state.seen.append((method, path, response.status, self.headers.get("Range", "")))
+            out_headers = [(k, v) for k, v in response.getheaders() if k.lower() not in hop]
+            declared = response.getheader("Content-Length")
+            if declared is None and method != "HEAD":
+                payload = response.read()
+                out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-length"]
+                out_headers.append(("Content-Length", str(len(payload))))
+                chunks: Any = [payload]
+            else:
+                chunks = iter(lambda: response.read(1 << 16), b"")
+            if fault is not None and fault.action == "truncate":
+                out_headers = [(k, v) for k, v in out_headers if k.lower() != "content-length"]
+                out_headers.append(("Content-Length", str(fault.after)))
+            self.send_response_only(response.status)
+            for key, value in out_headers:
+                self.send_header(key, value)
+            self.end_headers()
+            sent = 0
+            for chunk in chunks:
+                if fault is not None and fault.action in ("cut", "truncate") and sent + len(chunk) >= fault.after:
+                    self.wfile.write(chunk[: fault.after - sent])
+                    self.wfile.flush()
+                    if fault.action == "cut":
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    else:
+                        response.read()
+                    conn.close()
+                    return
+                if fault is not None and fault.action == "flip" and sent <= fault.after < sent + len(chunk):
+                    at = fault.after - sent
+                    chunk = chunk[:at] + bytes([chunk[at] ^ 0xFF]) + chunk[at + 1:]
+                self.wfile.write(chunk)
+                sent += len(chunk)
+            conn.close()
+
+        def _safely(self) -> None:
+            try:
+                self._handle()
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client gave up on this response (ocibuild restarts a download)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _safely
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.host = f"127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()

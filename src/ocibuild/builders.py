@@ -208,17 +208,11 @@ def _fetch_registry_image(ctx: BuildContext, layer: LayerRecipe, ref: str, manif
     """The locked manifest of a registry image, with its config and layers, into the store (verified)."""
     if ctx.offline:
         raise OcibuildError(f"layer '{layer.name}': {ref} must be fetched from its registry and --offline forbids it",
-                            "run the build once without --offline, or pull-cache the layer")
+                            "run the build once without --offline, pull-cache the layer, or bring it from a connected "
+                            "machine (`ocibuild export` there, `ocibuild import` here)")
     reference = oci.Reference.parse(ref)
     registries = ctx.registries or registry.Registries()
     registry.fetch_image(registries.client(reference.registry), ctx.store, reference.repository, manifest_digest)
-
-
-def registry_not_supported(layer: LayerRecipe) -> OcibuildError:
-    return OcibuildError(
-        f"layer '{layer.name}': registry references ({layer.str_('ref')}) are not supported yet",
-        "save the image with `skopeo copy docker://REF oci-archive:base.tar` and use ref = \"oci-archive:base.tar\"",
-    )
 
 
 def split_oci_ref(text: str) -> tuple[str, str | None]:

@@ -1,20 +1,158 @@
 """Archives of the store for other tools and air-gapped machines: OCI image layouts in a tar file.
 
-``write_oci_archive`` writes one tagged image as an ``oci-archive`` (what ``skopeo copy … oci-archive:`` and
-``podman load`` read), streamed blob by blob: memory stays constant whatever the image's size.
+An *archive* is an ``oci-archive``: a plain (uncompressed) tar holding ``oci-layout``, ``index.json`` and
+``blobs/<algorithm>/<hex>`` — what ``skopeo copy … oci-archive:`` writes and ``podman load`` reads.
+
+- :func:`write_oci_archive` writes one tagged image (what ``podman load`` of podman 4.3 accepts: one manifest).
+- :func:`export_archive` writes any set of tags — cache entries, the image — plus downloaded inputs as OCI
+  artifacts (``artifactType`` :data:`INPUT_ARTIFACT`, tagged ``ocibuild-input-<sha256 hex>``). Given another
+  store's :class:`Inventory` it leaves out the blobs that store holds (a *delta*; its index still lists every
+  manifest, so it imports only into a store holding the rest).
+- :func:`import_archive` brings an archive into the store. Nothing is written before the whole archive has been
+  scanned: every tar header is checked against the layout (only the three kinds of files above, and their
+  directories; no links, devices, absolute or ``..`` paths, oversized extended headers, compressed archives),
+  and every manifest, index and config reachable from ``index.json`` is read, digest-checked and parsed, media
+  types checked against what refers to them. Then the blobs the store lacks are copied, each hashed as it is
+  written and committed only whole (:meth:`Store.writer`, its writeback started at once on a spare thread),
+  one :meth:`Store.sync` makes them all durable, and one index.json update adds the tags. A failure before
+  that update leaves only complete, verified blobs that no tag reaches (gc removes them); the tags are untouched.
+
+Both directions stream in constant memory: blobs are copied in 1 MiB chunks by a few threads, each blob hashed
+once by the thread copying it (hashing runs outside the GIL, so blobs are hashed on several cores at once).
+The archive's layout is known before the first byte is written — every header and blob has a fixed offset — so
+the threads write their blobs in place with ``pwrite``.
+
+Errors: :class:`UnsafeArchive` for a tar that is hostile, truncated or not a layout; :class:`FormatError` for
+malformed OCI documents or mixed-up media types; :class:`DigestMismatch` for content that does not hash to its
+name; :class:`StoreError` for what cannot be read or written.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
 import os
+import re
+import stat
 import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import oci, tarlayer
-from .errors import StoreError
-from .oci import Descriptor, Digest, Index
-from .store import Store
-from .tarlayer import Entry
+from . import oci
+from .errors import DigestMismatch, FormatError, OcibuildError, StoreError, UnsafeArchive
+from .oci import Descriptor, Digest, Index, Manifest
+from .store import Store, check_ref_name
+
+log = logging.getLogger(__name__)
+
+INPUT_ARTIFACT = "application/vnd.ocibuild.input.v1"
+INPUT_TAG_PREFIX = "ocibuild-input-"
+INVENTORY_TYPE = "application/vnd.ocibuild.inventory.v1+json"
+ANNOTATION_TITLE = "org.opencontainers.image.title"
+ANNOTATION_INPUT_URL = "dev.ocibuild.input.url"
+EMPTY_JSON = b"{}"
+
+_CHUNK = 1 << 20
+_BLOCK = 512
+_ZERO = bytes(_BLOCK)
+_MAX_DOCUMENT = 16 << 20  # index.json, a manifest, an index or a config
+_MAX_EXTENDED = 64 << 10  # bytes of PAX / GNU long-name headers of one entry
+_MAX_ENTRIES = 1_000_000
+_MAX_DEPTH = 8  # of nested indexes
+_WORKERS = 4
+_HINT_HOSTILE = "the archive is damaged or was not written by ocibuild, skopeo or podman; export it again"
+_HINT_EXPORT = "export it again on the connected machine (`ocibuild export PATH`)"
+_BLOB_NAME = re.compile(r"blobs/([a-z0-9]+)/([0-9a-f]+)")
+_IGNORED = frozenset({"manifest.json", "repositories"})  # docker-archive compatibility files some tools add
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """A downloaded input (an archive layer's tarball, a run layer's url input) to carry as an artifact."""
+
+    digest: Digest  # sha256 of the file: its name in the download cache
+    path: Path
+    url: str = ""
+
+    @property
+    def tag(self) -> str:
+        return f"{INPUT_TAG_PREFIX}{self.digest.hex}"
+
+
+def downloads_dir(store: Store) -> Path:
+    """Where :func:`ocibuild.inputs.fetch` keeps downloads, named by their sha256 hex."""
+    return store.private_dir("downloads")
+
+
+def downloaded_inputs(store: Store, digests: Iterable[Digest] | None = None) -> list[InputFile]:
+    """The downloads of the store (only ``digests``, when given, those that are present), sorted."""
+    directory = downloads_dir(store)
+    if digests is None:
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as err:
+            raise StoreError(f"list downloads: {directory}: {_reason(err)}") from err
+        digests = [Digest("sha256", name) for name in names if re.fullmatch(r"[0-9a-f]{64}", name)]
+    out = []
+    for digest in sorted(set(digests)):
+        path = directory / digest.hex
+        if digest.algorithm == "sha256" and path.is_file():
+            out.append(InputFile(digest, path))
+    return out
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a store holds: every blob's digest, its tags, and the sha256 of its downloads."""
+
+    blobs: frozenset[Digest]
+    tags: Mapping[str, Digest] = field(default_factory=dict)
+    inputs: frozenset[Digest] = frozenset()
+
+    def to_json(self) -> bytes:
+        return oci.canonical_json({
+            "mediaType": INVENTORY_TYPE,
+            "blobs": [str(d) for d in sorted(self.blobs)],
+            "tags": {name: str(digest) for name, digest in sorted(self.tags.items())},
+            "inputs": [str(d) for d in sorted(self.inputs)],
+        })
+
+    @classmethod
+    def parse(cls, data: bytes, what: str = "inventory") -> Inventory:
+        try:
+            value = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise FormatError(f"{what} is not valid JSON: {err}", "make it with `ocibuild inventory > FILE`") from None
+        if not isinstance(value, dict) or value.get("mediaType") != INVENTORY_TYPE:
+            raise FormatError(f"{what} is not an ocibuild inventory", "make it with `ocibuild inventory > FILE`")
+        blobs, tags, inputs = value.get("blobs"), value.get("tags"), value.get("inputs", [])
+        if not isinstance(blobs, list) or not isinstance(tags, dict) or not isinstance(inputs, list):
+            raise FormatError(f"{what}: 'blobs', 'tags' and 'inputs' must be lists and an object")
+        return cls(
+            frozenset(Digest.parse(d) for d in blobs),
+            {str(name): Digest.parse(d) for name, d in tags.items()},
+            frozenset(Digest.parse(d) for d in inputs),
+        )
+
+
+def inventory(store: Store) -> Inventory:
+    """The inventory of ``store`` (blob presence is trusted, as :meth:`Store.has` does; nothing is hashed)."""
+    tags = {d.ref_name: d.digest for d in store.index().manifests if d.ref_name}
+    inputs = frozenset(item.digest for item in downloaded_inputs(store))
+    return Inventory(frozenset(store.blobs()), tags, inputs)
 
 
 def manifest_closure(store: Store, descriptor: Descriptor) -> list[Descriptor]:
@@ -29,43 +167,701 @@ def manifest_closure(store: Store, descriptor: Descriptor) -> list[Descriptor]:
     return out
 
 
-def write_oci_archive(store: Store, image: Descriptor, name: str, path: Path) -> None:
-    """Write the image ``image`` tagged ``name`` as an oci-archive at ``path`` (atomically: temp, then rename)."""
-    blobs: dict[Digest, Descriptor] = {}
-    for descriptor in manifest_closure(store, image):
-        blobs.setdefault(descriptor.digest, descriptor)
-    index = Index(()).with_tag(name, image)
+# ------------------------------------------------------------------------------------------------- tar writing
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One file of the archive: a blob (``path`` to copy, or ``data``) or a layout file (``data``)."""
+
+    name: str
+    size: int
+    data: bytes | None = None
+    path: Path | None = None
+    digest: Digest | None = None  # checked while copying ``path``
+
+
+def _octal(value: int, width: int) -> bytes:
+    return f"{value:0{width - 1}o}".encode() + b"\0"
+
+
+def _header(name: str, size: int, kind: bytes = b"0") -> bytes:
+    """ustar header(s) of a file or directory owned by 0:0, mtime 0; a PAX header first for long names."""
+    raw = name.encode()
+    prefix = b""
+    if len(raw) > 100:
+        body = b" path=" + raw + b"\n"
+        length = len(body) + len(str(len(body)))
+        while len(str(length)) + len(body) != length:
+            length = len(str(length)) + len(body)
+        pax = str(length).encode() + body
+        prefix = _header("PaxHeaders/" + name[-80:], len(pax), b"x") + pax + bytes(-len(pax) % _BLOCK)
+        raw = raw[-100:]
+    mode = 0o755 if kind == b"5" else 0o644
+    block = bytearray(_BLOCK)
+    block[0:len(raw)] = raw
+    block[100:108] = _octal(mode, 8)
+    block[108:116] = _octal(0, 8)
+    block[116:124] = _octal(0, 8)
+    block[124:136] = _octal(size, 12)
+    block[136:148] = _octal(0, 12)
+    block[148:156] = b" " * 8
+    block[156:157] = kind
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = f"{sum(block):06o}".encode() + b"\0 "
+    return prefix + bytes(block)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _copy_blob(item: _Item, fd: int, offset: int, what: str) -> None:
+    """Copy ``item.path`` to ``fd`` at ``offset``, hashing as it goes; DigestMismatch unless it matches."""
+    assert item.path is not None and item.digest is not None
+    try:
+        source = open(item.path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise StoreError(f"{what}: blob {item.digest} is missing from the store",
+                         "run `ocibuild verify`, then rebuild or import what it names") from None
+    except OSError as err:
+        raise StoreError(f"{what}: read blob {item.digest}: {item.path}: {_reason(err)}") from err
+    hasher = hashlib.new(item.digest.algorithm)
+    count = 0
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with source:
+        while True:
+            n = source.readinto(buffer)
+            if not n:
+                break
+            if count + n > item.size:
+                break
+            hasher.update(view[:n])
+            _pwrite_all(fd, view[:n], offset + count)
+            count += n
+    actual = Digest(item.digest.algorithm, hasher.hexdigest())
+    if count != item.size or os.stat(item.path).st_size != item.size:
+        raise DigestMismatch(f"{what}: blob {item.digest} has {os.stat(item.path).st_size} bytes, "
+                             f"its descriptor says {item.size}",
+                             "run `ocibuild verify`; delete the damaged blob and rebuild or import it again")
+    if actual != item.digest:
+        raise DigestMismatch(f"{what}: blob {item.digest} is corrupt (content hashes to {actual})",
+                             "run `ocibuild verify`; delete the damaged blob and rebuild or import it again")
+
+
+def _write_tar(items: Sequence[_Item], path: Path, *, sync: bool, what: str) -> int:
+    """Write ``items`` as a tar at ``path`` (temp file, then rename); returns its size."""
     directory = path.resolve().parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as err:
-        raise StoreError(f"{path}: cannot write: {err.strerror}", "choose a writable --output path") from None
+        raise StoreError(f"{path}: cannot write: {_reason(err)}", "choose a writable path") from None
     tmp = Path(tmp_name)
-    index_file = store.private_dir("tmp") / f"index-{os.getpid()}.json"
-    layout_file = store.private_dir("tmp") / f"oci-layout-{os.getpid()}.json"
     try:
-        index_file.write_bytes(index.to_json())
-        layout_file.write_bytes(oci.canonical_json({"imageLayoutVersion": oci.OCI_LAYOUT_VERSION}))
-        entries = [
-            Entry("blobs", "dir", 0o755),
-            Entry("blobs/sha256", "dir", 0o755),
-            Entry("index.json", "file", 0o644, size=index_file.stat().st_size, source=str(index_file)),
-            Entry("oci-layout", "file", 0o644, size=layout_file.stat().st_size, source=str(layout_file)),
-        ]
-        for digest, descriptor in blobs.items():
-            if not store.has(digest):
-                raise StoreError(f"image {name}: blob {digest} is missing from the store",
-                                 "run `ocibuild verify`, then rebuild the image")
-            entries.append(Entry(f"blobs/{digest.algorithm}/{digest.hex}", "file", 0o644, size=descriptor.size,
-                                 source=str(store.blob_path(digest))))
-        with os.fdopen(fd, "wb") as out:
-            tarlayer.write_layer(entries, out, "none", epoch=0)
-            out.flush()
-            os.fsync(out.fileno())
+        # the layout files, directories and in-memory blobs first, then each blob file at its own offset
+        small = bytearray()
+        for item in items:
+            if item.data is not None:
+                kind = b"5" if item.name.endswith("/") else b"0"
+                small += _header(item.name, item.size, kind) + item.data + bytes(-item.size % _BLOCK)
+        offset = len(small)
+        placed: list[tuple[_Item, int, bytes]] = []
+        for item in items:
+            if item.data is None:
+                header = _header(item.name, item.size)
+                placed.append((item, offset, header))
+                offset += len(header) + item.size + (-item.size % _BLOCK)
+        total = offset + 2 * _BLOCK
+        try:
+            os.ftruncate(fd, total)  # not posix_fallocate: glibc emulates it by writing (exFAT sticks)
+            os.fchmod(fd, 0o644)  # mkstemp made it private; an archive is meant to be carried elsewhere
+            _pwrite_all(fd, bytes(small), 0)
+            _pwrite_all(fd, bytes(2 * _BLOCK), offset)
+        except OSError as err:
+            raise StoreError(f"write {path}: {_reason(err)}", "check free space and permissions") from err
+
+        def copy(entry: tuple[_Item, int, bytes]) -> None:
+            item, start, header = entry
+            try:
+                _pwrite_all(fd, header, start)
+                _copy_blob(item, fd, start + len(header), what)
+                padding = -item.size % _BLOCK
+                if padding:
+                    _pwrite_all(fd, bytes(padding), start + len(header) + item.size)
+            except OSError as err:
+                raise StoreError(f"write {path}: {_reason(err)}", "check free space and permissions") from err
+
+        _run_parallel(copy, placed)
+        if sync:
+            try:
+                os.fsync(fd)
+            except OSError as err:
+                raise StoreError(f"fsync {path}: {_reason(err)}") from err
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
+        return total
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _run_parallel(work: Callable[[Any], None], items: Sequence[Any]) -> None:
+    """``work(item)`` for every item on a few threads; the first failure is raised once all have stopped."""
+    if len(items) <= 1:
+        for item in items:
+            work(item)
+        return
+    failed = threading.Event()
+
+    def guarded(item: Any) -> None:
+        if not failed.is_set():
+            try:
+                work(item)
+            except BaseException:
+                failed.set()
+                raise
+
+    with ThreadPoolExecutor(max_workers=min(_WORKERS, max(2, os.cpu_count() or 2)),
+                            thread_name_prefix="ocibuild-bundle") as pool:
+        futures: list[Future[None]] = [pool.submit(guarded, item) for item in items]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        first = next((e for e in errors if isinstance(e, OcibuildError)), errors[0])
+        assert first is not None
+        raise first
+
+
+def _layout_items(store: Store, index: Index, blobs: Mapping[Digest, _Item]) -> list[_Item]:
+    index_bytes = index.to_json()
+    layout = oci.canonical_json({"imageLayoutVersion": oci.OCI_LAYOUT_VERSION})
+    algorithms = sorted({d.algorithm for d in blobs} | {"sha256"})
+    out = [_Item("oci-layout", len(layout), layout), _Item("index.json", len(index_bytes), index_bytes),
+           _Item("blobs/", 0, b"")]
+    out += [_Item(f"blobs/{a}/", 0, b"") for a in algorithms]
+    # small blobs (manifests, configs) first: an importer reading the stream in order meets them early
+    out += sorted(blobs.values(), key=lambda item: (item.data is None, item.size if item.data is not None else 0))
+    return out
+
+
+def _blob_item(store: Store, descriptor: Descriptor) -> _Item:
+    digest = descriptor.digest
+    return _Item(f"blobs/{digest.algorithm}/{digest.hex}", descriptor.size, path=store.blob_path(digest), digest=digest)
+
+
+def write_oci_archive(store: Store, image: Descriptor, name: str, path: Path) -> None:
+    """Write the image ``image`` tagged ``name`` as an oci-archive at ``path`` (atomically: temp, then rename)."""
+    blobs: dict[Digest, _Item] = {}
+    for descriptor in manifest_closure(store, image):
+        if not store.has(descriptor.digest):
+            raise StoreError(f"image {name}: blob {descriptor.digest} is missing from the store",
+                             "run `ocibuild verify`, then rebuild the image")
+        blobs.setdefault(descriptor.digest, _blob_item(store, descriptor))
+    index = Index(()).with_tag(name, image)
+    _write_tar(_layout_items(store, index, blobs), path, sync=True, what=f"image {name}")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    tags: tuple[str, ...]
+    blobs: int  # written into the archive
+    skipped: int  # left out because the other store holds them (--since)
+    bytes: int  # of the archive
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "tags": list(self.tags), "blobs": self.blobs, "skipped": self.skipped,
+                "bytes": self.bytes}
+
+
+def input_artifact(item: InputFile) -> tuple[bytes, bytes, Manifest]:
+    """(config bytes, manifest bytes, manifest) of the OCI artifact carrying a downloaded input: an empty config
+    and one ``application/octet-stream`` layer, the file itself."""
+    empty = Descriptor(oci.OCI_EMPTY, Digest.of(EMPTY_JSON), len(EMPTY_JSON))
+    size = item.path.stat().st_size
+    annotations = {ANNOTATION_TITLE: item.digest.hex}
+    if item.url:
+        annotations[ANNOTATION_INPUT_URL] = item.url
+    layer = Descriptor("application/octet-stream", item.digest, size, annotations)
+    manifest = Manifest(empty, (layer,), artifact_type=INPUT_ARTIFACT)
+    return EMPTY_JSON, manifest.to_json(), manifest
+
+
+def export_archive(store: Store, path: Path, tags: Sequence[str], *, inputs: Sequence[InputFile] = (),
+                   since: Inventory | None = None, sync: bool = False) -> ExportResult:
+    """Write ``tags`` (manifests or indexes of the store, with everything they reach) and ``inputs`` (as input
+    artifacts) as one oci-archive at ``path``. With ``since``, blobs that inventory lists are left out.
+
+    The archive is written to a temporary file and renamed; without ``sync`` it is not fsynced (an importer
+    verifies every byte and refuses a cut archive; unmounting a removable disk flushes it)."""
+    index = Index(())
+    blobs: dict[Digest, _Item] = {}
+    skipped: set[Digest] = set()
+    held = since.blobs | since.inputs if since is not None else frozenset()
+
+    def add(item: _Item) -> None:
+        assert item.digest is not None
+        if item.digest in held:
+            skipped.add(item.digest)
+        else:
+            blobs.setdefault(item.digest, item)
+
+    for tag in tags:
+        descriptor = store.resolve(tag)
+        if descriptor is None:
+            raise StoreError(f"'{tag}' is not tagged in the store {store.root}", "run `ocibuild build` first")
+        for reached in manifest_closure(store, descriptor):
+            if not store.has(reached.digest):
+                raise StoreError(f"'{tag}': blob {reached.digest} is missing from the store",
+                                 "run `ocibuild verify`, then rebuild the layers it names")
+            add(_blob_item(store, reached))
+        index = index.with_tag(tag, descriptor)
+    for item in inputs:
+        config, manifest_bytes, manifest = input_artifact(item)
+        layer = manifest.layers[0]
+        add(_Item(f"blobs/sha256/{layer.digest.hex}", layer.size, path=item.path, digest=layer.digest))
+        add(_Item(f"blobs/sha256/{manifest.config.digest.hex}", len(config), data=config,
+                  digest=manifest.config.digest))
+        manifest_digest = Digest.of(manifest_bytes)
+        add(_Item(f"blobs/sha256/{manifest_digest.hex}", len(manifest_bytes), data=manifest_bytes,
+                  digest=manifest_digest))
+        descriptor = Descriptor(oci.OCI_MANIFEST, manifest_digest, len(manifest_bytes), artifact_type=INPUT_ARTIFACT)
+        index = index.with_tag(item.tag, descriptor)
+    size = _write_tar(_layout_items(store, index, blobs), path, sync=sync, what=f"export {path}")
+    names = tuple(d.ref_name or "" for d in index.manifests)
+    log.info("exported %d tags, %d blobs (%d left out) to %s", len(names), len(blobs), len(skipped), path)
+    return ExportResult(path, names, len(blobs), len(skipped), size)
+
+
+# ------------------------------------------------------------------------------------------------- tar reading
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str  # normalised: no leading './', directories end without '/'
+    offset: int  # of the content
+    size: int
+
+
+def _unsafe(what: str, problem: str) -> UnsafeArchive:
+    return UnsafeArchive(f"{what}: {problem}", _HINT_HOSTILE)
+
+
+def _number(field: bytes, what: str, offset: int) -> int:
+    if field[:1] == b"\x80":
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if not digits:
+        return 0
+    if digits.strip(b"01234567"):
+        raise _unsafe(what, f"bad number in the tar header at offset {offset} (truncated or corrupt)")
+    return int(digits, 8)
+
+
+def _pax_path(data: bytes, what: str, offset: int) -> tuple[str | None, int | None]:
+    """The ``path`` and ``size`` records of a PAX header; any link record is refused."""
+    path = size = None
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.find(b" ", pos, pos + 20)
+        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
+        record = data[pos:pos + length]
+        if length <= space - pos + 1 or len(record) != length or not record.endswith(b"\n") or b"=" not in record:
+            raise _unsafe(what, f"malformed PAX header at offset {offset}")
+        key, _, value = record[space - pos + 1:-1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        elif key == b"size":
+            if not value.isdigit():
+                raise _unsafe(what, f"bad PAX size at offset {offset}")
+            size = int(value)
+        elif key in (b"linkpath", b"GNU.sparse.map", b"GNU.sparse.size", b"GNU.sparse.name") or \
+                key.startswith(b"GNU.sparse."):
+            raise _unsafe(what, f"PAX record '{key.decode(errors='replace')}' at offset {offset} is not allowed")
+        pos += length
+    return path, size
+
+
+def _check_name(name: str, what: str, is_dir: bool) -> str | None:
+    """The layout path of an entry (None for the root); UnsafeArchive for anything outside the layout."""
+    if "\0" in name or name.startswith("/"):
+        raise _unsafe(what, f"entry {name[:200]!r} is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in name.split("/"):
+        raise _unsafe(what, f"entry {name[:200]!r} has a '..' component")
+    path = "/".join(parts)
+    if not path:
+        if not is_dir:
+            raise _unsafe(what, f"entry {name[:200]!r} would replace the root")
+        return None
+    if is_dir:
+        if path == "blobs" or (len(parts) == 2 and parts[0] == "blobs" and re.fullmatch(r"[a-z0-9]+", parts[1])):
+            return path
+    elif path in ("oci-layout", "index.json") or path in _IGNORED or _BLOB_NAME.fullmatch(path):
+        return path
+    raise _unsafe(what, f"entry {name[:200]!r} is not part of an OCI image layout")
+
+
+def scan_archive(fd: int, length: int, what: str) -> dict[str, _Entry]:
+    """Every file of the layout archive open at ``fd`` (``length`` bytes), by path, read from headers only.
+
+    Only regular files and directories of the layout are allowed (see the module docstring); the archive must
+    end with an end-of-archive block within ``length``."""
+    entries: dict[str, _Entry] = {}
+    offset = 0
+    long_name: str | None = None
+    pax_name: str | None = None
+    pax_size: int | None = None
+    extended = 0
+    count = 0
+    while True:
+        block = os.pread(fd, _BLOCK, offset)
+        if len(block) < _BLOCK:
+            problem = "it is empty" if offset == 0 and not block else "no end-of-archive block"
+            raise UnsafeArchive(f"{what} is truncated or not a tar archive ({problem})", _HINT_EXPORT)
+        if block == _ZERO:
+            if long_name is not None or pax_name is not None:
+                raise _unsafe(what, "extended header without an entry")
+            if os.pread(fd, _BLOCK, offset + _BLOCK) != _ZERO:  # every writer ends with two zero blocks
+                raise UnsafeArchive(f"{what} is truncated (the end-of-archive marker is cut)", _HINT_EXPORT)
+            break
+        count += 1
+        if count > _MAX_ENTRIES:
+            raise _unsafe(what, f"more than {_MAX_ENTRIES} entries")
+        stored = _number(block[148:156], what, offset)
+        unsigned = sum(block[:148]) + 256 + sum(block[156:])
+        if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in block[:148] + block[156:]):
+            raise UnsafeArchive(f"{what} is truncated or corrupt (bad tar header checksum at offset {offset})",
+                                _HINT_EXPORT)
+        typeflag = block[156:157]
+        size = _number(block[124:136], what, offset)
+        data_offset = offset + _BLOCK
+        if typeflag in (b"x", b"L"):
+            extended += size
+            if extended > _MAX_EXTENDED:
+                raise _unsafe(what, f"extended header at offset {offset} is {size} bytes (the limit is "
+                                    f"{_MAX_EXTENDED})")
+            data = os.pread(fd, size, data_offset)
+            if len(data) < size:
+                raise UnsafeArchive(f"{what} is truncated (ends inside a header)", _HINT_EXPORT)
+            if typeflag == b"x":
+                pax_path, pax_size = _pax_path(data, what, offset)
+                pax_name = pax_path if pax_path is not None else pax_name
+            else:
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            offset = data_offset + size + (-size % _BLOCK)
+            continue
+        raw_name = block[0:100].split(b"\0", 1)[0]
+        if block[257:263] == b"ustar\x00":
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                raw_name = prefix + b"/" + raw_name
+        text = pax_name if pax_name is not None else long_name if long_name is not None else \
+            raw_name.decode("utf-8", "surrogateescape")
+        if pax_size is not None:
+            size = pax_size
+        pax_name = long_name = pax_size = None
+        extended = 0
+        if typeflag in (b"0", b"\0", b"7") and not text.endswith("/"):
+            kind = "file"
+        elif typeflag == b"5" or (typeflag in (b"0", b"\0") and text.endswith("/")):
+            kind = "dir"
+        else:
+            described = {b"1": "a hardlink", b"2": "a symlink", b"3": "a character device", b"4": "a block device",
+                         b"6": "a fifo", b"g": "a global PAX header", b"K": "a GNU long link name",
+                         b"S": "a sparse file"}.get(typeflag, f"of unsupported type {typeflag!r}")
+            raise _unsafe(what, f"entry {text[:200]!r} is {described}: an OCI layout holds only files and "
+                                "directories")
+        path = _check_name(text, what, kind == "dir")
+        if kind == "dir":
+            size = 0
+        if data_offset + size > length:
+            raise UnsafeArchive(f"{what} is truncated (ends inside {text[:200]!r})", _HINT_EXPORT)
+        if path is not None and kind == "file":
+            if path in entries:
+                raise _unsafe(what, f"entry {text[:200]!r} appears twice")
+            entries[path] = _Entry(path, data_offset, size)
+        offset = data_offset + size + (-size % _BLOCK)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------- import
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    tags: tuple[str, ...]
+    blobs: int  # written into the store
+    present: int  # already in the store
+    bytes: int  # written
+    inputs: int  # restored into the download cache
+    untagged: int  # manifests of index.json without a ref name (imported, but gc may remove them)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tags": list(self.tags), "blobs": self.blobs, "present": self.present, "bytes": self.bytes,
+                "inputs": self.inputs, "untagged": self.untagged}
+
+
+class _Archive:
+    """An opened archive: its scanned entries and reads of its small documents."""
+
+    def __init__(self, fd: int, entries: Mapping[str, _Entry], store: Store, what: str) -> None:
+        self.fd = fd
+        self.entries = entries
+        self.store = store
+        self.what = what
+
+    def entry(self, digest: Digest) -> _Entry | None:
+        return self.entries.get(f"blobs/{digest.algorithm}/{digest.hex}")
+
+    def read_file(self, name: str, limit: int) -> bytes:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise UnsafeArchive(f"{self.what} has no {name}; is it an oci-archive?",
+                                "make one with `ocibuild export` or `skopeo copy … oci-archive:PATH`")
+        if entry.size > limit:
+            raise _unsafe(self.what, f"{name} is {entry.size} bytes (the limit is {limit})")
+        return os.pread(self.fd, entry.size, entry.offset)
+
+    def document(self, descriptor: Descriptor, where: str) -> bytes:
+        """A manifest, index or config, from the archive or (a delta) the store, its digest and size checked."""
+        digest = descriptor.digest
+        if descriptor.size > _MAX_DOCUMENT:
+            raise FormatError(f"{self.what}: {where}: {digest} claims {descriptor.size} bytes, more than a "
+                              f"manifest or config may have ({_MAX_DOCUMENT})")
+        entry = self.entry(digest)
+        if entry is None:
+            if not self.store.has(digest):
+                raise _missing(self.what, where, digest)
+            data = self.store.read_blob(digest)
+        else:
+            if entry.size != descriptor.size:
+                raise DigestMismatch(f"{self.what}: {where}: blob {digest} has {entry.size} bytes, its descriptor "
+                                     f"says {descriptor.size}", _HINT_EXPORT)
+            data = os.pread(self.fd, entry.size, entry.offset)
+            actual = Digest(digest.algorithm, hashlib.new(digest.algorithm, data).hexdigest())
+            if actual != digest:
+                raise DigestMismatch(f"{self.what}: {where}: blob {digest} is corrupt (content hashes to {actual})",
+                                     _HINT_EXPORT)
+        if len(data) != descriptor.size:
+            raise DigestMismatch(f"{self.what}: {where}: blob {digest} has {len(data)} bytes, its descriptor says "
+                                 f"{descriptor.size}", _HINT_EXPORT)
+        return data
+
+
+def _missing(what: str, where: str, digest: Digest) -> FormatError:
+    return FormatError(f"{what}: {where}: blob {digest} is in neither the archive nor the store",
+                       "a delta archive (--since) imports only into the store whose inventory it was made for; "
+                       "export a full archive, or a delta against this store's `ocibuild inventory`")
+
+
+def _declared_type(data: bytes) -> str | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    media_type = value.get("mediaType") if isinstance(value, dict) else None
+    return media_type if isinstance(media_type, str) else None
+
+
+class _Checker:
+    """Walks index.json: every reachable document read, verified and parsed; every blob located."""
+
+    def __init__(self, archive: _Archive) -> None:
+        self.archive = archive
+        self.what = archive.what
+        self.copy: dict[Digest, _Entry] = {}  # blobs to copy from the archive into the store
+        self.seen: set[tuple[Digest, str]] = set()  # documents already checked (a DAG is walked once per node)
+        self.sizes: dict[Digest, int] = {}
+        self.present = 0
+        self.inputs: list[Descriptor] = []  # layers of input artifacts
+
+    def blob(self, descriptor: Descriptor, where: str) -> None:
+        digest = descriptor.digest
+        known = self.sizes.get(digest)
+        if known is not None and known != descriptor.size:
+            raise FormatError(f"{self.what}: {where}: {digest} is described with {descriptor.size} and {known} bytes")
+        if known is not None:
+            return  # located already
+        self.sizes[digest] = descriptor.size
+        entry = self.archive.entry(digest)
+        if entry is not None:
+            if entry.size != descriptor.size:
+                raise DigestMismatch(f"{self.what}: {where}: blob {digest} has {entry.size} bytes, its descriptor "
+                                     f"says {descriptor.size}", _HINT_EXPORT)
+            if not self.archive.store.has(digest):
+                self.copy[digest] = entry
+                return
+        elif not self.archive.store.has(digest):
+            raise _missing(self.what, where, digest)
+        self.present += 1
+
+    def node(self, descriptor: Descriptor, where: str, depth: int = 0) -> None:
+        media_type = descriptor.media_type
+        if media_type not in oci.MANIFEST_TYPES and media_type not in oci.INDEX_TYPES:
+            raise FormatError(f"{self.what}: {where} has media type '{media_type}': index.json and indexes may "
+                              "only list manifests and indexes")
+        if depth > _MAX_DEPTH:
+            raise FormatError(f"{self.what}: {where}: indexes nested more than {_MAX_DEPTH} deep")
+        if (descriptor.digest, media_type) in self.seen:
+            self.blob(descriptor, where)  # the size must agree
+            return
+        self.seen.add((descriptor.digest, media_type))
+        data = self.archive.document(descriptor, where)
+        self.blob(descriptor, where)
+        declared = _declared_type(data)
+        if declared is not None and declared != media_type:
+            raise FormatError(f"{self.what}: {where}: descriptor says '{media_type}' but {descriptor.digest.short} "
+                              f"is a '{declared}'")
+        if media_type in oci.INDEX_TYPES:
+            nested = Index.parse(data, f"{self.what}: {where}")
+            for i, child in enumerate(nested.manifests):
+                self.node(child, f"{where} > manifest {i}", depth + 1)
+            return
+        manifest = Manifest.parse(data, f"{self.what}: {where}")
+        config = manifest.config
+        if config.media_type in oci.CONFIG_TYPES:
+            config_data = self.archive.document(config, f"{where} > config")
+            image_config = oci.ImageConfig.parse(config_data, f"{self.what}: {where} > config")
+            if len(image_config.diff_ids) != len(manifest.layers):
+                raise FormatError(f"{self.what}: {where}: the config lists {len(image_config.diff_ids)} diff_ids "
+                                  f"for {len(manifest.layers)} layers")
+            for i, layer in enumerate(manifest.layers):
+                if layer.media_type not in oci.LAYER_TYPES:
+                    raise FormatError(f"{self.what}: {where} > layer {i} has media type '{layer.media_type}', "
+                                      "not a layer")
+        elif config.media_type in oci.MANIFEST_TYPES | oci.INDEX_TYPES or config.media_type in oci.LAYER_TYPES:
+            raise FormatError(f"{self.what}: {where} > config has media type '{config.media_type}', not a config")
+        elif manifest.artifact_type is None and config.media_type == oci.OCI_EMPTY:
+            raise FormatError(f"{self.what}: {where}: an empty config without artifactType")
+        self.blob(config, f"{where} > config")
+        for i, layer in enumerate(manifest.layers):
+            if layer.media_type in oci.MANIFEST_TYPES | oci.INDEX_TYPES | oci.CONFIG_TYPES:
+                raise FormatError(f"{self.what}: {where} > layer {i} has media type '{layer.media_type}', not a layer")
+            self.blob(layer, f"{where} > layer {i}")
+        if manifest.artifact_type == INPUT_ARTIFACT:
+            if len(manifest.layers) != 1 or manifest.layers[0].digest.algorithm != "sha256":
+                raise FormatError(f"{self.what}: {where}: an input artifact holds exactly one sha256 blob")
+            self.inputs.append(manifest.layers[0])
+
+
+def _start_writeback(path: Path) -> None:
+    """fsync a committed blob now, on a spare thread, so the disk writes while later blobs are copied; the one
+    :meth:`Store.sync` before the tags are added then finds little left to write. A failure here is only lost
+    time: that sync reports it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        log.debug("early writeback of %s: %s", path, err)
+
+
+def _copy_into_store(archive: _Archive, digest: Digest, entry: _Entry,
+                     writeback: Callable[[Path], object] | None = None) -> None:
+    store, fd = archive.store, archive.fd
+    buffer = bytearray(min(_CHUNK, max(entry.size, 1)))
+    view = memoryview(buffer)
+    try:
+        with store.writer(expected=digest, size=entry.size, sync=False) as blob:
+            done = 0
+            while done < entry.size:
+                n = os.preadv(fd, [view[:min(len(buffer), entry.size - done)]], entry.offset + done)
+                if n <= 0:
+                    raise UnsafeArchive(f"{archive.what} is truncated (ends inside blob {digest})", _HINT_EXPORT)
+                blob.write(view[:n])
+                done += n
+    except DigestMismatch as err:
+        raise DigestMismatch(f"{archive.what}: blob {digest} is corrupt ({err})", _HINT_EXPORT) from None
+    if writeback is not None:
+        writeback(store.blob_path(digest))
+
+
+def import_archive(store: Store, path: Path) -> ImportResult:
+    """Bring the oci-archive at ``path`` into ``store``: see the module docstring for what is checked when."""
+    what = f"archive {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise StoreError(f"{what}: cannot open: {_reason(err)}", "check the path") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeArchive(f"{what} is not a regular file", "import an archive file, not a pipe or device")
+        head = os.pread(fd, 8, 0)
+        for magic, compression in ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"),
+                                   (b"BZh", "bzip2")):
+            if head.startswith(magic):
+                raise UnsafeArchive(f"{what} is {compression}-compressed; only a plain tar (oci-archive) is imported",
+                                    f"decompress it first, checking the result's size (e.g. `{compression} -d`)")
+        entries = scan_archive(fd, info.st_size, what)
+        archive = _Archive(fd, entries, store, what)
+        layout = archive.read_file("oci-layout", 4096)
+        try:
+            version = json.loads(layout).get("imageLayoutVersion")
+        except (ValueError, AttributeError):
+            version = None
+        if version != oci.OCI_LAYOUT_VERSION:
+            raise FormatError(f"{what}: oci-layout is not imageLayoutVersion {oci.OCI_LAYOUT_VERSION}")
+        index = Index.parse(archive.read_file("index.json", _MAX_DOCUMENT), f"{what}: index.json")
+        checker = _Checker(archive)
+        tags: dict[str, Descriptor] = {}
+        untagged = 0
+        for i, descriptor in enumerate(index.manifests):
+            name = descriptor.ref_name
+            checker.node(descriptor, f"tag '{name}'" if name else f"index.json manifest {i}")
+            if name:
+                check_ref_name(name)
+                tags[name] = descriptor
+            else:
+                untagged += 1
+        with store.lease():  # gc waits: the blobs are unreachable until tagged
+            work = sorted(checker.copy.items(), key=lambda item: -item[1].size)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocibuild-writeback") as syncer:
+                _run_parallel(lambda item: _copy_into_store(
+                    archive, item[0], item[1], lambda p: syncer.submit(_start_writeback, p)), work)
+            store.sync()
+            restored = _restore_inputs(store, checker.inputs)
+            store.tag_all(tags)
     finally:
-        index_file.unlink(missing_ok=True)
-        layout_file.unlink(missing_ok=True)
+        os.close(fd)
+    written = sum(entry.size for _, entry in work)
+    log.info("imported %d blobs (%d bytes) from %s; tags: %s", len(work), written, path, ", ".join(tags))
+    return ImportResult(tuple(tags), len(work), checker.present, written, restored, untagged)
+
+
+def _restore_inputs(store: Store, layers: Sequence[Descriptor]) -> int:
+    """Put each imported input into the download cache (a hard link to its blob, else a copy)."""
+    directory = downloads_dir(store)
+    restored = 0
+    for layer in layers:
+        target = directory / layer.digest.hex
+        if target.exists():
+            continue
+        tmp = directory / f".{layer.digest.hex}.import-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(store.blob_path(layer.digest), tmp)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                with store.open_blob(layer.digest, size=layer.size) as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(_CHUNK):
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"restore input {layer.digest} into {directory}: {_reason(err)}") from err
+        restored += 1
+    return restored

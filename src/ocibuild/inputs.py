@@ -15,9 +15,7 @@ import os
 import re
 import stat
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +237,19 @@ def _walk(directory: Path, prefix: str, rules: IgnoreRules, cache: StatCache, ou
 Progress = Callable[[str], None]
 
 
+def fetch_bytes(url: str, *, what: str, limit: int = 64 << 20) -> bytes:
+    """The body at ``url`` (a small file: a suite's InRelease), or FetchError."""
+    import urllib.error as url_errors
+    import urllib.request as url_requests  # imported on use: ~0.07 s that a no-op build must not pay
+
+    try:
+        with url_requests.urlopen(url_requests.Request(url, headers={"User-Agent": "ocibuild"}), timeout=60) as r:
+            data: bytes = r.read(limit)
+            return data
+    except (url_errors.URLError, OSError, TimeoutError) as err:
+        raise FetchError(f"{what}: cannot fetch {url}: {err}", "check the mirror URL and the network") from None
+
+
 def fetch(url: str, sha256: str, cache_dir: Path, *, offline: bool = False, progress: Progress | None = None,
           what: str) -> Path:
     """The file at ``url`` with content ``sha256``, from ``cache_dir`` or downloaded into it (resumed when a
@@ -258,6 +269,8 @@ def fetch(url: str, sha256: str, cache_dir: Path, *, offline: bool = False, prog
     if offline:
         raise FetchError(f"{what}: {url} is not in the download cache and --offline forbids fetching it",
                          "run once with network, or import an export made on a connected machine")
+    import urllib.error as url_errors  # imported on use, like urllib.request
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / f"{sha256}.partial"
     attempts = 5
@@ -265,8 +278,8 @@ def fetch(url: str, sha256: str, cache_dir: Path, *, offline: bool = False, prog
         try:
             _download(url, partial, progress)
             break
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            if isinstance(err, urllib.error.HTTPError) and err.code in (401, 403, 404, 410):
+        except (url_errors.URLError, OSError, TimeoutError) as err:
+            if isinstance(err, url_errors.HTTPError) and err.code in (401, 403, 404, 410):
                 raise FetchError(f"{what}: {url}: HTTP {err.code} {err.reason}", "check the URL") from None
             if attempt == attempts:
                 raise FetchError(f"{what}: downloading {url} failed: {err}",
@@ -283,11 +296,13 @@ def fetch(url: str, sha256: str, cache_dir: Path, *, offline: bool = False, prog
 
 
 def _download(url: str, partial: Path, progress: Progress | None) -> None:
+    import urllib.request as url_requests
+
     offset = partial.stat().st_size if partial.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "ocibuild"})
+    request = url_requests.Request(url, headers={"User-Agent": "ocibuild"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with url_requests.urlopen(request, timeout=60) as response:
         resumed = offset and response.status == 206 and str(response.headers.get("Content-Range", "")).startswith(
             f"bytes {offset}-")
         mode = "ab" if resumed else "wb"

@@ -15,8 +15,6 @@ import logging
 import re
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -27,7 +25,7 @@ from . import bookkeeping, builders, bundle, oci, registry, tarlayer
 from .builders import BuildContext, Built
 from .engine import BindMount, Engine
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
-from .inputs import StatCache, Tree, hash_file, walk_tree
+from .inputs import StatCache, Tree, fetch_bytes, hash_file, walk_tree
 from .oci import Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
 from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store
@@ -129,7 +127,7 @@ def is_registry_ref(source: str) -> bool:
 
 def _resolve(project: Project, layer: LayerRecipe, source: str, registries: registry.Registries | None) -> Digest:
     if layer.kind == "bootstrap":
-        return Digest.of(fetch_small(source, what=f"layer '{layer.name}'"))
+        return Digest.of(fetch_bytes(source, what=f"layer '{layer.name}'"))
     if source.startswith("oci-archive:"):
         path, tag = builders.split_oci_ref(source)
         index = builders.read_oci_archive_index(layer.dir / path, f"layer '{layer.name}': {source}")
@@ -155,15 +153,6 @@ def _pick(index: oci.Index, tag: str | None, layer: LayerRecipe, source: str) ->
                           f"{'tagged ' + repr(tag) if tag else '(several or none, give a tag)'}",
                           f"tags present: {tags}")
     return found.digest
-
-
-def fetch_small(url: str, *, what: str) -> bytes:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ocibuild"}), timeout=60) as r:
-            data: bytes = r.read(64 << 20)
-            return data
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
-        raise FetchError(f"{what}: cannot fetch {url}: {err}", "check the mirror URL and the network") from None
 
 
 def write_lock(project: Project, lock: Lock) -> None:
@@ -292,7 +281,8 @@ def _build_layer(ctx: BuildContext, layer: LayerPlan) -> Descriptor:
     elif recipe.kind == "archive":
         built = builders.build_archive(ctx, recipe)
     elif recipe.kind == "bootstrap":
-        _check_release(recipe, layer.inputs[0])
+        if not ctx.offline:  # offline, build_bootstrap refuses before anything reaches the network
+            _check_release(recipe, layer.inputs[0])
         built = builders.build_bootstrap(ctx, recipe)
     else:
         built, _ = builders.build_image(ctx, recipe, layer.inputs[0].digest)
@@ -337,7 +327,7 @@ def _staged(store: Store, project: Project, stack: Sequence[LayerPlan], key: Dig
 
 def _check_release(layer: LayerRecipe, locked: Input) -> None:
     """A bootstrap layer is built only from the archive state the lock records."""
-    current = Digest.of(fetch_small(locked.name, what=f"layer '{layer.name}'"))
+    current = Digest.of(fetch_bytes(locked.name, what=f"layer '{layer.name}'"))
     if current != locked.digest:
         raise LockError(
             f"layer '{layer.name}': {locked.name} changed since ocibuild.lock was written "
@@ -478,11 +468,48 @@ def find_conflicts(plan: Plan, store: Store) -> list[str]:
 MERGE_LAYER = "ocibuild-merge"
 
 
+def merge_key(plan: Plan) -> Digest:
+    """The key of the bookkeeping merge layer of ``plan``: the keys of every layer below it."""
+    return Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [str(layer.key) for layer in plan.layers]}))
+
+
+def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[bundle.InputFile]]:
+    """What another machine needs to build ``plan`` with nothing rebuilt and nothing fetched: the tags of every
+    layer's cache entry (and of the merge layer's, when there is one) and of the image, and the downloaded inputs
+    (archive tarballs, run layers' url inputs) that a missing key would need."""
+    index = store.index()
+    tags = []
+    for layer in plan.layers:
+        tag = cache_tag(layer.name, layer.key)
+        if index.find(tag) is None:
+            raise OcibuildError(f"layer '{layer.name}' (key {layer.key.short}) is not built",
+                                "run `ocibuild build` first, then export")
+        tags.append(tag)
+    merge = cache_tag(MERGE_LAYER, merge_key(plan))
+    if index.find(merge) is not None:
+        tags.append(merge)
+    if index.find(plan.project.image.name) is None:
+        raise OcibuildError(f"the image '{plan.project.image.name}' is not in the store {store.root}",
+                            "run `ocibuild build` first, then export")
+    tags.append(plan.project.image.name)
+    urls: dict[Digest, str] = {}
+    for layer in plan.layers:
+        recipe = layer.recipe
+        if recipe.kind == "archive" and "://" in recipe.str_("url") and not recipe.str_("url").startswith("file:"):
+            urls[Digest.from_hex(recipe.str_("sha256"))] = recipe.str_("url")
+        elif recipe.kind == "run":
+            for ref in recipe.inputs:
+                if ref.url is not None and ref.sha256 is not None:
+                    urls[Digest.from_hex(ref.sha256)] = ref.url
+    inputs = [replace(item, url=urls[item.digest]) for item in bundle.downloaded_inputs(store, urls)]
+    return tags, inputs
+
+
 def build_merge(ctx: BuildContext, plan: Plan, get_engine: Callable[[], Engine]) -> LayerPlan | None:
     """The layer that merges package bookkeeping of layers built side by side (see :mod:`bookkeeping`), or None
     when stacking alone gives the right files. Keyed by the keys of every layer below; cached like a layer."""
     project, store = plan.project, ctx.store
-    key = Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [str(layer.key) for layer in plan.layers]}))
+    key = merge_key(plan)
     recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", project.layer_names,
                          "package bookkeeping of independent layers, merged", {})
     merge = LayerPlan(recipe, key, (), "cached")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import ipaddress
 import json
 import logging
@@ -48,14 +47,30 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlencode, urljoin, urlsplit
 
-import requests
-import requests.adapters
-import requests.utils
 
 from .errors import DigestMismatch, FormatError, RegistryError
+
+if TYPE_CHECKING:
+    import requests
+    import requests.adapters
+    import requests.utils
+else:
+    class _LazyRequests:
+        """``requests`` imported on first use: it costs ~0.1 s, which commands that never reach a registry (a
+        no-op build) must not pay."""
+
+        def __getattr__(self, name: str) -> Any:
+            import requests as module
+            import requests.adapters
+            import requests.utils
+
+            globals()["requests"] = module
+            return getattr(module, name)
+
+    requests = _LazyRequests()
 from .oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -77,7 +92,7 @@ log = logging.getLogger(__name__)
 DEFAULT_JOBS = 4
 _PIECE = 1 << 20  # read/write granularity of blob streams
 _MONOLITHIC_MAX = 32 << 20  # blobs up to this size are uploaded in one PUT
-_CHUNK = 128 << 20  # larger blobs go in PATCH chunks of this size
+_CHUNK = 128 << 20  # larger blobs go in PATCH chunks of this size (Client.chunk_size)
 _MANIFEST_MAX = 4 << 20  # the distribution spec's limit for a manifest
 _ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -291,6 +306,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     value = value.strip()
     if value.isdigit():
         return float(value)
+    import email.utils  # rare; not worth its import time on every start
+
     try:
         when = email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError):
@@ -405,12 +422,15 @@ class _FileSlice:
         return data
 
 
-class _Adapter(requests.adapters.HTTPAdapter):
-    """Sends request bodies in 1 MiB writes instead of urllib3's 16 KiB."""
+def _adapter(**kwargs: Any) -> requests.adapters.HTTPAdapter:
+    """An adapter that sends request bodies in 1 MiB writes instead of urllib3's 16 KiB."""
 
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["blocksize"] = _PIECE
-        super().init_poolmanager(*args, **kwargs)
+    class Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kw: Any) -> None:
+            kw["blocksize"] = _PIECE
+            super().init_poolmanager(*args, **kw)
+
+    return Adapter(**kwargs)
 
 
 def _strip(url: str) -> str:
@@ -440,6 +460,22 @@ class Client:
         self._base: str | None = None
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
+        self._sessions: list[requests.Session] = []
+        self.monolithic_max = _MONOLITHIC_MAX
+        self.chunk_size = _CHUNK
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections of every thread's session."""
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
 
     def __repr__(self) -> str:
         return f"Client({self.registry!r})"
@@ -451,11 +487,13 @@ class Client:
         if session is None:
             session = requests.Session()
             session.trust_env = False  # no .netrc credentials, no surprise CA bundle; proxies are set per request
-            adapter = _Adapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+            adapter = _adapter(pool_connections=4, pool_maxsize=16, max_retries=0)
             session.mount("https://", adapter)
             session.mount("http://", adapter)
             session.headers["User-Agent"] = "ocibuild"
             self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
         return session
 
     @property
@@ -870,7 +908,7 @@ class Client:
         url = urljoin(self.base + "/", location or self._start_upload(repository, what))
         scopes = _scopes(repository, True)
         octet = {"Content-Type": "application/octet-stream"}
-        if size <= _MONOLITHIC_MAX:
+        if size <= self.monolithic_max:
             for attempt in range(self.policy.attempts):
                 slice_ = _FileSlice(file, 0, size)
                 try:
@@ -894,7 +932,7 @@ class Client:
         offset = 0
         stalled = 0
         while offset < size:
-            end = min(offset + _CHUNK, size)
+            end = min(offset + self.chunk_size, size)
             slice_ = _FileSlice(file, offset, end)
             try:
                 response = self.request("PATCH", url, scopes=scopes, retry=False, body=lambda: slice_,
@@ -999,6 +1037,18 @@ class Registries:
                 self._clients[registry] = Client(registry, insecure=registry in self.insecure, credentials=creds,
                                                  policy=self.policy, stats=self.stats, env=self.env)
             return self._clients[registry]
+
+    def close(self) -> None:
+        with self._lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> Registries:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def parse_repository(text: str) -> Reference:

@@ -79,6 +79,11 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+def check_ref_name(ref_name: str) -> None:
+    """FormatError unless ``ref_name`` is a valid tag name of an OCI image layout."""
+    _check_ref_name(ref_name)
+
+
 def _check_ref_name(ref_name: str) -> None:
     if not _REF_NAME.fullmatch(ref_name):
         raise FormatError(
@@ -328,6 +333,12 @@ class Store:
 
     def has(self, digest: Digest) -> bool:
         return os.path.exists(self.blob_path(digest))
+
+    def blobs(self) -> Iterator[Digest]:
+        """The digest of every blob file present (presence trusted, as :meth:`has` does; nothing is hashed)."""
+        for _, digest in self._blob_files():
+            if digest is not None:
+                yield digest
 
     def _create_tmp(self, prefix: str) -> tuple[Path, int]:
         directory = self.root / _PRIVATE / "tmp"
@@ -581,6 +592,24 @@ class Store:
             )
         self.update_index(lambda index: index.with_tag(ref_name, descriptor))
         log.debug("tagged %s -> %s", ref_name, descriptor.digest)
+
+    def tag_all(self, tags: Mapping[str, Descriptor]) -> None:
+        """Point every name of ``tags`` at its descriptor (each already in the store), in one index.json update."""
+        for ref_name, descriptor in tags.items():
+            _check_ref_name(ref_name)
+            if not self.has(descriptor.digest):
+                raise BlobNotFound(
+                    f"cannot tag '{ref_name}': {descriptor.digest} is not in the store",
+                    hint="store the manifest before tagging it",
+                )
+
+        def change(index: Index) -> Index:
+            for ref_name, descriptor in tags.items():
+                index = index.with_tag(ref_name, descriptor)
+            return index
+
+        if tags:
+            self.update_index(change)
 
     def untag(self, ref_name: str) -> bool:
         """Remove ``ref_name``; False when there was no such tag."""

@@ -54,7 +54,8 @@ Extraction (:func:`extract_layer`) opens every directory relative to its parent 
 parent is a symlink (from this layer or one below) is refused, never followed; what an entry replaces is removed
 first (a directory recursively, a symlink itself). Whiteouts remove only what lower layers left: a path this layer
 wrote survives a whiteout of it, whatever the order of the two in the stream. Directory modes and mtimes are set
-last, so that a read-only directory can still be filled.
+last, so that a read-only directory can still be filled. Owners and xattrs are set only with ``chown`` (as root),
+and of the xattrs only ``security.capability`` and ``user.*``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ import stat
 import struct
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -387,30 +388,18 @@ class _Sink:
         pass
 
 
-class _ZstdSink(_Sink):
-    def __init__(self, out: BinaryIO, threads: int) -> None:
+class _AsyncSink(_Sink):
+    """Compresses on one helper thread while the caller reads and hashes (zstd and ISA-L release the GIL).
+
+    Up to three pieces wait, so a slow moment on either side does not stall the other; the compressor sees the
+    same calls in the same order, so the bytes do not depend on the timing.
+    """
+
+    def __init__(self, out: BinaryIO, compress: Callable[[bytes], bytes], flush: Callable[[], bytes]) -> None:
         super().__init__(out)
-        compressor = zstandard.ZstdCompressor(
-            level=ZSTD_LEVEL, threads=threads, write_checksum=False, write_content_size=False
-        )
-        self.cobj = compressor.compressobj()
-
-    def feed(self, chunk: memoryview) -> None:
-        data = self.cobj.compress(chunk)
-        if data:
-            self.out.write(data)
-
-    def finish(self) -> None:
-        self.out.write(self.cobj.flush())
-
-
-class _GzipSink(_Sink):
-    """Deflates on one helper thread (ISA-L releases the GIL) while the caller reads and hashes."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        super().__init__(out)
-        self.cobj = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocibuild-gzip")
+        self.compress = compress
+        self.flush = flush
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocibuild-compress")
         self.pending: deque[Future[bytes]] = deque()
 
     def _write_done(self, keep: int) -> None:
@@ -420,11 +409,11 @@ class _GzipSink(_Sink):
                 self.out.write(data)
 
     def feed(self, chunk: memoryview) -> None:
-        self.pending.append(self.pool.submit(self.cobj.compress, bytes(chunk)))
+        self.pending.append(self.pool.submit(self.compress, bytes(chunk)))
         self._write_done(2)
 
     def finish(self) -> None:
-        self.pending.append(self.pool.submit(self.cobj.flush))
+        self.pending.append(self.pool.submit(self.flush))
         self._write_done(0)
 
     def close(self) -> None:
@@ -551,9 +540,14 @@ def write_layer(
     sink: _Sink
     try:
         if compression == "zstd":
-            sink = _ZstdSink(out, max(1, threads if threads is not None else _cpu_count()))
+            workers = max(1, threads if threads is not None else _cpu_count())
+            zstd = zstandard.ZstdCompressor(
+                level=ZSTD_LEVEL, threads=workers, write_checksum=False, write_content_size=False
+            ).compressobj()
+            sink = _AsyncSink(out, zstd.compress, zstd.flush)
         elif compression == "gzip":
-            sink = _GzipSink(out)
+            deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
+            sink = _AsyncSink(out, deflate.compress, deflate.flush)
         else:
             sink = _Sink(out)
     except zstandard.ZstdError as err:
@@ -1196,6 +1190,8 @@ def _forget(result: dict[str, Entry], old: Entry, *, keep_children: bool) -> Non
 # ---------------------------------------------------------------------------------------------------------------
 # Extraction
 
+# Only these (and user.*) are set when extracting: trusted.overlay.* and the like could steer the filesystem.
+_EXTRACTED_XATTRS: Final = frozenset({"security.capability"})
 _NEW_FILE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS: Final = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 
@@ -1305,6 +1301,9 @@ class _Extractor:
         if self.chown:
             os.fchown(fd, m.uid, m.gid)
             for key, value in m.xattrs.items():
+                if key not in _EXTRACTED_XATTRS and not key.startswith("user."):
+                    log.warning("%s: not setting xattr %s on %r", self.what, key, m.path)
+                    continue
                 try:
                     os.setxattr(fd, key, value.encode("utf-8", _ENC))
                 except OSError as err:

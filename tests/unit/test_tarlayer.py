@@ -9,6 +9,7 @@ import io
 import lzma
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 from dataclasses import replace
@@ -463,6 +464,23 @@ def test_extract_sets_owners_as_root(tmp_path: Path) -> None:
     st = (root / "f").stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (123, 456, 0o4755)
     assert ((root / "d").stat().st_uid, (root / "d").stat().st_gid) == (7, 8)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="xattrs are set only as root")
+def test_extract_sets_only_capability_and_user_xattrs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    cap_net_raw = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)
+    xattrs = {
+        "security.capability": cap_net_raw.decode("utf-8", "surrogateescape"),
+        "user.note": "hello",
+        "trusted.overlay.opaque": "y",
+    }
+    data, _ = _write([Entry("ping", "file", 0o755, xattrs=xattrs)])
+    tarlayer.extract_layer(io.BytesIO(data), "none", root, what="layer", chown=True)
+    assert os.getxattr(root / "ping", "security.capability") == cap_net_raw
+    assert os.getxattr(root / "ping", "user.note") == b"hello"
+    assert "trusted.overlay.opaque" not in os.listxattr(root / "ping")
 
 
 def test_reader_read_returns_whole_member(tmp_path: Path) -> None:

@@ -1,0 +1,259 @@
+"""export → archive → import between stores, in process: round trips, deltas, inventories, input artifacts, and
+archives that are cut, corrupt or mix up media types (rejected, the store left as it was)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from ocibuild import bundle, oci
+from ocibuild.errors import DigestMismatch, FormatError, OcibuildError, UnsafeArchive
+from ocibuild.oci import Descriptor, Digest, ImageConfig, Manifest
+from ocibuild.store import Store
+
+
+def put_image(store: Store, tag: str, layers: list[bytes]) -> Descriptor:
+    """An image of opaque 'layers' (only copied, never unpacked here), tagged ``tag``."""
+    descriptors = [store.put(data, oci.LAYER_GZIP) for data in layers]
+    config = store.put(ImageConfig(diff_ids=tuple(Digest.of(d) for d in layers)).to_json(), oci.OCI_CONFIG)
+    manifest = store.put_manifest(Manifest(config, tuple(descriptors)))
+    store.tag(tag, manifest)
+    return manifest
+
+
+def add_download(store: Store, data: bytes) -> Digest:
+    digest = Digest.of(data)
+    (bundle.downloads_dir(store) / digest.hex).write_bytes(data)
+    return digest
+
+
+def members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path / "source")
+    put_image(s, "base-" + "a" * 64, [os.urandom(3 << 20), b"small layer"])
+    put_image(s, "dev", [os.urandom(100), b"x" * 5000, b""])
+    yield s
+    assert s.verify() == []
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path / "target")
+    yield s
+    assert s.verify() == [], "the store must verify clean after every test"
+
+
+def test_round_trip_carries_tags_blobs_and_inputs(source: Store, target: Store, tmp_path: Path) -> None:
+    tarball = add_download(source, b"release tarball " * 1000)
+    inputs = bundle.downloaded_inputs(source)
+    archive = tmp_path / "all.tar"
+    result = bundle.export_archive(source, archive, ["base-" + "a" * 64, "dev"], inputs=inputs)
+    assert result.tags == ("base-" + "a" * 64, "dev", f"ocibuild-input-{tarball.hex}")
+    # a plain layout: every blob under its digest
+    for name, data in members(archive).items():
+        if name.startswith("blobs/"):
+            assert hashlib.sha256(data).hexdigest() == name.rsplit("/", 1)[1]
+    imported = bundle.import_archive(target, archive)
+    assert set(imported.tags) == set(result.tags) and imported.inputs == 1
+    for tag in ("dev", "base-" + "a" * 64):
+        assert target.resolve(tag).digest == source.resolve(tag).digest  # type: ignore[union-attr]
+    artifact = target.get_manifest(target.resolve(f"ocibuild-input-{tarball.hex}").digest)  # type: ignore[union-attr]
+    assert artifact.artifact_type == bundle.INPUT_ARTIFACT
+    assert (bundle.downloads_dir(target) / tarball.hex).read_bytes() == b"release tarball " * 1000
+    again = bundle.import_archive(target, archive)  # a second import writes nothing
+    assert again.blobs == 0 and again.present > 0
+
+
+def test_inventory_and_delta_export(source: Store, target: Store, tmp_path: Path) -> None:
+    bundle.import_archive(target, _export(source, tmp_path / "base.tar", ["base-" + "a" * 64]))
+    inventory = bundle.Inventory.parse(bundle.inventory(target).to_json())
+    assert inventory.tags["base-" + "a" * 64] == source.resolve("base-" + "a" * 64).digest  # type: ignore[union-attr]
+    put_image(source, "dev2", [os.urandom(2 << 20), b"small layer"])  # shares a layer with base
+    delta = tmp_path / "delta.tar"
+    result = bundle.export_archive(source, delta, ["base-" + "a" * 64, "dev2"], since=inventory)
+    blobs = {name.rsplit("/", 1)[1] for name in members(delta) if name.startswith("blobs/")}
+    missing = {d.digest.hex for tag in ("base-" + "a" * 64, "dev2")
+               for d in bundle.manifest_closure(source, source.resolve(tag))  # type: ignore[arg-type]
+               if not target.has(d.digest)}
+    assert blobs == missing and result.skipped > 0
+    index = oci.Index.parse(members(delta)["index.json"])
+    assert [d.ref_name for d in index.manifests] == ["base-" + "a" * 64, "dev2"]  # the index lists every manifest
+    imported = bundle.import_archive(target, delta)
+    assert imported.blobs == len(missing)
+    assert target.resolve("dev2").digest == source.resolve("dev2").digest  # type: ignore[union-attr]
+    # a delta imports only where the rest already is
+    with pytest.raises(FormatError, match="in neither the archive nor the store"):
+        bundle.import_archive(Store.open(tmp_path / "empty"), delta)
+    assert Store.open(tmp_path / "empty").index().manifests == ()
+
+
+def _export(store: Store, path: Path, tags: list[str]) -> Path:
+    bundle.export_archive(store, path, tags)
+    return path
+
+
+def test_write_oci_archive_holds_one_manifest(source: Store, tmp_path: Path) -> None:
+    path = tmp_path / "image.tar"
+    bundle.write_oci_archive(source, source.resolve("dev"), "dev", path)  # type: ignore[arg-type]
+    index = oci.Index.parse(members(path)["index.json"])
+    assert [d.ref_name for d in index.manifests] == ["dev"]
+
+
+def test_long_blob_names_use_pax(tmp_path: Path) -> None:
+    header = bundle._header("blobs/sha512/" + "a" * 128, 3)
+    with tarfile.open(fileobj=io.BytesIO(header + b"abc" + bytes(509) + bytes(1024))) as tar:
+        assert tar.getnames() == ["blobs/sha512/" + "a" * 128]
+
+
+# ---- damaged archives: rejected, nothing tagged, the store verifies clean -----------------------------------
+
+
+@pytest.fixture
+def archive(source: Store, tmp_path: Path) -> Path:
+    return _export(source, tmp_path / "good.tar", ["base-" + "a" * 64, "dev"])
+
+
+def _rejected(target: Store, path: Path, error: type[OcibuildError], match: str) -> None:
+    before = (target.root / "index.json").read_bytes()
+    with pytest.raises(error, match=match):
+        bundle.import_archive(target, path)
+    assert (target.root / "index.json").read_bytes() == before
+    assert target.verify() == []
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9999, -1024, -1])
+def test_truncated_archive_is_rejected(archive: Path, target: Store, tmp_path: Path, keep: float) -> None:
+    data = archive.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: int(len(data) * keep)] if keep > 0 else data[: int(keep)])
+    _rejected(target, cut, UnsafeArchive, "truncated")
+
+
+def test_bit_flip_in_a_layer_is_rejected(archive: Path, target: Store, tmp_path: Path, source: Store) -> None:
+    data = bytearray(archive.read_bytes())
+    big = next(d for d in source.get_manifest(source.resolve("base-" + "a" * 64).digest).layers  # type: ignore[union-attr]
+               if d.size > 1 << 20)
+    position = data.find(source.read_blob(big.digest, max_size=8 << 20)[:4096])
+    data[position + 2_000_000] ^= 0x01
+    flipped = tmp_path / "flipped.tar"
+    flipped.write_bytes(bytes(data))
+    _rejected(target, flipped, DigestMismatch, f"blob {big.digest} is corrupt")
+    assert not target.has(big.digest)
+
+
+def test_bit_flip_in_a_header_is_rejected(archive: Path, target: Store, tmp_path: Path) -> None:
+    data = bytearray(archive.read_bytes())
+    data[1] ^= 0x40  # inside the name in the first header: its checksum no longer matches
+    flipped = tmp_path / "flipped.tar"
+    flipped.write_bytes(bytes(data))
+    _rejected(target, flipped, UnsafeArchive, "checksum")
+
+
+def _rewrite(archive: Path, out: Path, change: dict[str, bytes]) -> Path:
+    """``archive`` with some files' content replaced (written by tarfile, as another tool would)."""
+    files = members(archive)
+    files.update(change)
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def _put_json(files: dict[str, bytes], value: object) -> tuple[str, bytes, Digest]:
+    data = oci.canonical_json(value)
+    digest = Digest.of(data)
+    return f"blobs/sha256/{digest.hex}", data, digest
+
+
+def test_descriptor_says_manifest_but_blob_is_an_index(archive: Path, target: Store, tmp_path: Path) -> None:
+    files = members(archive)
+    name, data, digest = _put_json(files, {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": []})
+    index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [
+        {"mediaType": oci.OCI_MANIFEST, "digest": str(digest), "size": len(data),
+         "annotations": {oci.ANNOTATION_REF_NAME: "x"}}]}
+    bad = _rewrite(archive, tmp_path / "mixed.tar", {name: data, "index.json": json.dumps(index).encode()})
+    _rejected(target, bad, FormatError, "is a 'application/vnd.oci.image.index.v1\\+json'")
+
+
+def test_layer_descriptor_with_a_manifest_media_type(source: Store, archive: Path, target: Store,
+                                                     tmp_path: Path) -> None:
+    manifest = source.get_manifest(source.resolve("dev").digest)  # type: ignore[union-attr]
+    layers = [Descriptor(oci.OCI_MANIFEST, d.digest, d.size) for d in manifest.layers]
+    mixed = Manifest(manifest.config, tuple(layers)).to_json()
+    digest = Digest.of(mixed)
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": oci.OCI_MANIFEST, "digest": str(digest),
+                                                "size": len(mixed), "annotations": {oci.ANNOTATION_REF_NAME: "x"}}]}
+    bad = _rewrite(archive, tmp_path / "mixed.tar",
+                   {f"blobs/sha256/{digest.hex}": mixed, "index.json": json.dumps(index).encode()})
+    _rejected(target, bad, FormatError, "not a layer")
+
+
+def test_config_that_is_not_a_config(source: Store, archive: Path, target: Store, tmp_path: Path) -> None:
+    manifest = source.get_manifest(source.resolve("dev").digest)  # type: ignore[union-attr]
+    config = Descriptor(oci.OCI_CONFIG, manifest.layers[1].digest, manifest.layers[1].size)  # a layer as config
+    mixed = Manifest(config, manifest.layers).to_json()
+    digest = Digest.of(mixed)
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": oci.OCI_MANIFEST, "digest": str(digest),
+                                                "size": len(mixed), "annotations": {oci.ANNOTATION_REF_NAME: "x"}}]}
+    bad = _rewrite(archive, tmp_path / "mixed.tar",
+                   {f"blobs/sha256/{digest.hex}": mixed, "index.json": json.dumps(index).encode()})
+    _rejected(target, bad, FormatError, "config")
+
+
+def test_size_in_descriptor_differs_from_the_blob(source: Store, archive: Path, target: Store,
+                                                  tmp_path: Path) -> None:
+    descriptor = source.resolve("dev")
+    assert descriptor is not None
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": oci.OCI_MANIFEST, "digest": str(descriptor.digest),
+                                                "size": descriptor.size + 1,
+                                                "annotations": {oci.ANNOTATION_REF_NAME: "dev"}}]}
+    bad = _rewrite(archive, tmp_path / "size.tar", {"index.json": json.dumps(index).encode()})
+    _rejected(target, bad, DigestMismatch, "bytes")
+
+
+def test_blob_whose_content_does_not_match_its_name(source: Store, archive: Path, target: Store,
+                                                    tmp_path: Path) -> None:
+    manifest = source.get_manifest(source.resolve("dev").digest)  # type: ignore[union-attr]
+    layer = manifest.layers[1]
+    bad = _rewrite(archive, tmp_path / "swapped.tar", {f"blobs/sha256/{layer.digest.hex}": b"y" * layer.size})
+    _rejected(target, bad, DigestMismatch, "corrupt")
+    assert not target.has(layer.digest)
+
+
+def test_an_archive_written_by_tarfile_imports(archive: Path, target: Store, tmp_path: Path) -> None:
+    """GNU and PAX writers (as other tools use) are read: './'-prefixed names, directories, PAX headers."""
+    files = members(archive)
+    out = tmp_path / "gnu.tar"
+    with tarfile.open(out, "w", format=tarfile.GNU_FORMAT) as tar:
+        for directory in ("./", "./blobs/", "./blobs/sha256/"):
+            info = tarfile.TarInfo(directory)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size, info.uname, info.mtime = len(data), "someone", 1700000000
+            tar.addfile(info, io.BytesIO(data))
+    assert set(bundle.import_archive(target, out).tags) == {"base-" + "a" * 64, "dev"}
+
+
+def test_invalid_tag_name_is_refused_before_anything_is_written(archive: Path, target: Store,
+                                                                tmp_path: Path, source: Store) -> None:
+    descriptor = source.resolve("dev")
+    assert descriptor is not None
+    index = oci.Index((descriptor.with_annotations({oci.ANNOTATION_REF_NAME: "../bad name"}),))
+    bad = _rewrite(archive, tmp_path / "name.tar", {"index.json": index.to_json()})
+    _rejected(target, bad, FormatError, "not a valid tag name")
+    assert list(target.blobs()) == []
