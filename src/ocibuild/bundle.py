@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oci
+from . import oci, tarlayer
 from .errors import DigestMismatch, FormatError, OcibuildError, StoreError, UnsafeArchive
 from .oci import Descriptor, Digest, Index, Manifest
 from .store import Store, check_ref_name
@@ -181,35 +181,11 @@ class _Item:
     digest: Digest | None = None  # checked while copying ``path``
 
 
-def _octal(value: int, width: int) -> bytes:
-    return f"{value:0{width - 1}o}".encode() + b"\0"
-
-
 def _header(name: str, size: int, kind: bytes = b"0") -> bytes:
-    """ustar header(s) of a file or directory owned by 0:0, mtime 0; a PAX header first for long names."""
-    raw = name.encode()
-    prefix = b""
-    if len(raw) > 100:
-        body = b" path=" + raw + b"\n"
-        length = len(body) + len(str(len(body)))
-        while len(str(length)) + len(body) != length:
-            length = len(str(length)) + len(body)
-        pax = str(length).encode() + body
-        prefix = _header("PaxHeaders/" + name[-80:], len(pax), b"x") + pax + bytes(-len(pax) % _BLOCK)
-        raw = raw[-100:]
-    mode = 0o755 if kind == b"5" else 0o644
-    block = bytearray(_BLOCK)
-    block[0:len(raw)] = raw
-    block[100:108] = _octal(mode, 8)
-    block[108:116] = _octal(0, 8)
-    block[116:124] = _octal(0, 8)
-    block[124:136] = _octal(size, 12)
-    block[136:148] = _octal(0, 12)
-    block[148:156] = b" " * 8
-    block[156:157] = kind
-    block[257:265] = b"ustar\x0000"
-    block[148:156] = f"{sum(block):06o}".encode() + b"\0 "
-    return prefix + bytes(block)
+    """The tar header of a layout file or directory (name ending in '/'): owner 0:0, mtime 0."""
+    if kind == b"5":
+        return tarlayer.header(tarlayer.Entry(name.rstrip("/"), "dir", 0o755), 0)
+    return tarlayer.header(tarlayer.Entry(name, "file", 0o644, size=size), 0)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

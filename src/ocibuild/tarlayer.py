@@ -308,8 +308,9 @@ def _ascii_field(value: bytes) -> bytes:
     return bytes(b if b < 128 else 0x3F for b in value[:100])
 
 
-def _header(e: Entry, epoch: int) -> bytes:
-    """The ustar header of ``e``, preceded by a PAX header when ustar cannot hold everything."""
+def header(e: Entry, epoch: int) -> bytes:
+    """The ustar header of ``e``, preceded by a PAX header when ustar cannot hold everything (the content, padded
+    to 512 bytes, follows it). Public for writers that place members themselves, like the export archive."""
     path = e.path.encode("utf-8", _ENC)
     kind = e.type
     if kind == "dir":
@@ -555,7 +556,7 @@ def write_layer(
     writer = _TarWriter(sink)
     try:
         for e in plan:
-            writer.write(_header(e, epoch))
+            writer.write(header(e, epoch))
             if e.type == "file" and e.size:
                 writer.copy(e)
         writer.finish()
