@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -31,9 +31,12 @@ def log(msg: str) -> None:
 def run(cmd: Sequence[str] | str, *, cwd: Path | None = None, env: dict[str, str | None] | None = None,
         shell: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing its output; fail loudly (with the tail of its output) when it fails."""
-    full = {**os.environ, **(env or {})}
-    for key in [k for k, v in full.items() if v is None]:
-        del full[key]  # None unsets a variable
+    full = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)  # None unsets a variable
+        else:
+            full[key] = value
     proc = subprocess.run(cmd, cwd=cwd, env=full, shell=shell, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
@@ -73,7 +76,7 @@ def fmt(seconds: float) -> str:
 
 
 def report(title: str, times: dict[str, list[float]], ratios: Sequence[tuple[str, str, str]] = (),
-           throughput_bytes: int | None = None, extra: dict[str, object] | None = None) -> dict[str, object]:
+           throughput_bytes: int | None = None, extra: Mapping[str, object] | None = None) -> dict[str, object]:
     """Print medians (and min/max, every run), then ``(label, slow, fast)`` ratios median(slow)/median(fast).
 
     With ``throughput_bytes``, also MB/s per case (bytes / median). Saves everything under .cache/results/.
@@ -91,8 +94,8 @@ def report(title: str, times: dict[str, list[float]], ratios: Sequence[tuple[str
         r = med[slow] / med[fast]
         out_ratios[label] = r
         print(f"  {label}: {r:.2f}x")
-    result = {"title": title, "times": times, "medians": med, "ratios": out_ratios,
-              "throughput_bytes": throughput_bytes, "extra": extra or {}, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    result: dict[str, object] = {"title": title, "times": times, "medians": med, "ratios": out_ratios,
+              "throughput_bytes": throughput_bytes, "extra": dict(extra or {}), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "host": {"cpus": os.cpu_count(), "uname": os.uname().release}}
     results = CACHE / "results"
     results.mkdir(parents=True, exist_ok=True)

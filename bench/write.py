@@ -62,7 +62,7 @@ def project(compression: str) -> Path:
 
 def writer_case(compression: str, info: dict[str, int]) -> Case:
     def case(_: int) -> float:
-        _, proc = timed([PYTHON, str(BENCH / "_write_layer.py"), str(TREE), compression], env=WITH_PYC)
+        proc = timed([PYTHON, str(BENCH / "_write_layer.py"), str(TREE), compression], env=WITH_PYC)[1]
         result = json.loads(proc.stdout)
         info.update(uncompressed=result["uncompressed"], compressed=result["compressed"])
         return float(result["seconds"])

@@ -89,7 +89,28 @@ def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[Built]
         else:
             mode = 0o755 if item.mode & 0o111 else 0o644
             entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch))
-    return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
+    entries = tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
+    built = write_entries(ctx, entries)
+    # The tree walk already hashed every file: record the layer's listing now rather than re-reading the blob.
+    content = {item.source: item.sha256 for item in tree.entries if item.type == "file"}
+    save_listing(ctx.store, built.diff_id, {
+        e.path: f"file:{e.mode:04o}:{content[e.source or '']}" if e.type == "file"
+        else f"dir:{e.mode:04o}" if e.type == "dir" else f"{e.type}:{e.linkname}"
+        for e in entries
+    })
+    return [built]
+
+
+def listing_path(store: Store, diff_id: Digest) -> Path:
+    """Where a layer's listing (path → fingerprint, as :func:`tarlayer.list_layer` makes it) is cached."""
+    return store.private_dir("listings") / f"{diff_id.hex}.json"
+
+
+def save_listing(store: Store, diff_id: Digest, listing: Mapping[str, str]) -> None:
+    path = listing_path(store, diff_id)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(listing, sort_keys=True))
+    tmp.replace(path)
 
 
 @contextmanager

@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="oci-archive:PATH", help="also write the image as an oci-archive")
     p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine for run layers")
 
-    p = sub.add_parser("run", parents=[common], help="run the compile step (or COMMAND) in the assembled image")
+    p = sub.add_parser("run", parents=[common, cache, transfer],
+                       help="run the compile step (or COMMAND) in the assembled image")
     p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine (default: [run] engine)")
     p.add_argument("--offline", action="store_true", help="never touch the network")
     p.add_argument("--source-mount", action="store_true",
@@ -194,14 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "build":
         config, store = _open(args)
-        registries = _registries(config)
-        plan = _plan(args, store, registries)
-        plan, remote = _remote_plan(args, plan, registries)
-        if remote is not None:
-            client, repository, remotes = remote
-            plan = planner.pull_layers(plan, store, client, repository, remotes, jobs=args.jobs, output=console)
-        result = planner.build(plan, store, offline=args.offline, strict=args.strict, output=console,
-                               engine=_engine_factory(config, plan.project, args.engine), registries=registries)
+        plan, result = _build(args, config, store, console, strict=args.strict)
         if args.output:
             _write_output(store, result.image, plan.project.image.name, args.output)
         if args.json:
@@ -252,6 +246,20 @@ def _run(args: argparse.Namespace) -> int:
             print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
         return 0
     raise AssertionError(args.command)
+
+
+def _build(args: argparse.Namespace, config: Config, store: Store, console: _Console, *,
+           strict: bool = False) -> tuple[Plan, planner.BuildResult]:
+    """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
+    registries = _registries(config)
+    plan = _plan(args, store, registries)
+    plan, remote = _remote_plan(args, plan, registries)
+    if remote is not None:
+        client, repository, remotes = remote
+        plan = planner.pull_layers(plan, store, client, repository, remotes, jobs=args.jobs, output=console)
+    result = planner.build(plan, store, offline=args.offline, strict=strict, output=console,
+                           engine=_engine_factory(config, plan.project, args.engine), registries=registries)
+    return plan, result
 
 
 def _remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Registries
@@ -421,10 +429,9 @@ def _compile(args: argparse.Namespace, console: _Console) -> int:
     command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
     try:
         config, store = _open(args)
-        plan = _plan(args, store)
+        plan, result = _build(args, config, store, console)
         project = plan.project
         factory = _engine_factory(config, project, args.engine)
-        result = planner.build(plan, store, offline=args.offline, output=console, engine=factory)
         command = [c for c in args.cmd if c != "--"] if args.cmd and args.cmd[0] == "--" else list(args.cmd)
         command = command or list(project.run.command)
         if not command:

@@ -421,19 +421,17 @@ def _rfc3339(epoch: int) -> str:
 
 
 def layer_listing(store: Store, built: Built) -> dict[str, str]:
-    """Path → content fingerprint of a layer; cached by diff_id in the store's private area."""
-    cache = store.private_dir("listings") / f"{built.diff_id.hex}.json"
+    """Path → content fingerprint of a layer; cached by diff_id in the store's private area (copy layers record
+    theirs when they are built, from the hashes of the tree walk)."""
     try:
-        listing: dict[str, str] = json.loads(cache.read_bytes())
+        listing: dict[str, str] = json.loads(builders.listing_path(store, built.diff_id).read_bytes())
         return listing
     except (OSError, ValueError):
         pass
     with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
         listing = tarlayer.list_layer(f, oci.layer_compression(built.descriptor.media_type),
                                       what=f"layer {built.descriptor.digest.short}")
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(listing, sort_keys=True))
-    tmp.replace(cache)
+    builders.save_listing(store, built.diff_id, listing)
     return listing
 
 
@@ -516,8 +514,9 @@ def build_merge(ctx: BuildContext, plan: Plan, get_engine: Callable[[], Engine])
     marker = store.private_dir("merge") / key.hex
     if store.resolve(cache_tag(MERGE_LAYER, key)) is not None:
         return merge
-    if marker.exists():
-        return None
+    order = project.layer_names
+    if marker.exists() or not any(project.independent(a, b) for i, a in enumerate(order) for b in order[i + 1:]):
+        return None  # in a chain of needs, stacking alone gives each file's right version
     holders: dict[str, list[str]] = {path: [] for path in bookkeeping.MERGED_PATHS}
     for layer in plan.layers:
         listing = {}

@@ -221,3 +221,22 @@ def test_run_layer_without_needs_is_a_clear_error(make_project, store: Store) ->
     assert plan.layers[0].inputs[0].name == "layers/x/s.sh"
     with pytest.raises(RecipeError, match="a run layer needs the layers it runs on"):
         build(plan, store, engine=lambda: pytest.fail("no engine may be started"))
+
+
+def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_path: Path, store: Store) -> None:
+    """Copy layers record their listing from the tree walk's hashes; it must be what reading the blob gives."""
+    from ocibuild import builders, tarlayer
+
+    root = _project(make_project, tmp_path)
+    (root / "src/link").symlink_to("main.go")
+    _, result = _build(root, store)
+    manifest = store.get_manifest(result.image.digest)
+    config = store.get_config(manifest.config.digest)
+    checked = 0
+    for layer, diff_id in zip(manifest.layers, config.diff_ids):
+        recorded = builders.listing_path(store, diff_id)
+        if recorded.exists():
+            with store.open_blob(layer.digest) as f:
+                assert json.loads(recorded.read_text()) == tarlayer.list_layer(f, "zstd", what="test")
+            checked += 1
+    assert checked == 3  # copy layers from the tree walk, the archive layer from its blob
