@@ -13,9 +13,12 @@ recording stand-in. It lacks ``diff``/``mount``, so run layers need podman; ``oc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +68,43 @@ def _docker_exception() -> type[DockerException]:
 def _stderr_of(err: DockerException) -> str:
     text = err.stderr or ""
     return " ".join(line.strip() for line in text.strip().splitlines()[-3:]) or f"exit code {err.return_code}"
+
+
+_NAME_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+
+
+def podman_layout_path(layout: Path) -> Path:
+    """A path podman 4.3 accepts in ``oci:PATH:TAG``. It names the pulled image after PATH and fails on any
+    component that is not valid in an image name — ``~/.cache``, the default store, for one. Such a layout is
+    reached through a symlink in a private directory of ours (0700, owned by us, checked) instead."""
+    if all(_NAME_COMPONENT.fullmatch(part) for part in layout.parts[1:]):
+        return layout
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and os.path.isabs(runtime) else Path("/run" if os.geteuid() == 0 else "/tmp")
+    private = base / f"ocibuild-{os.geteuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        st = private.lstat()
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise EngineError(f"{private} is not a private directory of this user",
+                              f"remove {private}; ocibuild makes it again")
+        alias = private / hashlib.sha256(str(layout).encode()).hexdigest()[:16]
+        try:
+            if os.readlink(alias) == str(layout):
+                return alias
+        except OSError:
+            pass
+        tmp = private / f"{alias.name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(layout)
+        os.replace(tmp, alias)
+    except OSError as err:
+        raise EngineError(f"cannot make a podman-readable path for {layout}: {err}",
+                          "set XDG_RUNTIME_DIR to a writable directory, or use a --store path of lowercase names") from None
+    if not all(_NAME_COMPONENT.fullmatch(part) for part in alias.parts[1:]):
+        raise EngineError(f"{alias}: podman cannot name an image pulled from this path",
+                          "use a --store path of lowercase names, or an XDG_RUNTIME_DIR like /run/user/UID")
+    return alias
 
 
 class Engine:
@@ -127,7 +167,8 @@ class Engine:
         if self.has_image(image_id):
             return image_id
         if self.name == "podman":
-            out = self._call("pull", "--quiet", f"oci:{layout}:{tag}", what=f"loading image {tag}")
+            source = f"oci:{podman_layout_path(layout)}:{tag}"
+            out = self._call("pull", "--quiet", source, what=f"loading image {tag}")
             return out.strip().splitlines()[-1] if out.strip() else image_id
         self._call("load", "--input", str(archive()), what=f"loading image {tag}")
         return image_id

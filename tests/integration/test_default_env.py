@@ -18,9 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 OCIBUILD = [sys.executable, "-m", "ocibuild.cli"]
 
 
-def ocibuild(project: Path, store: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*OCIBUILD, *args, "-C", str(project), "--store", str(store)], capture_output=True,
-                            text=True, timeout=2400)
+def ocibuild(project: Path, store: Path, command: str, *args: str, check: bool = True
+             ) -> subprocess.CompletedProcess[str]:
+    """``ocibuild COMMAND -C project --store store ARGS``: the options before ARGS, which may hold ``-- CMD``."""
+    result = subprocess.run([*OCIBUILD, command, "-C", str(project), "--store", str(store), *args],
+                            capture_output=True, text=True, timeout=2400)
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result

@@ -193,3 +193,14 @@ def test_ocibuild_failing_before_the_command_exits_125(tmp_path: Path) -> None:
                             text=True, timeout=600)
     assert result.returncode == 125
     assert "error:" in result.stderr and "missing" in result.stderr
+
+
+def test_run_layer_with_the_store_under_dot_cache(tmp_path: Path) -> None:
+    """The default store lives in ~/.cache, a path podman 4.3 cannot name an image after."""
+    root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
+                   {"layers/app/s.sh": "echo ok > /ok\n"})
+    store_dir = tmp_path / "home" / ".cache" / "ocibuild" / "store"
+    build(root, store_dir)
+    ran = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", str(store_dir), "--", "cat", "/ok"],
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stderr

@@ -93,3 +93,22 @@ def test_engine_that_fails_to_start_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as info:
         Engine("podman", executable=str(tool)).run("img", ["true"], output=lambda line: None, what="layer 'x'")
     assert "could not start the container" in str(info.value) and "cannot set up namespace" in str(info.value)
+
+
+def test_podman_gets_a_nameable_path_for_a_store_under_dot_cache(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """podman 4.3 names an image pulled from oci:PATH after PATH, and refuses '.cache' or capitals in it."""
+    from ocibuild.engine import podman_layout_path
+
+    plain = tmp_path / "store"
+    assert podman_layout_path(plain) == plain
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    store = tmp_path / ".cache" / "ocibuild" / "Store"
+    alias = podman_layout_path(store)
+    assert alias.parent == runtime / f"ocibuild-{os.getuid()}" and os.readlink(alias) == str(store)
+    assert podman_layout_path(store) == alias  # the same alias again
+    (runtime / f"ocibuild-{os.getuid()}").chmod(0o777)
+    with pytest.raises(EngineError, match="not a private directory"):
+        podman_layout_path(store)
