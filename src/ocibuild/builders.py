@@ -290,7 +290,12 @@ def _import_oci_archive(ctx: BuildContext, layer: LayerRecipe, ref: str) -> None
 
 
 def read_oci_archive_index(path: Path, what: str) -> oci.Index:
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise RecipeError(f"{what}: cannot open {path}: {err.strerror}",
+                          "fix ref in the layer.toml (paths are relative to the layer folder)") from None
+    with f:
         for member, reader in tarlayer.iter_members(f, "none", what=what):
             if member.path == "index.json" and reader is not None:
                 return oci.Index.parse(reader.read(16 << 20), f"{what}: index.json")

@@ -240,3 +240,19 @@ def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_pat
                 assert json.loads(recorded.read_text()) == tarlayer.list_layer(f, "zstd", what="test")
             checked += 1
     assert checked == 3  # copy layers from the tree walk, the archive layer from its blob
+
+
+@pytest.mark.parametrize(
+    "layers, files, message",
+    [
+        ({"x": 'kind = "run"\nscript = "missing.sh"\n'}, {}, "'missing.sh' not found beside layer.toml"),
+        ({"x": 'kind = "image"\nref = "oci:nowhere:v1"\n'}, {}, "layers/x/nowhere"),
+        ({"x": 'kind = "image"\nref = "oci-archive:missing.tar"\n'}, {}, "missing.tar"),
+    ],
+)
+def test_missing_script_or_image_is_a_clear_error(make_project, tmp_path: Path, layers, files, message,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_project(layers, files=files)
+    assert cli.main(["plan", "-C", str(root), "--store", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err.splitlines()[0] and "hint: " in err, err
