@@ -389,11 +389,31 @@ class _Sink:
         pass
 
 
+class _ZstdSink(_Sink):
+    """zstd in multi-threaded mode: compress() hands the piece to zstd's workers and returns what they finished."""
+
+    def __init__(self, out: BinaryIO, threads: int) -> None:
+        super().__init__(out)
+        compressor = zstandard.ZstdCompressor(
+            level=ZSTD_LEVEL, threads=threads, write_checksum=False, write_content_size=False
+        )
+        self.cobj = compressor.compressobj()
+
+    def feed(self, chunk: memoryview) -> None:
+        data = self.cobj.compress(chunk)
+        if data:
+            self.out.write(data)
+
+    def finish(self) -> None:
+        self.out.write(self.cobj.flush())
+
+
 class _AsyncSink(_Sink):
-    """Compresses on one helper thread while the caller reads and hashes (zstd and ISA-L release the GIL).
+    """Deflates on one helper thread while the caller reads and hashes (ISA-L releases the GIL).
 
     Up to three pieces wait, so a slow moment on either side does not stall the other; the compressor sees the
-    same calls in the same order, so the bytes do not depend on the timing.
+    same calls in the same order, so the bytes do not depend on the timing. (zstd needs no such thread: its
+    workers already run beside the caller, and measured slower with one.)
     """
 
     def __init__(self, out: BinaryIO, compress: Callable[[bytes], bytes], flush: Callable[[], bytes]) -> None:
@@ -541,11 +561,7 @@ def write_layer(
     sink: _Sink
     try:
         if compression == "zstd":
-            workers = max(1, threads if threads is not None else _cpu_count())
-            zstd = zstandard.ZstdCompressor(
-                level=ZSTD_LEVEL, threads=workers, write_checksum=False, write_content_size=False
-            ).compressobj()
-            sink = _AsyncSink(out, zstd.compress, zstd.flush)
+            sink = _ZstdSink(out, max(1, threads if threads is not None else _cpu_count()))
         elif compression == "gzip":
             deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
             sink = _AsyncSink(out, deflate.compress, deflate.flush)
