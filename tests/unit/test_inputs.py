@@ -96,3 +96,22 @@ def test_fetch_verifies_local_files(tmp_path: Path) -> None:
         fetch(str(f), "0" * 64, tmp_path / "dl", what="layer 'go'")
     with pytest.raises(FetchError, match="not in the download cache"):
         fetch("https://example.invalid/x.tar", "0" * 64, tmp_path / "dl", offline=True, what="layer 'go'")
+
+
+def test_tree_digest_is_canonical_json_of_each_entry(tmp_path: Path) -> None:
+    """walk_tree writes each entry's document by hand for speed; it must stay byte-for-byte canonical_json."""
+    import hashlib
+
+    from ocibuild.oci import canonical_json
+
+    for name in ('quote"s', "back\\slash", "ünïcode", "tab\tand\nnewline", "plain.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "run.sh").write_text("x")
+    (tmp_path / "run.sh").chmod(0o755)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "link").symlink_to('../quote"s')
+    tree = walk_tree(tmp_path, [], StatCache(None), what="t")
+    h = hashlib.sha256()
+    for e in tree.entries:
+        h.update(canonical_json([e.path, e.type, "x" if e.mode & 0o111 else "-", e.linkname, e.sha256]) + b"\n")
+    assert tree.digest.hex == h.hexdigest()
