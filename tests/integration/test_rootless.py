@@ -7,7 +7,7 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -38,14 +38,28 @@ def user() -> pwd.struct_passwd:
     return entry
 
 
-def as_user(user: pwd.struct_passwd, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def python_path(user: pwd.struct_passwd) -> str:
+    """ocibuild and its libraries where the user can read them: the checkout (and its venv) may sit in a
+    directory only root can enter, as CI's does. The venv is made from /usr/bin/python3, so the copies run
+    under it; the copied site-packages is on PYTHONPATH, so its editable-install hook is not loaded."""
+    base = Path(f"/tmp/ocibuild-rootless-code-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.copytree(Path(__file__).resolve().parents[2] / "src", base / "src")
+    shutil.copytree(sysconfig.get_paths()["purelib"], base / "site", symlinks=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(base)], check=True)
+    yield f"{base / 'src'}:{base / 'site'}"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def as_user(user: pwd.struct_passwd, cwd: Path, python_path: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"HOME": user.pw_dir, "XDG_RUNTIME_DIR": f"/run/user/{user.pw_uid}", "PATH": os.environ["PATH"],
-           "LANG": "C.UTF-8"}
-    return subprocess.run(["runuser", "-u", user.pw_name, "--", sys.executable, "-m", "ocibuild.cli", *args],
+           "LANG": "C.UTF-8", "PYTHONPATH": python_path}
+    return subprocess.run(["runuser", "-u", user.pw_name, "--", "/usr/bin/python3", "-m", "ocibuild.cli", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_rootless_build_and_run(user: pwd.struct_passwd, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_rootless_build_and_run(user: pwd.struct_passwd, python_path: str) -> None:
     base = Path(f"/tmp/ocibuild-rootless-{os.getpid()}")
     shutil.rmtree(base, ignore_errors=True)
     project = base / "project"
@@ -68,20 +82,20 @@ def test_rootless_build_and_run(user: pwd.struct_passwd, tmp_path_factory: pytes
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
     store = str(base / "store")
     try:
-        built = as_user(user, project, "build", "--store", store)
+        built = as_user(user, project, python_path, "build", "--store", store)
         assert built.returncode == 0, built.stderr
-        ran = as_user(user, project, "run", "--store", store)
+        ran = as_user(user, project, python_path, "run", "--store", store)
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.split() == ["rootless", "source"]
         result = project / "out/result"
         assert result.read_text() == "made\n"
         assert result.stat().st_uid == user.pw_uid, "output files belong to the invoking user"
-        again = as_user(user, project, "build", "--json", "--store", store)
+        again = as_user(user, project, python_path, "build", "--json", "--store", store)
         assert again.returncode == 0 and again.stdout.count('"cached"') == 3
-        verify = as_user(user, project, "verify", "--store", store)
+        verify = as_user(user, project, python_path, "verify", "--store", store)
         assert verify.returncode == 0, verify.stdout + verify.stderr
         # the captured layer keeps the container's owners and modes, as seen inside the namespace
-        listing = as_user(user, project, "run", "--store", store, "--", "stat", "-c", "%u %a", "/opt/app", "/opt/app/f")
+        listing = as_user(user, project, python_path, "run", "--store", store, "--", "stat", "-c", "%u %a", "/opt/app", "/opt/app/f")
         assert listing.stdout.split("\n")[:2] == ["1000 755", "0 600"]
     finally:
         subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "unshare", "rm", "-rf", store], cwd="/tmp",
