@@ -68,10 +68,11 @@ class StatCache:
                 pass  # a missing or damaged cache is only slower
 
     def digest(self, path: str, st: os.stat_result) -> str:
-        signature: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
         cached = self._entries.get(path)
-        if cached is not None and cached[:-1] == signature:
-            return str(cached[-1])
+        if (cached is not None and cached[1] == st.st_mtime_ns and cached[2] == st.st_ctime_ns
+                and cached[0] == st.st_size and cached[3] == st.st_ino and cached[4] == st.st_mode):
+            return str(cached[5])  # (compared field by field: this runs once per file of every no-op build)
+        signature: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
         started = time.time_ns()
         hexdigest = hash_file(Path(path))
         if st.st_mtime_ns < started - RACY_NS and st.st_ctime_ns < started - RACY_NS:
