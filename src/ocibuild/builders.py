@@ -170,7 +170,8 @@ def build_bootstrap(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
     if layer.bool_("deb_src"):
         sources.append(f"deb-src {mirror} {suite} {components}")
     with _temp_file(ctx, ".tar") as out:
-        argv = ["mmdebstrap", f"--variant={layer.str_('variant')}", f"--components={','.join(layer.strings('components'))}"]
+        argv = ["mmdebstrap", f"--variant={layer.str_('variant')}", f"--components={','.join(layer.strings('components'))}",
+                '--aptopt=Acquire::Retries "5"']  # a dropped connection to the archive is retried, not fatal
         if layer.strings("packages"):
             argv.append(f"--include={','.join(layer.strings('packages'))}")
         if os.geteuid() != 0:

@@ -32,7 +32,7 @@ from typing import Any
 from .errors import LockError, RecipeError
 from .oci import Digest, canonical_json
 
-KEY_FORMAT = 1
+KEY_FORMAT = 2  # 2: bootstrap layers carry Acquire::Retries "5" in apt.conf.d/99mmdebstrap
 PROJECT_FILE = "ocibuild.toml"
 LAYER_FILE = "layer.toml"
 LOCK_FILE = "ocibuild.lock"

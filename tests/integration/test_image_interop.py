@@ -30,6 +30,9 @@ from ocibuild import oci
 from ocibuild.planner import cache_tag
 from ocibuild.store import Store
 
+# The session image's base is a bootstrap layer: mmdebstrap reaches Debian's archive, which only e2e tests do.
+pytestmark = pytest.mark.e2e
+
 MESSAGE = "hello from copy\n"
 TOOL = b"#!/bin/sh\necho tool from archive\n"
 CMD_OUTPUT = "hello from copy\ntool from archive\nhello from env\n"
