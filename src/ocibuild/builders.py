@@ -360,7 +360,8 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
     accepts become one layer. The change set comes from the engine's container diff and the files from its
     mounted root filesystem, so capturing costs in proportion to the change, not to the image. The output
     streams to ``ctx.output`` and to a log file in the store."""
-    container = f"ocibuild-{re.sub(r'[^a-z0-9_.-]', '-', name.lower())}-{key.hex[:12]}"
+    # the pid keeps two builds of the same layer (into two stores, say) from removing each other's container
+    container = f"ocibuild-{re.sub(r'[^a-z0-9_.-]', '-', name.lower())}-{key.hex[:12]}-{os.getpid()}"
     log_path = ctx.store.private_dir("logs") / f"{name}-{key.hex[:12]}.log"
     engine.remove_container(container)
     try:
