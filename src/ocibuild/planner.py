@@ -263,9 +263,10 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
                 continue
             output(f"building layer '{layer.name}' ({layer.recipe.kind})")
             if layer.recipe.kind == "run":
-                _build_run_layer(ctx, plan, done, layer, get_engine)
+                built = _build_run_layer(ctx, plan, done, layer, get_engine)
             else:
-                _build_layer(ctx, layer)
+                built = _build_layer(ctx, layer)
+            put_cache_entry(store, layer, built, architecture=project.image.architecture)
             done.append(replace(layer, status="built"))
         result_plan = Plan(project, tuple(done))
         merge = build_merge(ctx, result_plan, get_engine)
@@ -273,7 +274,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
     return BuildResult(result_plan, image, tuple(warnings))
 
 
-def _build_layer(ctx: BuildContext, layer: LayerPlan) -> Descriptor:
+def _build_layer(ctx: BuildContext, layer: LayerPlan) -> list[Built]:
     recipe = layer.recipe
     if recipe.kind == "copy":
         assert layer.tree is not None
@@ -286,11 +287,11 @@ def _build_layer(ctx: BuildContext, layer: LayerPlan) -> Descriptor:
         built = builders.build_bootstrap(ctx, recipe)
     else:
         built, _ = builders.build_image(ctx, recipe, layer.inputs[0].digest)
-    return put_cache_entry(ctx.store, layer, built)
+    return built
 
 
 def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], layer: LayerPlan,
-                     get_engine: Callable[[], Engine]) -> Descriptor:
+                     get_engine: Callable[[], Engine]) -> list[Built]:
     """Stage the stack of the layer's needs as an image, hand it to the engine, run the script, capture."""
     below = plan.project.closure(layer.name)
     if not below:
@@ -299,8 +300,7 @@ def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], l
     engine = get_engine()
     by_name = {l.name: l for l in done}
     with _staged(ctx.store, plan.project, [by_name[name] for name in below], layer.key, engine) as image:
-        built = builders.build_run(ctx, engine, layer.recipe, layer.key, image)
-    return put_cache_entry(ctx.store, layer, built)
+        return builders.build_run(ctx, engine, layer.recipe, layer.key, image)
 
 
 @contextmanager
@@ -336,7 +336,7 @@ def _check_release(layer: LayerRecipe, locked: Input) -> None:
         )
 
 
-def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[Built], architecture: str = "amd64") -> Descriptor:
+def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[Built], *, architecture: str) -> Descriptor:
     """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it."""
     labels = {
         LABEL_PREFIX + "name": layer.name,
@@ -555,7 +555,7 @@ def build_merge(ctx: BuildContext, plan: Plan, get_engine: Callable[[], Engine])
         built = _merge_with_ldconfig(ctx, plan, merge, merged, get_engine())
     else:
         built = _merge_files(ctx, merged)
-    put_cache_entry(store, merge, [built])
+    put_cache_entry(store, merge, [built], architecture=project.image.architecture)
     return merge
 
 

@@ -256,3 +256,13 @@ def test_missing_script_or_image_is_a_clear_error(make_project, tmp_path: Path, 
     assert cli.main(["plan", "-C", str(root), "--store", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err.splitlines()[0] and "hint: " in err, err
+
+
+def test_cache_entries_carry_the_image_architecture(make_project, store: Store) -> None:
+    root = make_project({"a": 'kind = "copy"\nfrom = "src"\nto = "/app"\n'}, image='architecture = "arm64"\n',
+                        files={"src/f": "x"})
+    _, result = _build(root, store)
+    layer = result.plan.layers[0]
+    entry = store.get_manifest(store.resolve(cache_tag(layer.name, layer.key)).digest)
+    assert store.get_config(entry.config.digest).architecture == "arm64"
+    assert store.get_config(store.get_manifest(result.image.digest).config.digest).architecture == "arm64"
