@@ -1,9 +1,20 @@
 """Inputs of layers: walking a copy tree (with ignore files), hashing files through a stat cache, downloads.
 
-The stat cache only saves re-reading files; it can never make a key stale. An entry is reused only when size,
-mtime, ctime, inode and mode all match, and an entry is never recorded for a file whose mtime lies within
-:data:`RACY_NS` of the moment it was hashed (a write in the same timestamp tick would leave its stat unchanged —
-git's "racy" entries); such files are hashed again next time.
+Neither cache can make a key stale; each only saves work.
+
+- File digests (``files.json``): an entry is reused only when size, mtime, ctime, inode and mode all match, and
+  an entry is never recorded for a file whose mtime or ctime lies within :data:`RACY_NS` of the moment it was
+  hashed (a write in the same timestamp tick would leave its stat unchanged — git's "racy" entries); such files
+  are hashed again next time.
+- Tree digests (``trees.json``, beside it): a copy tree's *fingerprint* hashes the root, the ignore patterns and,
+  for every entry the rules keep, its relative path and lstat (mode; for files size, mtime, ctime and inode; for
+  symlinks their target). Any content change moves a file's ctime, an added, removed or renamed entry changes the
+  path list, a chmod the mode; so while the fingerprint is unchanged, so is the tree digest, and a no-op build
+  stats the tree without opening the file cache. A fingerprint is recorded only when no file's mtime or ctime
+  lies within :data:`RACY_NS` of the start of the walk (the same racy rule), and only the latest one per root and
+  exclude list is kept.
+
+A missing or damaged cache file is only slower; both are written whole to a temporary file and renamed.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import marshal
 import os
 import re
 import stat
@@ -19,15 +31,17 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .errors import FetchError, RecipeError
+from .errors import FetchError, FormatError, RecipeError
 from .oci import Digest
 
 log = logging.getLogger(__name__)
 
 RACY_NS = 2_000_000_000  # coarser than any filesystem timestamp tick we meet (FAT: 2 s)
 IGNORE_FILES = (".containerignore", ".dockerignore")
+TREE_FORMAT = 1  # part of every tree fingerprint: bump it when a tree's digest or its fingerprint changes meaning
+TREE_SLOTS = 64  # trees (root and exclude list) whose latest fingerprint trees.json keeps
 _CHUNK = 1 << 20
 
 
@@ -53,46 +67,100 @@ class Tree:
 
 
 class StatCache:
-    """Maps absolute file paths to their content digest, trusted only while their stat is unchanged."""
+    """Content digests of files and digests of whole copy trees, each trusted only while the stats it was made
+    from are unchanged (see the module docstring).
+
+    ``path`` is the file cache; the tree cache is ``trees.json`` beside it. Each is read on first use, so a build
+    whose copy trees are all unchanged never reads the (large) file cache. ``None``: nothing is read or saved."""
 
     def __init__(self, path: Path | None) -> None:
         self._path = path
-        self._entries: dict[str, list[int | str]] = {}
-        self._dirty = False
-        if path is not None:
-            try:
-                loaded = json.loads(path.read_bytes())
-                if isinstance(loaded, dict):
-                    self._entries = loaded
-            except (OSError, ValueError):
-                pass  # a missing or damaged cache is only slower
+        self._trees_path = path.with_name("trees.json") if path is not None else None
+        self._files: dict[str, Any] | None = None
+        self._trees: dict[str, Any] | None = None
+        self._files_dirty = False
+        self._trees_dirty = False
 
     def digest(self, path: str, st: os.stat_result) -> str:
-        cached = self._entries.get(path)
-        if (cached is not None and cached[1] == st.st_mtime_ns and cached[2] == st.st_ctime_ns
-                and cached[0] == st.st_size and cached[3] == st.st_ino and cached[4] == st.st_mode):
-            return str(cached[5])  # (compared field by field: this runs once per file of every no-op build)
-        signature: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
+        """The sha256 hex of the file at ``path``, whose lstat (or stat) is ``st``."""
+        return self.file_digest(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
+
+    def file_digest(self, path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int, mode: int) -> str:
+        """:meth:`digest` from the fields of the stat."""
+        entries = self._files if self._files is not None else self._load_files()
+        cached = entries.get(path)
+        if (type(cached) is list and len(cached) == 6 and cached[1] == mtime_ns and cached[2] == ctime_ns
+                and cached[0] == size and cached[3] == ino and cached[4] == mode):
+            return str(cached[5])  # (compared field by field: this runs once per file of a changed tree)
         started = time.time_ns()
         hexdigest = hash_file(Path(path))
-        if st.st_mtime_ns < started - RACY_NS and st.st_ctime_ns < started - RACY_NS:
-            self._entries[path] = [*signature, hexdigest]
-            self._dirty = True
-        elif path in self._entries:
-            del self._entries[path]
-            self._dirty = True
+        if mtime_ns < started - RACY_NS and ctime_ns < started - RACY_NS:
+            entries[path] = [size, mtime_ns, ctime_ns, ino, mode, hexdigest]
+            self._files_dirty = True
+        elif path in entries:
+            del entries[path]
+            self._files_dirty = True
         return hexdigest
 
-    def save(self) -> None:
-        if not self._dirty or self._path is None:
+    def tree_digest(self, slot: str, fingerprint: str) -> Digest | None:
+        """The digest recorded for ``fingerprint`` of the tree ``slot`` names, or None."""
+        trees = self._trees if self._trees is not None else self._load_trees()
+        found = trees.get(slot)
+        if type(found) is list and len(found) == 2 and found[0] == fingerprint and isinstance(found[1], str):
+            try:
+                return Digest.parse(found[1])
+            except FormatError:
+                return None
+        return None
+
+    def record_tree(self, slot: str, fingerprint: str, digest: Digest) -> None:
+        """Remember ``digest`` for ``fingerprint``, replacing what ``slot`` held (the newest slots are kept)."""
+        trees = self._trees if self._trees is not None else self._load_trees()
+        entry = [fingerprint, str(digest)]
+        if trees.get(slot) == entry:
             return
-        tmp = self._path.with_name(f"{self._path.name}.{os.getpid()}.tmp")
+        trees.pop(slot, None)
+        trees[slot] = entry
+        while len(trees) > TREE_SLOTS:
+            del trees[next(iter(trees))]
+        self._trees_dirty = True
+
+    def save(self) -> None:
+        if self._files_dirty and self._files is not None:
+            _save_json(self._path, self._files)
+        if self._trees_dirty and self._trees is not None:
+            _save_json(self._trees_path, self._trees)
+        self._files_dirty = self._trees_dirty = False
+
+    def _load_files(self) -> dict[str, Any]:
+        self._files = _load_json(self._path)
+        return self._files
+
+    def _load_trees(self) -> dict[str, Any]:
+        self._trees = _load_json(self._trees_path)
+        return self._trees
+
+
+def _load_json(path: Path | None) -> dict[str, Any]:
+    if path is not None:
         try:
-            tmp.write_bytes(json.dumps(self._entries, separators=(",", ":")).encode())
-            os.replace(tmp, self._path)
-        except OSError as err:  # only a cache: the next run hashes again
-            log.debug("could not save stat cache %s: %s", self._path, err)
-        self._dirty = False
+            loaded = json.loads(path.read_bytes())
+            if isinstance(loaded, dict):
+                return loaded
+        except (OSError, ValueError):
+            pass  # a missing or damaged cache is only slower
+    return {}
+
+
+def _save_json(path: Path | None, document: dict[str, Any]) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(json.dumps(document, separators=(",", ":")).encode())
+        os.replace(tmp, path)
+    except OSError as err:  # only a cache: the next run hashes again
+        log.debug("could not save stat cache %s: %s", path, err)
 
 
 def hash_file(path: Path) -> str:
@@ -114,8 +182,9 @@ class IgnoreRules:
     the last matching pattern wins and a pattern matching a directory covers everything below it."""
 
     def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
         self._rules: list[tuple[bool, re.Pattern[str]]] = []
-        for raw in patterns:
+        for raw in self.patterns:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -184,66 +253,137 @@ def _glob_to_regex(pattern: str) -> str:
     return "".join(out) + "(?:/.*)?$"
 
 
+class _Scan(NamedTuple):
+    """What one pass over a copy tree saw: the kept entries' stats, in directory order, and their fingerprint."""
+
+    root: Path
+    single: bool  # the root is a file
+    records: list[tuple[Any, ...]]  # (path, mode) dirs, (path, mode, size, mtime, ctime, ino) files,
+    slot: str  # (path, mode, target) symlinks
+    fingerprint: str
+
+
+def tree_digest(root: Path, exclude: Sequence[str], cache: StatCache, *, what: str) -> tuple[Digest, Tree | None]:
+    """The digest :func:`walk_tree` gives, and the walked tree when it had to be made (None when the tree cache
+    knew the digest: nothing was hashed and no entry built)."""
+    started = time.time_ns()
+    scan = _scan(root, exclude, what)
+    known = cache.tree_digest(scan.slot, scan.fingerprint)
+    if known is not None:
+        return known, None
+    tree = _tree(scan, cache)
+    _record(scan, tree.digest, cache, started)
+    return tree.digest, tree
+
+
 def walk_tree(root: Path, exclude: Sequence[str], cache: StatCache, *, what: str) -> Tree:
     """Every entry below ``root`` that the ignore rules keep, sorted by path, with content digests."""
+    started = time.time_ns()
+    scan = _scan(root, exclude, what)
+    tree = _tree(scan, cache)
+    _record(scan, tree.digest, cache, started)
+    return tree
+
+
+def _scan(root: Path, exclude: Sequence[str], what: str) -> _Scan:
     if not root.exists():
         raise RecipeError(f"{what}: '{root}' does not exist", "fix the path, relative to the project root")
-    rules = IgnoreRules.for_tree(root, exclude) if root.is_dir() else IgnoreRules(exclude)
-    entries: list[TreeEntry] = []
-    if not root.is_dir():
+    single = not root.is_dir()
+    records: list[tuple[Any, ...]] = []
+    if single:
+        rules = IgnoreRules(exclude)
         st = root.stat()
-        entries.append(TreeEntry(root.name, "file", stat.S_IMODE(st.st_mode), st.st_size, "", str(root),
-                                 cache.digest(str(root), st)))
+        records.append((root.name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     else:
-        _walk(root, "", rules, cache, entries, what)
-    entries.sort(key=lambda e: e.path.encode())
-    h = hashlib.sha256()
-    quote = json.encoder.encode_basestring  # C-accelerated, what canonical_json uses for strings
-    for e in entries:
-        # the bytes of canonical_json([path, type, "x" | "-", linkname, sha256]) + "\n", written out: one
-        # document per file, where building them through the encoder cost a fifth of a no-op build
-        executable = '"x"' if e.mode & 0o111 else '"-"'
-        h.update(f'[{quote(e.path)},"{e.type}",{executable},{quote(e.linkname)},"{e.sha256}"]\n'.encode())
-    return Tree(tuple(entries), Digest("sha256", h.hexdigest()))
+        rules = IgnoreRules.for_tree(root, exclude)
+        _walk(str(root), "", rules.excluded if rules.active else None, rules.has_negations, records, what)
+    slot = json.dumps([str(root), list(exclude)])
+    # marshal version 2 writes no back-references, so equal lists always give equal bytes
+    h = hashlib.sha256(marshal.dumps((TREE_FORMAT, slot, single, rules.patterns), 2))
+    h.update(marshal.dumps(records, 2))
+    return _Scan(root, single, records, slot, h.hexdigest())
 
 
-def _walk(directory: str | Path, prefix: str, rules: IgnoreRules, cache: StatCache, out: list[TreeEntry],
-          what: str) -> None:
-    # the hot loop of a no-op build (one pass per entry of every copy tree): names bound locally, rules skipped
-    # when there are none
+def _walk(directory: str, prefix: str, check: Callable[[str], bool] | None, negations: bool,
+          out: list[tuple[Any, ...]], what: str) -> None:
+    # the hot loop of a no-op build (one pass per entry of every copy tree): only an lstat and a tuple per entry,
+    # names bound locally, file types compared as plain ints, rules skipped when there are none
     try:
         scanner = os.scandir(directory)
     except OSError as err:
         raise RecipeError(f"{what}: cannot list {directory}: {err.strerror}", "check permissions") from None
-    check = rules.excluded if rules.active else None
-    negations = rules.has_negations
-    digest, append, imode = cache.digest, out.append, stat.S_IMODE
+    append = out.append
+    excluded = False
     with scanner:
         for item in scanner:
-            name = item.name
-            if not prefix and name in IGNORE_FILES:
+            rel = prefix + item.name
+            if not prefix and rel in IGNORE_FILES:
                 continue
-            rel = prefix + name
-            excluded = check is not None and check(rel)
-            if excluded and not negations:
-                continue
+            if check is not None:
+                excluded = check(rel)
+                if excluded and not negations:
+                    continue
             st = item.stat(follow_symlinks=False)
-            fmt = stat.S_IFMT(st.st_mode)
-            if fmt == stat.S_IFDIR:
+            mode = st.st_mode
+            kind = mode & 0o170000
+            if kind == 0o100000:  # S_IFREG
                 if not excluded:
-                    append(TreeEntry(rel, "dir", imode(st.st_mode)))
-                _walk(item.path, rel + "/", rules, cache, out, what)
+                    append((rel, mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+            elif kind == 0o040000:  # S_IFDIR
+                if not excluded:
+                    append((rel, mode))
+                _walk(item.path, rel + "/", check, negations, out, what)
             elif excluded:
                 continue
-            elif fmt == stat.S_IFREG:
-                append(TreeEntry(rel, "file", imode(st.st_mode), st.st_size, "", item.path, digest(item.path, st)))
-            elif fmt == stat.S_IFLNK:
-                append(TreeEntry(rel, "symlink", imode(st.st_mode), 0, os.readlink(item.path)))
+            elif kind == 0o120000:  # S_IFLNK
+                append((rel, mode, os.readlink(item.path)))
             else:
                 raise RecipeError(
                     f"{what}: {item.path} is a device, socket or fifo, which a layer cannot hold",
                     "exclude it with 'exclude' or a .containerignore",
                 )
+
+
+def _tree(scan: _Scan, cache: StatCache) -> Tree:
+    """The tree of a scan: entries sorted by path, files hashed through the stat cache."""
+    digest = cache.file_digest
+    entries: list[TreeEntry] = []
+    append = entries.append
+    if scan.single:
+        name, mode, size, mtime, ctime, ino = scan.records[0]
+        source = str(scan.root)
+        append(TreeEntry(name, "file", mode & 0o7777, size, "", source, digest(source, size, mtime, ctime, ino, mode)))
+    else:
+        base = os.path.join(str(scan.root), "")
+        for record in scan.records:
+            kind = record[1] & 0o170000
+            if kind == stat.S_IFREG:
+                rel, mode, size, mtime, ctime, ino = record
+                source = base + rel
+                append(TreeEntry(rel, "file", mode & 0o7777, size, "", source,
+                                 digest(source, size, mtime, ctime, ino, mode)))
+            elif kind == stat.S_IFDIR:
+                append(TreeEntry(record[0], "dir", record[1] & 0o7777))
+            else:
+                append(TreeEntry(record[0], "symlink", record[1] & 0o7777, 0, record[2]))
+    entries.sort(key=lambda e: e.path.encode())
+    # the bytes of canonical_json([path, type, "x" | "-", linkname, sha256]) + "\n" per entry, written out by hand
+    # (building them through the encoder cost a fifth of a no-op build) and hashed at once
+    quote = json.encoder.encode_basestring  # C-accelerated, what canonical_json uses for strings
+    executable, plain = '"x"', '"-"'
+    text = "".join([f'[{quote(e.path)},"{e.type}",{executable if e.mode & 0o111 else plain},{quote(e.linkname)},'
+                    f'"{e.sha256}"]\n' for e in entries])
+    return Tree(tuple(entries), Digest("sha256", hashlib.sha256(text.encode()).hexdigest()))
+
+
+def _record(scan: _Scan, digest: Digest, cache: StatCache, started: int) -> None:
+    """Put the scan's fingerprint in the tree cache unless a file in it may still change within its timestamp
+    tick (the racy rule of the module docstring)."""
+    limit = started - RACY_NS
+    for record in scan.records:
+        if len(record) == 6 and (record[3] >= limit or record[4] >= limit):
+            return
+    cache.record_tree(scan.slot, scan.fingerprint, digest)
 
 
 # ---- downloads -------------------------------------------------------------------------------------------------

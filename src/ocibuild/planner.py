@@ -25,7 +25,7 @@ from . import bookkeeping, builders, bundle, oci, registry, tarlayer
 from .builders import BuildContext, Built
 from .engine import BindMount, Engine
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
-from .inputs import StatCache, Tree, fetch_bytes, hash_file, walk_tree
+from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
 from .oci import Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
 from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store
@@ -48,7 +48,8 @@ class LayerPlan:
     key: Digest
     inputs: tuple[Input, ...]
     status: str  # plan: "cached" | "pull" | "build"; after build: "cached" | "pulled" | "built"
-    tree: Tree | None = field(default=None, compare=False)  # a copy layer's walked tree, reused by the builder
+    # a copy layer's tree when planning had to walk it in full (the tree cache did not know it), for the builder
+    tree: Tree | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -69,6 +70,8 @@ class LayerPlan:
 class Plan:
     project: Project
     layers: tuple[LayerPlan, ...]
+    # the cache planning used, for build() to walk copy trees that planning only fingerprinted
+    stat_cache: StatCache | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"image": self.project.image.name, "layers": [layer.to_dict() for layer in self.layers]}
@@ -183,7 +186,7 @@ def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache)
         keys[layer.name] = key
         status = "cached" if index.find(cache_tag(layer.name, key)) is not None else "build"
         layers.append(LayerPlan(layer, key, tuple(inputs), status, tree))
-    return Plan(project, tuple(layers))
+    return Plan(project, tuple(layers), stat_cache)
 
 
 def _relative(project: Project, path: Path) -> str:
@@ -203,12 +206,8 @@ def _inputs(project: Project, layer: LayerRecipe, lock: Lock, cache: StatCache) 
                             "run `ocibuild lock` to resolve it")
         return [Input(source, entry.digest)], None
     if layer.kind == "copy":
-        root = (project.root / layer.str_("from")).resolve()
-        if root != project.root and project.root not in root.parents:
-            raise RecipeError(f"{where}: 'from' {layer.str_('from')!r} leaves the project directory",
-                              "copy only paths inside the project")
-        tree = walk_tree(root, layer.strings("exclude"), cache, what=where)
-        return [Input(layer.str_("from"), tree.digest)], tree
+        digest, tree = tree_digest(_copy_root(project, layer, where), layer.strings("exclude"), cache, what=where)
+        return [Input(layer.str_("from"), digest)], tree
     if layer.kind == "archive":
         url = layer.str_("url")
         name = url if "://" in url else _relative(project, layer.dir / url)
@@ -223,6 +222,31 @@ def _inputs(project: Project, layer: LayerRecipe, lock: Lock, cache: StatCache) 
                 inputs.append(Input(ref.url, Digest.from_hex(ref.sha256)))
         return inputs, None
     raise RecipeError(f"{where}: unknown kind '{layer.kind}'")
+
+
+def _copy_root(project: Project, layer: LayerRecipe, where: str) -> Path:
+    root = (project.root / layer.str_("from")).resolve()
+    if root != project.root and project.root not in root.parents:
+        raise RecipeError(f"{where}: 'from' {layer.str_('from')!r} leaves the project directory",
+                          "copy only paths inside the project")
+    return root
+
+
+def _copy_tree(plan: Plan, layer: LayerPlan) -> Tree:
+    """The tree a copy layer is built from: the one planning walked, else walked now (through the plan's stat
+    cache), which must still have the digest its key was made from."""
+    if layer.tree is not None:
+        return layer.tree
+    project, recipe = plan.project, layer.recipe
+    where = _relative(project, recipe.file)
+    cache = plan.stat_cache or StatCache(None)
+    tree = walk_tree(_copy_root(project, recipe, where), recipe.strings("exclude"), cache, what=where)
+    cache.save()
+    if tree.digest != layer.inputs[0].digest:
+        raise RecipeError(f"{where}: '{recipe.str_('from')}' changed while the build ran (its digest was "
+                          f"{layer.inputs[0].digest.short} when planned, {tree.digest.short} now)",
+                          "run the build again")
+    return tree
 
 
 def _file_input(project: Project, layer: LayerRecipe, rel: str, cache: StatCache, where: str) -> Input:
@@ -264,11 +288,13 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
             output(f"building layer '{layer.name}' ({layer.recipe.kind})")
             if layer.recipe.kind == "run":
                 built = _build_run_layer(ctx, plan, done, layer, get_engine)
+            elif layer.recipe.kind == "copy":
+                built = builders.build_copy(ctx, layer.recipe, _copy_tree(plan, layer))
             else:
                 built = _build_layer(ctx, layer)
             put_cache_entry(store, layer, built, architecture=project.image.architecture)
             done.append(replace(layer, status="built"))
-        result_plan = Plan(project, tuple(done))
+        result_plan = replace(plan, layers=tuple(done))
         merge = build_merge(ctx, result_plan, get_engine)
         image, warnings = assemble(result_plan, store, strict=strict, output=output, merge=merge)
     return BuildResult(result_plan, image, tuple(warnings))
@@ -276,10 +302,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
 
 def _build_layer(ctx: BuildContext, layer: LayerPlan) -> list[Built]:
     recipe = layer.recipe
-    if recipe.kind == "copy":
-        assert layer.tree is not None
-        built = builders.build_copy(ctx, recipe, layer.tree)
-    elif recipe.kind == "archive":
+    if recipe.kind == "archive":
         built = builders.build_archive(ctx, recipe)
     elif recipe.kind == "bootstrap":
         if not ctx.offline:  # offline, build_bootstrap refuses before anything reaches the network
@@ -625,7 +648,7 @@ def remote_status(plan: Plan, client: registry.Client, repository: str, *,
     found = registry.find_manifests(client, repository, list(wanted), jobs=jobs)
     remotes = {wanted[tag].name: remote for tag, remote in found.items() if remote is not None}
     layers = tuple(replace(l, status="pull") if l.name in remotes else l for l in plan.layers)
-    return Plan(plan.project, layers), remotes
+    return replace(plan, layers=layers), remotes
 
 
 def pull_layers(plan: Plan, store: Store, client: registry.Client, repository: str,
@@ -647,7 +670,7 @@ def pull_layers(plan: Plan, store: Store, client: registry.Client, repository: s
                     f"(its key label is {config.labels.get(LABEL_PREFIX + 'key')!r})",
                     "something else was pushed under that tag; delete it from the registry and push the cache again")
             store.tag(tag, stored[tag])
-    return Plan(plan.project, tuple(replace(l, status="pulled") if l.status == "pull" else l for l in plan.layers))
+    return replace(plan, layers=tuple(replace(l, status="pulled") if l.status == "pull" else l for l in plan.layers))
 
 
 def push_layers(plan: Plan, store: Store, client: registry.Client, repository: str, *,

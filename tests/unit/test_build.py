@@ -266,3 +266,35 @@ def test_cache_entries_carry_the_image_architecture(make_project, store: Store) 
     entry = store.get_manifest(store.resolve(cache_tag(layer.name, layer.key)).digest)
     assert store.get_config(entry.config.digest).architecture == "arm64"
     assert store.get_config(store.get_manifest(result.image.digest).config.digest).architecture == "arm64"
+
+
+def test_copy_layer_planned_from_the_tree_cache_is_walked_when_built(make_project, tmp_path: Path, store: Store,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning reuses a tree's recorded digest without walking it in full; building walks it and refuses to
+    build under a key made from a tree that changed in between."""
+    import time
+
+    monkeypatch.setattr("ocibuild.inputs.RACY_NS", 20_000_000)  # the fresh files may be recorded after 20 ms
+    root = _project(make_project, tmp_path)
+    time.sleep(0.05)
+    cache = StatCache(None)
+    project = load_project(root)
+    first = build(make_plan(project, store, Lock(), cache), store)
+    # a new toolchain: "tools" (needs = ["go"]) gets a new key, its tree comes from the tree cache
+    sha = _tarball(root / "layers/go/toolchain.tar.gz", {"go/bin/go": b"#!/bin/sh\necho go2\n"})
+    write(root / "layers/go/layer.toml", f'kind = "archive"\nurl = "toolchain.tar.gz"\nsha256 = "{sha}"\ndest = "/usr/local"\n')
+    project = load_project(root)
+    plan = make_plan(project, store, Lock(), cache)
+    tools = plan.layer("tools")
+    assert tools.status == "build" and tools.tree is None
+    again = build(plan, store)
+    assert again.plan.layer("tools").status == "built"
+    layers = [store.get_manifest(r.image.digest).layers for r in (first, again)]
+    assert layers[0][1] == layers[1][1]  # the same tools layer, from the tree walked at build time
+    # the source layer's entry is gone and its tree changes after planning
+    store.untag(cache_tag("source", plan.layer("source").key))
+    plan = make_plan(project, store, Lock(), cache)
+    assert plan.layer("source").status == "build" and plan.layer("source").tree is None
+    (root / "src/main.go").write_text("package main // edited after planning\n")
+    with pytest.raises(RecipeError, match="'src' changed while the build ran"):
+        build(plan, store)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from ocibuild.errors import FetchError
-from ocibuild.inputs import IgnoreRules, StatCache, fetch, hash_file, walk_tree
+from ocibuild.inputs import IgnoreRules, StatCache, fetch, hash_file, tree_digest, walk_tree
+from ocibuild.oci import Digest
 
 
 @pytest.mark.parametrize(
@@ -115,3 +118,153 @@ def test_tree_digest_is_canonical_json_of_each_entry(tmp_path: Path) -> None:
     for e in tree.entries:
         h.update(canonical_json([e.path, e.type, "x" if e.mode & 0o111 else "-", e.linkname, e.sha256]) + b"\n")
     assert tree.digest.hex == h.hexdigest()
+
+
+# ---- the tree cache -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A racy window of 20 ms instead of 2 s, so that a test waits (:func:`_settle`) rather than backdating: a
+    file's ctime cannot be set, and the point of these tests is that ctime catches what mtime does not."""
+    monkeypatch.setattr("ocibuild.inputs.RACY_NS", 20_000_000)
+
+
+def _settle() -> None:
+    time.sleep(0.05)  # past the short racy window, and past any timestamp tick (so the next change moves ctime)
+
+
+def _cache_file(tmp_path: Path) -> Path:
+    (tmp_path / "statcache").mkdir(exist_ok=True)
+    return tmp_path / "statcache" / "files.json"
+
+
+def _recorded(root: Path, exclude: list[str], cache_file: Path) -> Digest:
+    """The tree's digest, walked in full and recorded in the tree cache at ``cache_file``."""
+    cache = StatCache(cache_file)
+    digest, tree = tree_digest(root, exclude, cache, what="t")
+    assert tree is not None and tree.digest == digest
+    cache.save()
+    assert json.loads(cache_file.with_name("trees.json").read_text()), "the tree was not recorded"
+    return digest
+
+
+def test_tree_cache_hit_gives_the_full_walks_digest_without_hashing(tmp_path: Path, short_racy_window: None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "t"
+    _tree(root)
+    _settle()
+    cache_file = _cache_file(tmp_path)
+    digest = _recorded(root, [], cache_file)
+    assert digest == walk_tree(root, [], StatCache(None), what="t").digest
+    cache_file.unlink()
+    monkeypatch.setattr("ocibuild.inputs.hash_file", lambda path: pytest.fail(f"{path} was hashed"))
+    cache = StatCache(cache_file)
+    assert tree_digest(root, [], cache, what="t") == (digest, None)
+    cache.save()
+    assert not cache_file.exists(), "a tree cache hit must leave the file cache alone"
+
+
+def _edit_in_place(root: Path) -> None:
+    """New content of the same size, mtime put back: only ctime (and the content) differ."""
+    f = root / "a.txt"
+    st = f.stat()
+    f.write_text("b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns and f.stat().st_size == st.st_size
+
+
+def _swap_link(root: Path) -> None:
+    (root / "link").unlink()
+    (root / "link").symlink_to("sub/run.sh")
+
+
+CHANGES = {
+    "content, same size and mtime": _edit_in_place,
+    "file added": lambda root: (root / "sub" / "new").write_text("new"),
+    "file removed": lambda root: (root / "sub" / "run.sh").unlink(),
+    "file renamed": lambda root: (root / "a.txt").rename(root / "b.txt"),
+    "chmod +x": lambda root: (root / "a.txt").chmod(0o755),
+    "directory added": lambda root: (root / "empty").mkdir(),
+    "symlink target": _swap_link,
+    ".containerignore": lambda root: (root / ".containerignore").write_text("bundles\na.txt\n"),
+    "excluded entry re-included": lambda root: (root / ".containerignore").unlink(),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+def test_tree_cache_never_serves_a_changed_tree(tmp_path: Path, short_racy_window: None, change) -> None:
+    root = tmp_path / "t"
+    _tree(root)
+    _settle()
+    cache_file = _cache_file(tmp_path)
+    before = _recorded(root, [], cache_file)
+    change(root)
+    digest, tree = tree_digest(root, [], StatCache(cache_file), what="t")
+    assert tree is not None, "the changed tree was served from the tree cache"
+    assert digest == walk_tree(root, [], StatCache(None), what="t").digest != before
+
+
+def test_tree_cache_keys_on_the_exclude_list(tmp_path: Path, short_racy_window: None) -> None:
+    root = tmp_path / "t"
+    _tree(root)
+    _settle()
+    cache_file = _cache_file(tmp_path)
+    everything = _recorded(root, [], cache_file)
+    without_sub = _recorded(root, ["sub"], cache_file)
+    assert without_sub == walk_tree(root, ["sub"], StatCache(None), what="t").digest != everything
+    for exclude, digest in (([], everything), (["sub"], without_sub)):  # each list keeps its own entry
+        assert tree_digest(root, exclude, StatCache(cache_file), what="t") == (digest, None)
+
+
+def test_tree_cache_of_a_single_file(tmp_path: Path, short_racy_window: None) -> None:
+    f = tmp_path / "go.mod"
+    f.write_text("module x\n")
+    _settle()
+    cache_file = _cache_file(tmp_path)
+    digest = _recorded(f, [], cache_file)
+    assert digest == walk_tree(f, [], StatCache(None), what="t").digest
+    assert tree_digest(f, [], StatCache(cache_file), what="t") == (digest, None)
+    _edit_in_place_file(f)
+    digest2, tree = tree_digest(f, [], StatCache(cache_file), what="t")
+    assert tree is not None and digest2 == walk_tree(f, [], StatCache(None), what="t").digest != digest
+
+
+def _edit_in_place_file(f: Path) -> None:
+    st = f.stat()
+    f.write_text("module y\n")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_tree_cache_does_not_record_a_racy_tree(tmp_path: Path) -> None:
+    """Files written just now (within RACY_NS) could change again without moving their timestamps."""
+    root = tmp_path / "t"
+    _tree(root)
+    cache_file = _cache_file(tmp_path)
+    cache = StatCache(cache_file)
+    digest, tree = tree_digest(root, [], cache, what="t")
+    assert tree is not None
+    cache.save()
+    trees = cache_file.with_name("trees.json")
+    assert not trees.exists() or json.loads(trees.read_text()) == {}
+    assert tree_digest(root, [], StatCache(cache_file), what="t")[1] is not None
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"[1, 2]", b'{"x": 1}', None])
+def test_damaged_caches_are_only_slower(tmp_path: Path, short_racy_window: None, damage: bytes | None) -> None:
+    root = tmp_path / "t"
+    _tree(root)
+    _settle()
+    cache_file = _cache_file(tmp_path)
+    digest = _recorded(root, [], cache_file)
+    trees = cache_file.with_name("trees.json")
+    if damage is None:  # the right shape, a wrong value
+        damage = json.dumps({slot: [fingerprint, "sha256:bad"] for slot, (fingerprint, _) in
+                             json.loads(trees.read_text()).items()}).encode()
+    trees.write_bytes(damage)
+    cache_file.write_bytes(damage)
+    cache = StatCache(cache_file)
+    again, tree = tree_digest(root, [], cache, what="t")
+    assert tree is not None and again == digest
+    cache.save()  # rewritten whole
+    assert tree_digest(root, [], StatCache(cache_file), what="t") == (digest, None)
