@@ -7,7 +7,6 @@ With ``--json`` stdout holds exactly one JSON document; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
@@ -15,17 +14,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__, bundle, doctor, planner, registry
+from . import __version__, registry
 from .config import Config, load_config
-from .engine import BindMount, Engine
 from .errors import OcibuildError
-from .inputs import StatCache
-from .oci import Descriptor
-from .planner import Plan
 from .recipe import Project, load_lock, load_project
 from .store import Store
+
+# Start-up time is part of every command's time (a no-op build, a push that finds everything present), so the
+# modules only some commands need (planner, bundle, engine, doctor: zstandard, isal, python-on-whales) are
+# imported in the functions that use them.
+if TYPE_CHECKING:
+    from . import planner
+    from .engine import Engine
+    from .oci import Descriptor
+    from .planner import Plan
 
 log = logging.getLogger("ocibuild")
 
@@ -135,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _engine_factory(config: Config, project: Project, choice: str | None) -> Callable[[], Engine]:
+    from .engine import Engine
+
     return lambda: Engine.detect(choice or project.run.engine, config.engine_args)
 
 
@@ -170,6 +176,9 @@ def _registries(config: Config) -> registry.Registries:
 
 
 def _plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None) -> Plan:
+    from . import planner
+    from .inputs import StatCache
+
     project = _project(args)
     lock = load_lock(project.root)
     resolved = planner.resolve_lock(project, lock, offline=getattr(args, "offline", False), registries=registries)
@@ -207,6 +216,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _compile(args, console)
     if args.command == "doctor":
+        from . import doctor
+
         checks = doctor.run_checks(load_config(args.store), args.engine)
         for check in checks:
             print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
@@ -217,6 +228,8 @@ def _run(args: argparse.Namespace) -> int:
             raise OcibuildError(f"{len(failed)} check(s) failed", "apply the fixes above, then run `ocibuild doctor` again")
         return 0
     if args.command == "lock":
+        from . import planner
+
         project = _project(args)
         lock = planner.resolve_lock(project, load_lock(project.root), refresh=args.layers or project.layer_names)
         planner.write_lock(project, lock)
@@ -251,6 +264,8 @@ def _run(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace, config: Config, store: Store, console: _Console, *,
            strict: bool = False) -> tuple[Plan, planner.BuildResult]:
     """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
+    from . import planner
+
     registries = _registries(config)
     plan = _plan(args, store, registries)
     plan, remote = _remote_plan(args, plan, registries)
@@ -266,6 +281,8 @@ def _remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Regi
                  ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.Remote]] | None]:
     """With a cache (--cache or [cache] ref) and not --offline: the plan with status "pull" where the registry
     holds a missing layer, and what is needed to pull those layers."""
+    from . import planner
+
     reference = planner.cache_repository(plan.project, args.cache)
     if reference is None or args.offline or all(layer.status != "build" for layer in plan.layers):
         return plan, None
@@ -297,6 +314,8 @@ def _registry_command(args: argparse.Namespace, console: _Console) -> int:
         doc: dict[str, Any] = {"ref": f"{reference.registry}/{reference.repository}:{tag}",
                                "digest": str(image.digest), "status": status}
     else:
+        from . import planner
+
         plan = _plan(args, store, registries)
         cache_text = args.ref or args.cache_option if args.command == "push-cache" else args.cache
         cache_ref = planner.cache_repository(plan.project, cache_text)
@@ -346,6 +365,8 @@ def _check_offline(plan: Plan) -> int:
 
 
 def _login(args: argparse.Namespace, registries: registry.Registries) -> int:
+    import getpass
+
     username = args.username or input("Username: ")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -380,6 +401,8 @@ def _print_transfer(command: str, doc: dict[str, Any]) -> None:
 
 def _bundle_command(args: argparse.Namespace) -> int:
     """`export`, `import` and `inventory`: archives for air-gapped machines (see :mod:`ocibuild.bundle`)."""
+    from . import bundle, planner
+
     _, store = _open(args)
     if args.command == "inventory":
         sys.stdout.buffer.write(bundle.inventory(store).to_json() + b"\n")
@@ -427,6 +450,9 @@ def _bundle_command(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace, console: _Console) -> int:
     """`ocibuild run`: build (a no-op when cached), hand the image to the engine, run the command. Exits with the
     command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
+    from . import bundle
+    from .engine import BindMount
+
     try:
         config, store = _open(args)
         plan, result = _build(args, config, store, console)
@@ -463,6 +489,8 @@ def _compile(args: argparse.Namespace, console: _Console) -> int:
 
 
 def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:
+    from . import bundle
+
     if not target.startswith("oci-archive:"):
         raise OcibuildError(f"--output {target}: only oci-archive:PATH is supported", "write --output oci-archive:out.tar")
     bundle.write_oci_archive(store, image, name, Path(target.split(":", 1)[1]))

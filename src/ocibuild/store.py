@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 _PRIVATE = "ocibuild"
 _RESERVED = frozenset({"lock", "lease"})
 _BLOB_TMP = "blob-"  # the prefix of Store.writer's temporary files
+_PARTIAL = "partial-"  # resumable downloads (Store.writer(resumable=True)): partial-<algorithm>-<hex>
 _STALE_AFTER = 3600.0  # seconds after which any other temporary file is presumed abandoned
 _WRITE_BUFFER = 1 << 20
 _READ_BUFFER = 1 << 18
@@ -128,6 +129,29 @@ class BlobWriter:
 
     def flush(self) -> None:
         pass
+
+    def restart(self) -> None:
+        """Throw away what was written: the blob starts again from its first byte."""
+        try:
+            self._file.seek(0)
+            self._file.truncate()
+        except OSError as err:
+            raise StoreError(f"truncate temporary blob: {self._path}: {_reason(err)}",
+                             _hint_for(err, self._path.parents[2])) from err
+        self._hash = hashlib.new(self._hash.name)
+        self._size = 0
+
+    def _absorb_existing(self) -> None:
+        """Take in the bytes a resumed partial file already holds (hashing them again: hash states cannot be
+        saved); a file longer than the blob can be is started afresh."""
+        self._file.seek(0)
+        buffer = bytearray(_COPY_CHUNK)
+        view = memoryview(buffer)
+        while n := self._file.readinto(buffer):  # type: ignore[attr-defined]
+            self._hash.update(view[:n])
+            self._size += n
+        if self._expected_size is not None and self._size > self._expected_size:
+            self.restart()
 
     def tell(self) -> int:
         return self._size
@@ -357,38 +381,73 @@ class Store:
 
     @contextmanager
     def writer(
-        self, *, expected: Digest | None = None, size: int | None = None, sync: bool = True
+        self, *, expected: Digest | None = None, size: int | None = None, sync: bool = True,
+        resumable: bool = False,
     ) -> Iterator[BlobWriter]:
         """Stream a blob in; it is committed when the with-block ends normally, discarded when it raises.
 
         ``expected`` and ``size``, when given, are checked before the blob is committed (DigestMismatch, nothing
         committed). ``sync=False`` skips the fsyncs; the caller then calls :meth:`sync` once after a batch.
+        ``resumable`` (with ``expected``): a download. What an earlier writer of the same blob left when it
+        failed is taken up (``size`` tells how much; the caller fetches the rest), and what this one writes is
+        kept when it fails other than by DigestMismatch, for the next run. Such partial files sit in ``tmp/``
+        under a flock, so two processes never write one; gc removes them after an hour. Nothing in a partial file
+        is trusted: the whole blob is verified at commit, as any other.
         """
         algorithm = expected.algorithm if expected is not None else "sha256"
         with self.lease():
-            path, fd = self._create_tmp(_BLOB_TMP)
+            opened = self._open_partial(expected) if resumable and expected is not None else None
+            path, fd = opened or self._create_tmp(_BLOB_TMP)
+            keep_on_failure = opened is not None
             committed = False
             try:
-                file = open(fd, "wb", buffering=_WRITE_BUFFER)
+                file = open(fd, "r+b" if opened else "wb", buffering=_WRITE_BUFFER)
             except BaseException:
                 os.close(fd)
                 path.unlink(missing_ok=True)
                 raise
+            blob = BlobWriter(file, path, algorithm, size)
             try:
-                blob = BlobWriter(file, path, algorithm, size)
+                if opened:
+                    blob._absorb_existing()
+                    if blob.size:
+                        log.info("resuming blob %s at byte %d (left by an earlier run)", expected, blob.size)
                 yield blob
                 self._commit(blob, file, path, expected, size, sync)
                 committed = True
+            except DigestMismatch:
+                keep_on_failure = False
+                raise
             finally:
                 if not committed:
+                    if not keep_on_failure or blob.size == 0:  # removed before its flock is released by the close
+                        try:
+                            path.unlink(missing_ok=True)
+                        except OSError as err:
+                            log.warning("could not remove temporary blob %s: %s", path, _reason(err))
                     try:
                         file.close()
                     except OSError:
                         pass
-                    try:
-                        path.unlink(missing_ok=True)
-                    except OSError as err:
-                        log.warning("could not remove temporary blob %s: %s", path, _reason(err))
+
+    def _open_partial(self, expected: Digest) -> tuple[Path, int] | None:
+        """The locked partial file of a download of ``expected`` (created if absent); None when another process
+        holds it (this writer then starts afresh in a file of its own)."""
+        directory = self.root / _PRIVATE / "tmp"
+        path = directory / f"{_PARTIAL}{expected.algorithm}-{expected.hex}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:
+            directory.mkdir(parents=True, exist_ok=True)
+            return self._open_partial(expected)
+        except OSError as err:
+            raise StoreError(f"create temporary file: {path}: {_reason(err)}", _hint_for(err, self.root)) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return path, fd
 
     def _commit(
         self,

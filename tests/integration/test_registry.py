@@ -442,3 +442,121 @@ def test_oras_reads_a_cache_entry(registry: RegistryServer, tmp_path: Path) -> N
     out = client.download_blob(f"{registry.host}/oras/cache:{tag}", layer["digest"], str(tmp_path / "layer"))
     assert "sha256:" + hashlib.sha256(Path(out).read_bytes()).hexdigest() == layer["digest"]
     client.session.close()
+
+
+# ---- redirects to blob storage ---------------------------------------------------------------------------------
+
+
+class _Recorder(ThreadingHTTPServer):
+    """A loopback HTTP server that relays to the real registry; ``seen`` holds (method, path, Authorization)."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.upstream = upstream
+        self.seen: list[tuple[str, str, str | None]] = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+class _Relay(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Recorder
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def relay(self, path: str) -> None:
+        import http.client
+
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range", "content-type")}
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        conn = http.client.HTTPConnection(self.server.upstream, timeout=30)
+        conn.request(self.command, path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("connection", "transfer-encoding", "content-length", "location"):
+                self.send_header(name, value)
+        if response.getheader("Location"):
+            self.send_header("Location", response.getheader("Location", ""))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+
+class _BlobStorage(_Relay):
+    """Where the front registry sends blob downloads: another host, as S3 or a CDN would be."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.seen.append((self.command, self.path, self.headers.get("Authorization")))
+        repository, digest = parse_qs(urlsplit(self.path).query)["blob"][0].rsplit("@", 1)
+        self.relay(f"/v2/{repository}/blobs/{digest}")
+
+    do_HEAD = do_GET
+
+
+class _Front(_Relay):
+    """A registry that wants basic auth and redirects blob reads to ``storage`` (set on the class)."""
+
+    storage = ""
+
+    def handle_any(self) -> None:
+        authorization = self.headers.get("Authorization")
+        self.server.seen.append((self.command, self.path, authorization))
+        if authorization != "Basic " + base64.b64encode(b"ci:pa55word").decode():
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="front"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        parts = urlsplit(self.path)
+        if self.command in ("GET", "HEAD") and "/blobs/sha256:" in parts.path:
+            repository, digest = parts.path[len("/v2/"):].split("/blobs/")
+            self.send_response(307)
+            self.send_header("Location", f"http://{self.storage}/storage?blob={repository}@{digest}&sig=x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.relay(self.path)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = handle_any
+
+
+def test_credentials_never_follow_a_redirect_to_another_host(registry: RegistryServer, tmp_path: Path) -> None:
+    """The front registry redirects blob reads to storage on another host (localhost vs 127.0.0.1): the blobs
+    arrive, verified, and the storage never sees the Authorization header the registry itself gets."""
+    project = small_project(tmp_path / "project")
+    env = isolated_env(tmp_path)
+    store = str(tmp_path / "store")
+    ocibuild_json("build", "-C", str(project), "--store", store, env=env)
+    ocibuild_json("push-cache", f"{registry.host}/redirect/cache", "-C", str(project), "--store", store, env=env)
+
+    storage = _Recorder(registry.host, _BlobStorage)
+    _Front.storage = f"localhost:{storage.port}"
+    front = _Recorder(registry.host, _Front)
+    try:
+        auth = tmp_path / "auth.json"
+        auth.write_text(json.dumps({"auths": {f"127.0.0.1:{front.port}": {
+            "auth": base64.b64encode(b"ci:pa55word").decode()}}}))
+        pulled = ocibuild_json("pull-cache", "--cache", f"127.0.0.1:{front.port}/redirect/cache", "-C", str(project),
+                               "--store", str(tmp_path / "two"), env={**env, "REGISTRY_AUTH_FILE": str(auth)})
+    finally:
+        for server in (front, storage):
+            server.shutdown()
+            server.server_close()
+    assert {layer["status"] for layer in pulled["layers"]} == {"pulled"}
+    assert pulled["transfer"]["blobs_fetched"] >= 2
+    assert any(path.startswith("/v2/redirect/cache/manifests/") and authorization for _, path, authorization in
+               front.seen), "the registry itself gets the credentials"
+    assert storage.seen and all(authorization is None for _, _, authorization in storage.seen)
+    verify_clean(tmp_path / "two")

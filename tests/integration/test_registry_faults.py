@@ -39,7 +39,7 @@ def client(host: str, sleeps: Sleeps | None = None) -> Client:
 @pytest.fixture
 def pushed(registry: RegistryServer, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, oci.Descriptor]:
     """A repository (named after the test) holding one entry, pushed straight to the registry."""
-    repository = f"faults/{request.node.name.lower().replace('_', '-')[:50]}"
+    repository = f"faults/{request.node.name.lower().replace('_', '-')[:50].rstrip('-')}"
     source = Store.open(tmp_path / "source")
     manifest = image(source, repository)
     with Client(registry.host) as direct:
@@ -177,3 +177,80 @@ def test_cli_reports_bytes_fetched_again_after_a_cut(fault_proxy: FaultProxy, tm
     assert "re-transferred after interruptions" in result.stderr
     for name in ("one", "two"):
         assert Store.open(tmp_path / name).verify() == []
+
+
+def test_an_interrupted_download_resumes_next_run(fault_proxy: FaultProxy, pushed: tuple[str, oci.Descriptor],
+                                                  store: Store) -> None:
+    """Ctrl-C while backing off after a cut: the bytes received stay in the store's tmp/ (not in blobs/: the
+    store verifies clean), and the next run asks only for the rest."""
+    repository, manifest = pushed
+
+    def interrupt(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    fault_proxy.add(Fault("GET", r"/blobs/sha256:", "cut", after=SIZE // 3))
+    with pytest.raises(KeyboardInterrupt), Client(fault_proxy.host, policy=FAST, sleep=interrupt) as first:
+        remote = find_manifests(first, repository, ["entry"])["entry"]
+        assert remote is not None
+        fetch_manifests(first, store, repository, {"entry": remote}, jobs=1)
+    layer = remote.manifest.layers[0]
+    assert not store.has(layer.digest) and store.verify() == []
+    kept = [p for p in (store.root / "ocibuild/tmp").iterdir() if p.name.startswith("partial-")]
+    assert len(kept) == 1
+    received = kept[0].stat().st_size
+    assert 0 < received < SIZE
+
+    fault_proxy.seen.clear()
+    second = pull(fault_proxy.host, store, repository)
+    assert store.resolve("entry") is not None and store.has(layer.digest)
+    assert [s[3] for s in blob_gets(fault_proxy) if s[3]] == [f"bytes={received}-"]
+    assert second.stats.downloaded == SIZE - received + remote.manifest.config.size, "only the rest moved"
+    assert second.stats.retransferred == 0
+    assert store.verify() == [] and not kept[0].exists()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_silently(registry: RegistryServer,
+                                                                        pushed: tuple[str, oci.Descriptor],
+                                                                        store: Store) -> None:
+    """A server (or a load balancer) that drops kept-alive connections without saying so: each request finds
+    its connection gone and opens another, with no retry counted and no error."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    repository, manifest = pushed
+
+    class Dropping(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            conn = http.client.HTTPConnection(registry.host, timeout=30)
+            conn.request(self.command, self.path, headers={k: v for k, v in self.headers.items()
+                                                           if k.lower() in ("accept", "range")})
+            response = conn.getresponse()
+            data = response.read() if self.command != "HEAD" else b""
+            self.send_response(response.status)
+            for name, value in response.getheaders():
+                if name.lower() not in ("connection", "content-length", "transfer-encoding"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", response.getheader("Content-Length") or str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            conn.close()
+            self.close_connection = True  # without "Connection: close": the client learns it only later
+
+        do_HEAD = do_GET
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Dropping)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        c = pull(f"127.0.0.1:{server.server_address[1]}", store, repository)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert store.has(manifest.digest) and c.stats.retries == 0
+    assert store.verify() == []

@@ -18,8 +18,10 @@ from ocibuild.registry import (
     is_loopback,
     parse_challenges,
     parse_retry_after,
+    proxy_for,
     save_credentials,
 )
+from ocibuild.transport import tls_context
 
 
 def test_challenges_with_quoted_commas_and_several_schemes() -> None:
@@ -51,6 +53,38 @@ def test_retry_after_seconds_or_date_and_backoff_bounds() -> None:
 ])
 def test_plain_http_only_for_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_proxies_from_the_environment_as_curl_and_go_read_them() -> None:
+    env = {"https_proxy": "http://proxy:3128", "HTTP_PROXY": "http://plain:8080",
+           "no_proxy": "internal.example.com, .corp, registry.local:5000"}
+    assert proxy_for("https", "ghcr.io", env) == "http://proxy:3128"
+    assert proxy_for("http", "ghcr.io", env) == "http://plain:8080"
+    assert proxy_for("https", "internal.example.com", env) is None
+    assert proxy_for("https", "cache.internal.example.com:443", env) is None, "subdomains are covered"
+    assert proxy_for("https", "notinternal.example.com", env) == "http://proxy:3128"
+    assert proxy_for("https", "a.corp", env) is None
+    assert proxy_for("https", "registry.local:5000", env) is None
+    assert proxy_for("https", "127.0.0.1:5000", env) is None and proxy_for("https", "localhost:5000", env) is None
+    assert proxy_for("https", "ghcr.io", {"ALL_PROXY": "http://all:1"}) == "http://all:1"
+    assert proxy_for("https", "ghcr.io", {**env, "NO_PROXY": "*", "no_proxy": ""}) is None
+    assert proxy_for("https", "ghcr.io", {}) is None
+
+
+def test_tls_verifies_with_the_system_store_or_only_the_given_ca(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    system = tls_context(None)
+    assert system.verify_mode == ssl.CERT_REQUIRED and system.check_hostname
+    assert system.cert_store_stats()["x509_ca"] > 0 or ssl.get_default_verify_paths().capath, \
+        "the system's certificates are there (loaded, or looked up in the hashed directory)"
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    own = tls_context(str(tmp_path / "ca.pem"))
+    assert own.verify_mode == ssl.CERT_REQUIRED and own.check_hostname
+    assert own.cert_store_stats()["x509_ca"] == 1, "a given CA file replaces the system store"
 
 
 def test_credentials_never_show_the_password() -> None:

@@ -262,6 +262,61 @@ def test_exception_inside_writer_commits_nothing(store: Store) -> None:
         blob.digest  # noqa: B018
 
 
+def test_a_resumable_writer_keeps_what_it_got_for_the_next_run(store: Store) -> None:
+    data = os.urandom(3 << 20)
+    digest = Digest.of(data)
+    with pytest.raises(ConnectionError):
+        with store.writer(expected=digest, size=len(data), resumable=True) as blob:
+            blob.write(data[:1000_000])
+            raise ConnectionError("cut")
+    assert blob_files(store) == set() and len(tmp_files(store)) == 1, "the partial blob stays in tmp/"
+    assert store.verify() == []
+    with store.writer(expected=digest, size=len(data), resumable=True) as blob:
+        assert blob.size == 1000_000, "a new writer of the same blob starts where the last one stopped"
+        blob.write(data[blob.size:])
+    assert blob.digest == digest and store.read_blob(digest) == data
+    assert tmp_files(store) == []
+
+
+def test_a_resumed_partial_that_turns_out_corrupt_is_dropped(store: Store) -> None:
+    data = os.urandom(1 << 20)
+    digest = Digest.of(data)
+    with pytest.raises(ConnectionError):
+        with store.writer(expected=digest, size=len(data), resumable=True) as blob:
+            blob.write(b"X" + data[1:5000])  # a byte that was flipped on the way
+            raise ConnectionError("cut")
+    with pytest.raises(DigestMismatch):
+        with store.writer(expected=digest, size=len(data), resumable=True) as blob:
+            blob.write(data[blob.size:])
+    assert tmp_files(store) == [] and not store.has(digest)
+    with store.writer(expected=digest, size=len(data), resumable=True) as blob:
+        assert blob.size == 0
+        blob.write(data)
+    assert store.read_blob(digest) == data
+
+
+def test_restart_throws_away_what_was_written(store: Store) -> None:
+    data = b"the whole blob"
+    with store.writer(expected=Digest.of(data), size=len(data), resumable=True) as blob:
+        blob.write(b"the wh")
+        blob.restart()
+        assert blob.size == 0
+        blob.write(data)
+    assert store.read_blob(blob.digest) == data
+
+
+def test_a_partial_held_by_another_writer_is_not_shared(store: Store) -> None:
+    data = os.urandom(100_000)
+    digest = Digest.of(data)
+    with store.writer(expected=digest, size=len(data), resumable=True) as first:
+        first.write(data[:50_000])
+        with store.writer(expected=digest, size=len(data), resumable=True) as second:
+            assert second.size == 0, "the partial file is locked by the first writer"
+            second.write(data)
+        first.write(data[50_000:])
+    assert store.read_blob(digest) == data and tmp_files(store) == []
+
+
 def test_unsynced_writes_then_sync(store: Store) -> None:
     digests = []
     for i in range(5):
