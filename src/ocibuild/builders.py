@@ -25,7 +25,7 @@ from . import oci, registry, tarlayer
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
 from .inputs import IgnoreRules, Tree, fetch
-from .oci import Descriptor, Digest
+from .oci import Built, Descriptor, Digest
 from .recipe import LayerRecipe
 from .store import Store
 from .tarlayer import Entry
@@ -33,12 +33,6 @@ from .tarlayer import Entry
 log = logging.getLogger(__name__)
 
 Output = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Built:
-    descriptor: Descriptor
-    diff_id: Digest
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,15 @@ class Descriptor:
 
 
 @dataclass(frozen=True)
+class Built:
+    """A layer as an image config and manifest list it: its blob's descriptor and its diff_id (the digest of the
+    uncompressed tar). What a builder returns and a cache entry records."""
+
+    descriptor: Descriptor
+    diff_id: Digest
+
+
+@dataclass(frozen=True)
 class Manifest:
     """An image manifest (OCI, or Docker v2 schema 2 when read from elsewhere)."""
 

@@ -13,22 +13,26 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import bookkeeping, builders, bundle, oci, registry, tarlayer
-from .builders import BuildContext, Built
-from .engine import BindMount, Engine
+from . import bookkeeping, oci, registry
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
 from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
-from .oci import Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
+from .oci import Built, Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
 from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store
+
+# A build that finds every layer cached (the common case, and a benchmark) needs none of the modules that make
+# layers: builders, bundle, tarlayer (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
+# are imported in the functions that use them.
+if TYPE_CHECKING:
+    from . import bundle
+    from .builders import BuildContext
+    from .engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +133,8 @@ def is_registry_ref(source: str) -> bool:
 
 
 def _resolve(project: Project, layer: LayerRecipe, source: str, registries: registry.Registries | None) -> Digest:
+    from . import builders
+
     if layer.kind == "bootstrap":
         return Digest.of(fetch_bytes(source, what=f"layer '{layer.name}'"))
     if source.startswith("oci-archive:"):
@@ -270,13 +276,22 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
 
     ``engine`` makes the container engine, asked for only when a run layer must be built."""
     project = plan.project
-    ctx = BuildContext(store, project.root, project.image.compression, project.image.source_date_epoch, offline,
-                       output, registries)
     done: list[LayerPlan] = []
+    contexts: list[BuildContext] = []
     engines: list[Engine] = []
+
+    def get_context() -> BuildContext:
+        if not contexts:
+            from .builders import BuildContext
+
+            contexts.append(BuildContext(store, project.root, project.image.compression,
+                                         project.image.source_date_epoch, offline, output, registries))
+        return contexts[0]
 
     def get_engine() -> Engine:
         if not engines:
+            from .engine import Engine
+
             engines.append(engine() if engine is not None else Engine.detect(project.run.engine))
         return engines[0]
 
@@ -287,22 +302,24 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
                 continue
             output(f"building layer '{layer.name}' ({layer.recipe.kind})")
             if layer.recipe.kind == "run":
-                built = _build_run_layer(ctx, plan, done, layer, get_engine)
-            elif layer.recipe.kind == "copy":
-                built = builders.build_copy(ctx, layer.recipe, _copy_tree(plan, layer))
+                built = _build_run_layer(get_context(), plan, done, layer, get_engine)
             else:
-                built = _build_layer(ctx, layer)
+                built = _build_layer(get_context(), plan, layer)
             put_cache_entry(store, layer, built, architecture=project.image.architecture)
             done.append(replace(layer, status="built"))
         result_plan = replace(plan, layers=tuple(done))
-        merge = build_merge(ctx, result_plan, get_engine)
+        merge = build_merge(store, result_plan, get_context, get_engine)
         image, warnings = assemble(result_plan, store, strict=strict, output=output, merge=merge)
     return BuildResult(result_plan, image, tuple(warnings))
 
 
-def _build_layer(ctx: BuildContext, layer: LayerPlan) -> list[Built]:
+def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[Built]:
+    from . import builders
+
     recipe = layer.recipe
-    if recipe.kind == "archive":
+    if recipe.kind == "copy":
+        built = builders.build_copy(ctx, recipe, _copy_tree(plan, layer))
+    elif recipe.kind == "archive":
         built = builders.build_archive(ctx, recipe)
     elif recipe.kind == "bootstrap":
         if not ctx.offline:  # offline, build_bootstrap refuses before anything reaches the network
@@ -320,6 +337,8 @@ def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], l
     if not below:
         raise RecipeError(f"{_relative(plan.project, layer.recipe.file)}: a run layer needs the layers it runs on",
                           "add needs = [\"base\"] (a bootstrap or image layer) to the layer.toml")
+    from . import builders
+
     engine = get_engine()
     by_name = {l.name: l for l in done}
     with _staged(ctx.store, plan.project, [by_name[name] for name in below], layer.key, engine) as image:
@@ -338,6 +357,8 @@ def _staged(store: Store, project: Project, stack: Sequence[LayerPlan], key: Dig
     store.tag(tag, descriptor)
 
     def write_archive() -> Path:
+        from . import bundle
+
         bundle.write_oci_archive(store, descriptor, tag, archive)
         return archive
 
@@ -446,6 +467,8 @@ def _rfc3339(epoch: int) -> str:
 def layer_listing(store: Store, built: Built) -> dict[str, str]:
     """Path → content fingerprint of a layer; cached by diff_id in the store's private area (copy layers record
     theirs when they are built, from the hashes of the tree walk)."""
+    from . import builders, tarlayer
+
     try:
         listing: dict[str, str] = json.loads(builders.listing_path(store, built.diff_id).read_bytes())
         return listing
@@ -498,6 +521,8 @@ def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[bundle.I
     """What another machine needs to build ``plan`` with nothing rebuilt and nothing fetched: the tags of every
     layer's cache entry (and of the merge layer's, when there is one) and of the image, and the downloaded inputs
     (archive tarballs, run layers' url inputs) that a missing key would need."""
+    from . import bundle
+
     index = store.index()
     tags = []
     for layer in plan.layers:
@@ -526,10 +551,12 @@ def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[bundle.I
     return tags, inputs
 
 
-def build_merge(ctx: BuildContext, plan: Plan, get_engine: Callable[[], Engine]) -> LayerPlan | None:
+def build_merge(store: Store, plan: Plan, get_context: Callable[[], BuildContext],
+                get_engine: Callable[[], Engine]) -> LayerPlan | None:
     """The layer that merges package bookkeeping of layers built side by side (see :mod:`bookkeeping`), or None
-    when stacking alone gives the right files. Keyed by the keys of every layer below; cached like a layer."""
-    project, store = plan.project, ctx.store
+    when stacking alone gives the right files. Keyed by the keys of every layer below; cached like a layer.
+    ``get_context`` makes the build context, asked for only when the layer must be built."""
+    project = plan.project
     key = merge_key(plan)
     recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", project.layer_names,
                          "package bookkeeping of independent layers, merged", {})
@@ -573,6 +600,7 @@ def build_merge(ctx: BuildContext, plan: Plan, get_engine: Callable[[], Engine])
     if not merged and not ldconfig:
         marker.write_text("none\n")
         return None
+    ctx = get_context()
     ctx.output(f"merging package bookkeeping of independent layers ({', '.join(sorted(merged)) or 'ld.so.cache'})")
     if ldconfig:
         built = _merge_with_ldconfig(ctx, plan, merge, merged, get_engine())
@@ -584,6 +612,8 @@ def build_merge(ctx: BuildContext, plan: Plan, get_engine: Callable[[], Engine])
 
 def _read_files(store: Store, layer: LayerPlan, paths: set[str]) -> dict[str, bytes]:
     """The content of ``paths`` in a layer's blobs (a later blob of the same entry wins)."""
+    from . import tarlayer
+
     found: dict[str, bytes] = {}
     for built in entry_layers(store, layer):
         with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
@@ -595,6 +625,11 @@ def _read_files(store: Store, layer: LayerPlan, paths: set[str]) -> dict[str, by
 
 
 def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
+    import shutil
+    import tempfile
+
+    from . import builders, tarlayer
+
     directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
     try:
         entries = []
@@ -610,6 +645,12 @@ def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
 def _merge_with_ldconfig(ctx: BuildContext, plan: Plan, merge: LayerPlan, merged: dict[str, str],
                          engine: Engine) -> Built:
     """Put the merged files in place and re-run ldconfig over the whole stack, in a container."""
+    import shutil
+    import tempfile
+
+    from . import builders
+    from .engine import BindMount
+
     directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
     try:
         lines = []
