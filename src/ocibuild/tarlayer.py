@@ -79,17 +79,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Final, cast
 
-import zstandard
-from isal import igzip, isal_zlib
-
 from . import oci
 from .errors import FormatError, OcibuildError, StoreError, UnsafeArchive
 
-log = logging.getLogger(__name__)
+# zstandard and isal are imported where a stream is (de)compressed: commands that import this module only to
+# read an uncompressed archive or to build nothing need neither (start-up time; zstandard imports `platform`).
 
-# isal's stubs declare its exception as an instance, and igzip is untyped.
-_ISAL_ERROR = cast("type[Exception]", isal_zlib.error)
-_IGZIP_FILE: Any = igzip.IGzipFile
+log = logging.getLogger(__name__)
 
 ENTRY_TYPES: Final = frozenset({"file", "dir", "symlink", "hardlink"})
 MEMBER_TYPES: Final = frozenset({"file", "dir", "symlink", "hardlink", "whiteout", "opaque"})
@@ -394,6 +390,8 @@ class _ZstdSink(_Sink):
 
     def __init__(self, out: BinaryIO, threads: int) -> None:
         super().__init__(out)
+        import zstandard
+
         compressor = zstandard.ZstdCompressor(
             level=ZSTD_LEVEL, threads=threads, write_checksum=False, write_content_size=False
         )
@@ -563,11 +561,13 @@ def write_layer(
         if compression == "zstd":
             sink = _ZstdSink(out, max(1, threads if threads is not None else _cpu_count()))
         elif compression == "gzip":
+            from isal import isal_zlib
+
             deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
             sink = _AsyncSink(out, deflate.compress, deflate.flush)
         else:
             sink = _Sink(out)
-    except zstandard.ZstdError as err:
+    except _codec_errors() as err:
         raise OcibuildError(f"cannot start the zstd compressor: {err}") from err
     writer = _TarWriter(sink)
     try:
@@ -578,7 +578,7 @@ def write_layer(
         writer.finish()
     except OcibuildError:
         raise
-    except (zstandard.ZstdError, _ISAL_ERROR) as err:
+    except _codec_errors() as err:
         raise OcibuildError(f"compressing the layer ({compression}) failed: {err}") from err
     except OSError as err:
         raise StoreError(f"writing the layer blob failed: {err}") from err
@@ -590,14 +590,16 @@ def write_layer(
 # ---------------------------------------------------------------------------------------------------------------
 # Decompression
 
-_DECODE_ERRORS: Final = (
-    zstandard.ZstdError,
-    _ISAL_ERROR,
-    zlib.error,
-    lzma.LZMAError,
-    EOFError,
-    gzip.BadGzipFile,
-)
+def _codec_errors() -> tuple[type[Exception], ...]:
+    """The exceptions of zstandard and isal (evaluated in ``except`` clauses, i.e. only once one is raised)."""
+    import zstandard
+    from isal import isal_zlib
+
+    return zstandard.ZstdError, cast("type[Exception]", isal_zlib.error)  # (isal's stubs say an instance)
+
+
+def _decode_errors() -> tuple[type[Exception], ...]:
+    return (*_codec_errors(), zlib.error, lzma.LZMAError, EOFError, gzip.BadGzipFile)
 
 
 def sniff_compression(head: bytes) -> str:
@@ -650,7 +652,7 @@ class _Decoded(io.RawIOBase):
             n = self.inner.readinto(view)
         except OcibuildError:
             raise
-        except _DECODE_ERRORS as err:
+        except _decode_errors() as err:
             raise UnsafeArchive(f"{self.what} is truncated or corrupt ({err})", hint=_HINT_CORRUPT) from err
         except OSError as err:
             raise StoreError(f"{self.what}: read failed: {err}") from err
@@ -666,7 +668,9 @@ class _Decoded(io.RawIOBase):
         if not self.closed:
             try:
                 self.inner.close()
-            except (OSError, *_DECODE_ERRORS):
+            except OSError:
+                pass
+            except _decode_errors():
                 pass
         super().close()
 
@@ -681,11 +685,16 @@ def open_layer(
     try:
         inner: Any
         if compression == "zstd":
+            import zstandard
+
             inner = zstandard.ZstdDecompressor().stream_reader(
                 fileobj, read_size=_READ, read_across_frames=True, closefd=False
             )
         elif compression == "gzip":
-            inner = _IGZIP_FILE(fileobj=fileobj, mode="rb")
+            from isal import igzip
+
+            gzip_file: Any = igzip.IGzipFile  # (igzip is untyped)
+            inner = gzip_file(fileobj=fileobj, mode="rb")
         elif compression == "xz":
             inner = lzma.LZMAFile(fileobj, "rb")
         elif compression == "bzip2":
@@ -694,7 +703,7 @@ def open_layer(
             inner = _Borrowed(fileobj)
         else:
             raise FormatError(f"{what}: unknown compression '{compression}'")
-    except _DECODE_ERRORS as err:
+    except _decode_errors() as err:
         raise UnsafeArchive(f"{what} is truncated or corrupt ({err})", hint=_HINT_CORRUPT) from err
     return io.BufferedReader(_Decoded(inner, what, max_size), _READ)
 
