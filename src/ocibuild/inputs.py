@@ -258,8 +258,9 @@ class _Scan(NamedTuple):
 
     root: Path
     single: bool  # the root is a file
-    records: list[tuple[Any, ...]]  # (path, mode) dirs, (path, mode, size, mtime, ctime, ino) files,
-    slot: str  # (path, mode, target) symlinks
+    # (path, mode) for a directory, (path, mode, size, mtime_ns, ctime_ns, ino) a file, (path, mode, target) a symlink
+    records: list[tuple[Any, ...]]
+    slot: str  # which tree: the root and the exclude list
     fingerprint: str
 
 
