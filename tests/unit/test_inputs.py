@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ocibuild.errors import FetchError
+from ocibuild.errors import FetchError, RecipeError
 from ocibuild.inputs import IgnoreRules, StatCache, fetch, hash_file, tree_digest, walk_tree
 from ocibuild.oci import Digest
 
@@ -268,3 +268,15 @@ def test_damaged_caches_are_only_slower(tmp_path: Path, short_racy_window: None,
     assert tree is not None and again == digest
     cache.save()  # rewritten whole
     assert tree_digest(root, [], StatCache(cache_file), what="t") == (digest, None)
+
+
+def test_walk_refuses_special_files_and_does_not_follow_symlinked_directories(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    _tree(root)
+    (root / "dirlink").symlink_to("sub")
+    tree = walk_tree(root, [], StatCache(None), what="layers/x/layer.toml")
+    assert [(e.path, e.type) for e in tree.entries if e.path.startswith("dirlink")] == [("dirlink", "symlink")]
+    os.mkfifo(root / "sub" / "pipe")
+    with pytest.raises(RecipeError, match=r"^layers/x/layer.toml: .*/t/sub/pipe is a device, socket or fifo"):
+        tree_digest(root, [], StatCache(None), what="layers/x/layer.toml")
+    assert tree_digest(root, ["sub/pipe"], StatCache(None), what="t")[0] == tree.digest
