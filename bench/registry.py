@@ -125,7 +125,8 @@ def main() -> int:
         (project / "layers/x").mkdir(parents=True)
         (project / "ocibuild.toml").write_text('[image]\nname = "bench"\nlayers = ["x"]\n')
         (project / "layers/x/layer.toml").write_text('kind = "copy"\nfrom = "layers/x"\nto = "/x"\n')
-        ocibuild = [sys.executable, "-m", "ocibuild.cli"]
+        script = Path(sys.executable).with_name("ocibuild")  # the console script, as users start it
+        ocibuild = [str(script)] if script.exists() else [sys.executable, "-m", "ocibuild.cli"]
         env = {"PYTHONPATH": str(ROOT / "src"), "OCIBUILD_CONFIG": str(work / "none.toml")}
         skopeo = ["skopeo", "--insecure-policy"]
         for rep in range(args.reps):

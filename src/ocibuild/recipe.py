@@ -20,7 +20,6 @@ The compression is not part of the key: a layer's identity is its diff_id.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import tomllib
@@ -239,6 +238,8 @@ class Project:
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    import difflib  # only when a recipe is wrong: its import is start-up time of every command
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

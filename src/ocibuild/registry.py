@@ -1,9 +1,8 @@
 """The distribution API client: push and fetch blobs and manifests, auth, retries.
 
-ocibuild speaks the OCI distribution spec itself, over the standard library's ``http.client`` (through
-:mod:`ocibuild.transport`: one keep-alive connection per thread and host). ``requests`` served here first; it
-was dropped because importing it costs ~0.1 s, half of the 0.2 s budget of a push or pull that finds everything
-present. What moves:
+ocibuild speaks the OCI distribution spec itself, over HTTP/1.1 of its own (:mod:`ocibuild.transport`: one
+keep-alive connection per thread and host, on the standard library's socket and ssl); ``requests`` and then
+``http.client`` served first, and were dropped for their import time (see that module). What moves:
 
 - blobs stream between the store and the socket in 1 MiB pieces, so memory stays flat whatever their size;
   a download goes through :meth:`Store.writer` with the expected digest and size, so nothing unverified is
@@ -40,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import logging
 import os
@@ -49,7 +47,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -332,6 +329,10 @@ def is_loopback(host: str) -> bool:
     name = name.strip("[]")
     if name == "localhost" or name.endswith(".localhost"):
         return True
+    if not re.fullmatch(r"[0-9.]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*", name):
+        return False  # a host name (ipaddress, imported only for addresses, costs start-up time)
+    import ipaddress
+
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
@@ -1121,6 +1122,8 @@ class _Locations:
 def _parallel(jobs: int, work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     if jobs <= 1 or len(items) <= 1:
         return [work(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor  # only when there is more than one thing to move
+
     with ThreadPoolExecutor(max_workers=min(jobs, len(items)), thread_name_prefix="ocibuild-transfer") as pool:
         return list(pool.map(work, items))
 
