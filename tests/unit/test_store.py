@@ -295,6 +295,18 @@ def test_a_resumed_partial_that_turns_out_corrupt_is_dropped(store: Store) -> No
     assert store.read_blob(digest) == data
 
 
+def test_gc_keeps_a_recent_partial_download_and_removes_an_abandoned_one(store: Store) -> None:
+    for name, data in (("recent", b"r" * 5000), ("abandoned", b"a" * 5000)):
+        with pytest.raises(ConnectionError):
+            with store.writer(expected=Digest.of(name.encode()), size=10_000, resumable=True) as blob:
+                blob.write(data)
+                raise ConnectionError("cut")
+    old = next(p for p in tmp_files(store) if p.name.endswith(Digest.of(b"abandoned").hex))
+    os.utime(old, (0, 0))
+    store.gc()
+    assert [p.name for p in tmp_files(store)] == [f"partial-sha256-{Digest.of(b'recent').hex}"]
+
+
 def test_restart_throws_away_what_was_written(store: Store) -> None:
     data = b"the whole blob"
     with store.writer(expected=Digest.of(data), size=len(data), resumable=True) as blob:
