@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
-from . import oci, registry, tarlayer
+from . import bundle, oci, registry, tarlayer
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
 from .inputs import IgnoreRules, Tree, fetch
@@ -263,25 +263,12 @@ def _copy_manifest_blobs(source: Store, target: Store, manifest_digest: Digest, 
 
 
 def _import_oci_archive(ctx: BuildContext, layer: LayerRecipe, ref: str) -> None:
-    """Every blob of an oci-archive into the store, each verified against its file name."""
+    """The blobs of an oci-archive into the store, checked as `ocibuild import` checks an archive."""
     path, _ = split_oci_ref(ref)
     archive = layer.dir / path
-    what = f"layer '{layer.name}': {ref}"
-    try:
-        f = open(archive, "rb")
-    except OSError as err:
-        raise RecipeError(f"{what}: cannot open {archive}: {err.strerror}", "fix ref in the layer.toml") from None
-    with f:
-        for member, reader in tarlayer.iter_members(f, "none", what=what):
-            parts = member.path.split("/")
-            if member.type != "file" or reader is None or len(parts) != 3 or parts[0] != "blobs":
-                continue
-            digest = Digest.parse(f"{parts[1]}:{parts[2]}")
-            if ctx.store.has(digest):
-                continue
-            with ctx.store.writer(expected=digest, size=member.size) as dst:
-                while chunk := reader.read(1 << 20):
-                    dst.write(chunk)
+    if not archive.is_file():
+        raise RecipeError(f"layer '{layer.name}': {ref}: {archive} is not a file", "fix ref in the layer.toml")
+    bundle.import_archive(ctx.store, archive, tag=False)
 
 
 def read_oci_archive_index(path: Path, what: str) -> oci.Index:

@@ -761,8 +761,10 @@ def _copy_into_store(archive: _Archive, digest: Digest, entry: _Entry,
         writeback(store.blob_path(digest))
 
 
-def import_archive(store: Store, path: Path) -> ImportResult:
-    """Bring the oci-archive at ``path`` into ``store``: see the module docstring for what is checked when."""
+def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResult:
+    """Bring the oci-archive at ``path`` into ``store``: see the module docstring for what is checked when.
+    ``tag=False``: only its blobs, not its tags and downloaded inputs (an ``image`` layer's base, whose tags mean
+    nothing in this store: the layer is pinned by manifest digest)."""
     what = f"archive {path}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -805,8 +807,9 @@ def import_archive(store: Store, path: Path) -> ImportResult:
                 _run_parallel(lambda item: _copy_into_store(
                     archive, item[0], item[1], lambda p: syncer.submit(_start_writeback, p)), work)
             store.sync()
-            restored = _restore_inputs(store, checker.inputs)
-            store.tag_all(tags)
+            restored = _restore_inputs(store, checker.inputs) if tag else 0
+            if tag:
+                store.tag_all(tags)
     finally:
         os.close(fd)
     written = sum(entry.size for _, entry in work)

@@ -298,3 +298,35 @@ def test_copy_layer_planned_from_the_tree_cache_is_walked_when_built(make_projec
     (root / "src/main.go").write_text("package main // edited after planning\n")
     with pytest.raises(RecipeError, match="'src' changed while the build ran"):
         build(plan, store)
+
+
+def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_path: Path, store: Store,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An image layer's oci-archive goes through the checks of `ocibuild import`: its blobs arrive verified,
+    its own tags stay out of the store, and a hostile archive is refused with its name."""
+    from ocibuild import bundle
+
+    source = Store.open(tmp_path / "source")
+    base_root = make_project({"a": 'kind = "copy"\nfrom = "src"\nto = "/"\n'}, root=tmp_path / "base",
+                             files={"src/etc/os-release": "ID=test\n"})
+    _, base = _build(base_root, source)
+    root = make_project({"base": 'kind = "image"\nref = "oci-archive:base.tar:v1"\n',
+                         "app": 'kind = "copy"\nfrom = "src"\nto = "/app"\n'}, files={"src/f": "x"})
+    bundle.write_oci_archive(source, base.image, "v1", root / "layers/base/base.tar")
+    assert cli.main(["build", "-C", str(root), "--store", str(store.root)]) == 0
+    assert store.resolve("v1") is None, "the archive's tag means nothing in this store"
+    assert store.resolve("dev") is not None and store.verify() == []
+
+    hostile = tmp_path / "hostile"
+    make_project({"base": 'kind = "image"\nref = "oci-archive:base.tar:v1"\n'}, root=hostile)
+    with tarfile.open(root / "layers/base/base.tar") as src, tarfile.open(hostile / "layers/base/base.tar", "w") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+        link = tarfile.TarInfo("blobs/sha256/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        dst.addfile(link)
+    capsys.readouterr()
+    assert cli.main(["build", "-C", str(hostile), "--store", str(tmp_path / "other")]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "base.tar: entry 'blobs/sha256/escape' is a symlink" in errors[0]
+    assert not list(Store.open(tmp_path / "other").blobs()), "nothing is written before the archive is checked"
