@@ -167,7 +167,7 @@ def test_keep_alive_reuses_one_socket(registry: RegistryServer) -> None:
     connection.close()
 
 
-def _one_shot_server(reply: bytes) -> tuple[socket.socket, int]:
+def _one_shot_server(reply: bytes, requests: list[bytes] | None = None) -> tuple[socket.socket, int]:
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -176,6 +176,8 @@ def _one_shot_server(reply: bytes) -> tuple[socket.socket, int]:
             data = b""
             while b"\r\n\r\n" not in data:
                 data += client.recv(65536)
+            if requests is not None:
+                requests.append(data)
             client.sendall(reply)
 
     threading.Thread(target=serve, daemon=True).start()
@@ -212,3 +214,18 @@ def test_malformed_responses_are_connection_errors(reply: bytes) -> None:
         with pytest.raises(ConnectionError):
             transport.exchange(connection, "GET", f"http://127.0.0.1:{port}/", {}, None)
         assert connection.sock is None
+
+
+def test_requests_ask_for_bodies_as_they_are() -> None:
+    """Without Accept-Encoding a server may compress any response; manifests and blobs are hashed as received."""
+    seen: list[bytes] = []
+    listener, port = _one_shot_server(b"HTTP/1.1 204 No Content\r\n\r\n", seen)
+    with listener:
+        connection = _connect("http", f"127.0.0.1:{port}")
+        with transport.exchange(connection, "PUT", f"http://127.0.0.1:{port}/v2/x?digest=sha256:1", {"X-Y": "z"},
+                                b"body") as response:
+            assert response.status_code == 204 and response.read(10) == b""
+        connection.close()
+    head = seen[0].split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert head[0] == "PUT /v2/x?digest=sha256:1 HTTP/1.1"
+    assert {"Host: 127.0.0.1:%d" % port, "X-Y: z", "Content-Length: 4", "Accept-Encoding: identity"} <= set(head)
