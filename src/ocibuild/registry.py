@@ -357,7 +357,8 @@ def _ca_bundle(host: str, env: Mapping[str, str]) -> str | None:
 
 def proxy_for(scheme: str, netloc: str, env: Mapping[str, str]) -> str | None:
     """The proxy URL for requests to scheme://netloc: ``$<scheme>_proxy`` or ``$all_proxy`` (lower case first, as
-    curl), unless ``$no_proxy`` lists the host or a parent domain (or ``*``), or the host is loopback."""
+    curl; without a scheme, http://), unless ``$no_proxy`` lists the host or a parent domain (or ``*``), or the host
+    is loopback."""
     def get(name: str) -> str:
         return env.get(name) or env.get(name.upper()) or ""
 
@@ -370,7 +371,10 @@ def proxy_for(scheme: str, netloc: str, env: Mapping[str, str]) -> str | None:
         item = item.lstrip(".")  # ".example.com" and "example.com" both cover the subdomains
         if item and (host == item or host.endswith("." + item) or netloc.lower() == item):
             return None
-    return get(f"{scheme}_proxy") or get("all_proxy") or None
+    proxy = get(f"{scheme}_proxy") or get("all_proxy")
+    if not proxy:
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"  # "proxy:3128" means http, as for curl and Go
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------------

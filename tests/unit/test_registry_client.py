@@ -67,6 +67,7 @@ def test_proxies_from_the_environment_as_curl_and_go_read_them() -> None:
     assert proxy_for("https", "registry.local:5000", env) is None
     assert proxy_for("https", "127.0.0.1:5000", env) is None and proxy_for("https", "localhost:5000", env) is None
     assert proxy_for("https", "ghcr.io", {"ALL_PROXY": "http://all:1"}) == "http://all:1"
+    assert proxy_for("https", "ghcr.io", {"HTTPS_PROXY": "squid:3128"}) == "http://squid:3128"
     assert proxy_for("https", "ghcr.io", {**env, "NO_PROXY": "*", "no_proxy": ""}) is None
     assert proxy_for("https", "ghcr.io", {}) is None
 
