@@ -426,9 +426,6 @@ class _FileSlice:
         self._end = end
         self.sent = 0
 
-    def __len__(self) -> int:
-        return self._end - self._position
-
     def read(self, size: int = -1) -> bytes:
         remaining = self._end - self._position
         if size < 0 or size > remaining:
