@@ -16,7 +16,7 @@ import pytest
 from conftest import ProjectFactory
 from ocibuild import cli, planner
 from ocibuild.inputs import hash_file
-from ocibuild.recipe import Lock, LockEntry, load_project
+from ocibuild.recipe.project import Lock, LockEntry, load_project
 from ocibuild.oci import Digest
 from ocibuild.store import Store
 

@@ -6,7 +6,7 @@ import pytest
 
 from ocibuild.errors import LockError, RecipeError
 from ocibuild.oci import Digest
-from ocibuild.recipe import Input, Lock, LockEntry, load_lock, load_project, cache_key, reference_table
+from ocibuild.recipe.project import Input, Lock, LockEntry, load_lock, load_project, cache_key, reference_table
 
 COPY = 'kind = "copy"\nfrom = "src"\nto = "/app"\n'
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import LockError, RecipeError
-from .oci import Digest, canonical_json
+from ..errors import LockError, RecipeError
+from ..oci import Digest, canonical_json
 
 KEY_FORMAT = 2  # 2: bootstrap layers carry Acquire::Retries "5" in apt.conf.d/99mmdebstrap
 PROJECT_FILE = "ocibuild.toml"

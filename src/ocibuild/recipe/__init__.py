@@ -1,0 +1,1 @@
+"""Recipes: the recipe format's schema, the project and its layers, ``ocibuild.lock``, and the cache key."""
