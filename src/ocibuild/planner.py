@@ -23,7 +23,9 @@ from . import bookkeeping, oci, registry
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
 from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
 from .oci import Built, Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
-from .recipe.project import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
+from .recipe.key import KEY_FORMAT, Input, cache_key
+from .recipe.lock import Lock, LockEntry
+from .recipe.project import LayerRecipe, Project
 from .store import Store
 
 # A build that finds every layer cached (the common case, and a benchmark) needs none of the modules that make
