@@ -26,7 +26,7 @@ from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFa
 from .engine import BindMount, Engine
 from .inputs import IgnoreRules, Tree, fetch
 from .oci import Built, Descriptor, Digest
-from .recipe import LayerRecipe
+from .recipe.project import LayerRecipe
 from .store import Store
 from .tarlayer import Entry
 

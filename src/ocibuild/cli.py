@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, registry
 from .config import Config, load_config
 from .errors import OcibuildError
-from .recipe import Project, load_lock, load_project
+from .recipe.lock import load_lock
+from .recipe.project import Project, load_project
 from .store import Store
 
 # Start-up time is part of every command's time (a no-op build, a push that finds everything present), so the

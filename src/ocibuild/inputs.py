@@ -14,7 +14,8 @@ Neither cache can make a key stale; each only saves work.
   lies within :data:`RACY_NS` of the start of the walk (the same racy rule), and only the latest one per root and
   exclude list is kept.
 
-A missing or damaged cache file is only slower; both are written whole to a temporary file and renamed.
+A missing or damaged cache file is only slower, and failing to save one is no error. Each is saved only when
+something in it changed (a no-op build writes neither), whole, with :func:`files.atomic_write`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import FetchError, FormatError, RecipeError
+from .files import atomic_write
 from .oci import Digest
 
 log = logging.getLogger(__name__)
@@ -156,10 +158,8 @@ def _load_json(path: Path | None) -> dict[str, Any]:
 def _save_json(path: Path | None, document: dict[str, Any]) -> None:
     if path is None:
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(json.dumps(document, separators=(",", ":")).encode())
-        os.replace(tmp, path)
+    try:  # (mode 0o666: the umask decides, as for any file the user's tools write)
+        atomic_write(path, json.dumps(document, separators=(",", ":")).encode(), mode=0o666)
     except OSError as err:  # only a cache: the next run hashes again
         log.debug("could not save stat cache %s: %s", path, err)
 

@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from . import bookkeeping, oci, registry
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
+from .files import atomic_write
 from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
 from .oci import Built, Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
-from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
+from .recipe.key import KEY_FORMAT, Input, cache_key
+from .recipe.lock import Lock, LockEntry
+from .recipe.project import LayerRecipe, Project
 from .store import Store
 
 # A build that finds every layer cached (the common case, and a benchmark) needs none of the modules that make
@@ -170,9 +173,7 @@ def write_lock(project: Project, lock: Lock) -> None:
     try:
         if path.exists() and path.read_text() == text:
             return
-        tmp = path.with_name(".ocibuild.lock.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(path, text.encode(), mode=0o666)  # a project file: the umask decides, as before
     except OSError as err:
         raise LockError(f"{path}: cannot write: {err.strerror}", "check the project directory is writable") from None
 

@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "oci": {"errors"},
     "bookkeeping": set(),
     "config": {"errors"},
-    "recipe": LEAVES | {"oci"},
+    "recipe": LEAVES | {"oci"},  # schema, project, lock, key: the recipe format, ocibuild.lock, cache keys
     "tarlayer": LEAVES | {"oci"},
     "store": LEAVES | {"oci"},
     "inputs": LEAVES | {"oci"},

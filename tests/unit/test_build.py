@@ -18,7 +18,8 @@ from ocibuild import cli, oci
 from ocibuild.errors import LayerConflict, RecipeError
 from ocibuild.inputs import StatCache, hash_file
 from ocibuild.planner import build, cache_tag, make_plan
-from ocibuild.recipe import Lock, load_project
+from ocibuild.recipe.lock import Lock
+from ocibuild.recipe.project import load_project
 from ocibuild.store import Store
 
 

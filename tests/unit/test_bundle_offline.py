@@ -16,7 +16,8 @@ import pytest
 from conftest import ProjectFactory
 from ocibuild import cli, planner
 from ocibuild.inputs import hash_file
-from ocibuild.recipe import Lock, LockEntry, load_project
+from ocibuild.recipe.lock import Lock, LockEntry
+from ocibuild.recipe.project import load_project
 from ocibuild.oci import Digest
 from ocibuild.store import Store
 

@@ -270,6 +270,32 @@ def test_damaged_caches_are_only_slower(tmp_path: Path, short_racy_window: None,
     assert tree_digest(root, [], StatCache(cache_file), what="t") == (digest, None)
 
 
+def test_an_unchanged_tree_rewrites_neither_cache(tmp_path: Path, short_racy_window: None) -> None:
+    """A no-op build must not pay for writing (and fsyncing) caches that did not change."""
+    root = tmp_path / "t"
+    _tree(root)
+    _settle()
+    cache_file = _cache_file(tmp_path)
+    _recorded(root, [], cache_file)
+    trees = cache_file.with_name("trees.json")
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (cache_file, trees)]
+    cache = StatCache(cache_file)
+    assert tree_digest(root, [], cache, what="t")[1] is None
+    walk_tree(root, [], cache, what="t")  # every file known, the same fingerprint recorded again
+    cache.save()
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (cache_file, trees)] == before
+
+
+def test_a_cache_that_cannot_be_saved_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ocibuild.inputs.RACY_NS", 0)
+    f = tmp_path / "f"
+    f.write_text("x")
+    cache = StatCache(tmp_path / "gone" / "files.json")  # its directory does not exist
+    assert cache.digest(str(f), f.stat()) == hash_file(f)
+    cache.save()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
 def test_walk_refuses_special_files_and_does_not_follow_symlinked_directories(tmp_path: Path) -> None:
     root = tmp_path / "t"
     _tree(root)

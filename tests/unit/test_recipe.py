@@ -6,7 +6,10 @@ import pytest
 
 from ocibuild.errors import LockError, RecipeError
 from ocibuild.oci import Digest
-from ocibuild.recipe import Input, Lock, LockEntry, load_lock, load_project, cache_key, reference_table
+from ocibuild.recipe.key import Input, cache_key
+from ocibuild.recipe.lock import Lock, LockEntry, load_lock
+from ocibuild.recipe.project import load_project
+from ocibuild.recipe.schema import reference_table
 
 COPY = 'kind = "copy"\nfrom = "src"\nto = "/app"\n'
 
@@ -85,4 +88,4 @@ def test_lock_round_trip(tmp_path: Path) -> None:
 
 def test_readme_carries_the_key_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert reference_table() in readme, "regenerate the README key table from recipe.reference_table()"
+    assert reference_table() in readme, "regenerate the README key table from recipe.schema.reference_table()"

@@ -1,0 +1,77 @@
+"""``ocibuild.lock``: the project's moving inputs (an ``image`` layer's ref, a ``bootstrap`` suite's InRelease)
+resolved to digests, which the cache keys use.
+
+Reading (:func:`load_lock`) and serialising (:meth:`Lock.to_toml`) only: resolving a source to a digest, which
+may reach the network, is the planner's, and so is writing the file.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LockError
+from ..oci import Digest
+
+LOCK_FILE = "ocibuild.lock"
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    """A moving input resolved to a digest: the layer it belongs to, what was resolved (``source``), the digest."""
+
+    layer: str
+    source: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class Lock:
+    entries: Mapping[str, LockEntry] = field(default_factory=dict)
+
+    def get(self, layer: str, source: str) -> LockEntry | None:
+        """The entry of ``layer`` if it was resolved from the same ``source`` (a changed recipe needs a new one)."""
+        entry = self.entries.get(layer)
+        return entry if entry is not None and entry.source == source else None
+
+    def with_entry(self, entry: LockEntry) -> Lock:
+        return Lock({**self.entries, entry.layer: entry})
+
+    def only(self, layers: Sequence[str]) -> Lock:
+        return Lock({k: v for k, v in self.entries.items() if k in layers})
+
+    def to_toml(self) -> str:
+        lines = [
+            "# ocibuild.lock: moving inputs of this project resolved to digests. Commit it.",
+            "# Cache keys use these digests; refresh them with `ocibuild lock`.",
+            "version = 1",
+        ]
+        for name in sorted(self.entries):
+            entry = self.entries[name]
+            lines += ["", f"[layers.{json.dumps(name)}]", f"source = {json.dumps(entry.source)}",
+                      f"digest = {json.dumps(str(entry.digest))}"]
+        return "\n".join(lines) + "\n"
+
+
+def load_lock(root: Path) -> Lock:
+    """``root/ocibuild.lock``, or an empty Lock when there is none; LockError when it cannot be read."""
+    path = root / LOCK_FILE
+    if not path.exists():
+        return Lock()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise LockError(f"{LOCK_FILE}: cannot read: {err}", f"fix it, or delete it and run `ocibuild lock`") from None
+    if data.get("version") != 1 or not isinstance(data.get("layers", {}), dict):
+        raise LockError(f"{LOCK_FILE}: unknown lock format", "delete it and run `ocibuild lock`")
+    entries = {}
+    for name, value in data.get("layers", {}).items():
+        try:
+            entries[name] = LockEntry(name, str(value["source"]), Digest.parse(value["digest"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise LockError(f"{LOCK_FILE}: entry for layer '{name}' is malformed ({err})",
+                            "delete it and run `ocibuild lock`") from None
+    return Lock(entries)
