@@ -44,8 +44,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import BlobNotFound, DigestMismatch, FormatError, StoreError
-from .oci import (
+from ..errors import BlobNotFound, DigestMismatch, FormatError, StoreError
+from ..oci import (
     CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
