@@ -97,7 +97,7 @@ def test_modules_import_only_in_the_direction_of_the_data() -> None:
         row = rule(name)
         assert row is not None, f"{path.relative_to(PACKAGE)} has no place in the architecture table"
         ours, _ = imports(name, path)
-        own_package = name.split(".")[0] if "." in name else ""
+        own_package = name.split(".")[0] if "." in name or path.name == "__init__.py" else ""
         wrong = sorted(t for t in ours if t.split(".")[0] != own_package and not permitted(t, row, own_package))
         assert not wrong, f"{name} imports {wrong} against the direction"
 
