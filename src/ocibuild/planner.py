@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from . import bookkeeping, oci, registry
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
 from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
-from .oci import Built, Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
+from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, Reference, canonical_json
 from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store
 
@@ -313,7 +313,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
     return BuildResult(result_plan, image, tuple(warnings))
 
 
-def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[Built]:
+def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[LayerBlob]:
     from . import builders
 
     recipe = layer.recipe
@@ -331,7 +331,7 @@ def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[Built]
 
 
 def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], layer: LayerPlan,
-                     get_engine: Callable[[], Engine]) -> list[Built]:
+                     get_engine: Callable[[], Engine]) -> list[LayerBlob]:
     """Stage the stack of the layer's needs as an image, hand it to the engine, run the script, capture."""
     below = plan.project.closure(layer.name)
     if not below:
@@ -380,7 +380,7 @@ def _check_release(layer: LayerRecipe, locked: Input) -> None:
         )
 
 
-def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[Built], *, architecture: str) -> Descriptor:
+def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[LayerBlob], *, architecture: str) -> Descriptor:
     """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it."""
     labels = {
         LABEL_PREFIX + "name": layer.name,
@@ -396,14 +396,14 @@ def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[Built], *, a
     return descriptor
 
 
-def entry_layers(store: Store, layer: LayerPlan) -> list[Built]:
+def entry_layers(store: Store, layer: LayerPlan) -> list[LayerBlob]:
     """The layers recorded in ``layer``'s cache entry."""
     descriptor = store.resolve(cache_tag(layer.name, layer.key))
     if descriptor is None:
         raise OcibuildError(f"layer '{layer.name}' is not in the store", "run `ocibuild build`")
     manifest = store.get_manifest(descriptor.digest)
     config = store.get_config(manifest.config.digest)
-    return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)]
+    return [LayerBlob(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)]
 
 
 def assemble(plan: Plan, store: Store, *, strict: bool = False, output: Output = lambda line: None,
@@ -432,7 +432,7 @@ def image_manifest(project: Project, store: Store, plans: Sequence[LayerPlan], *
                    cmd: Sequence[str] | None) -> tuple[bytes, Manifest]:
     """Config bytes and manifest of an image stacking the cache entries of ``plans``, bottom first."""
     image = project.image
-    layers: list[Built] = []
+    layers: list[LayerBlob] = []
     history: list[History] = []
     for layer in plans:
         recipe = layer.recipe
@@ -464,7 +464,7 @@ def _rfc3339(epoch: int) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def layer_listing(store: Store, built: Built) -> dict[str, str]:
+def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:
     """Path → content fingerprint of a layer; cached by diff_id in the store's private area (copy layers record
     theirs when they are built, from the hashes of the tree walk)."""
     from . import builders, tarlayer
@@ -624,7 +624,7 @@ def _read_files(store: Store, layer: LayerPlan, paths: set[str]) -> dict[str, by
     return found
 
 
-def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
+def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> LayerBlob:
     import shutil
     import tempfile
 
@@ -643,7 +643,7 @@ def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
 
 
 def _merge_with_ldconfig(ctx: BuildContext, plan: Plan, merge: LayerPlan, merged: dict[str, str],
-                         engine: Engine) -> Built:
+                         engine: Engine) -> LayerBlob:
     """Put the merged files in place and re-run ldconfig over the whole stack, in a container."""
     import shutil
     import tempfile
