@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_t
 from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, Reference, canonical_json
 from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store
+from .store.entries import LABEL_PREFIX, cache_tag, entry_layers, put_cache_entry
 
 # A build that finds every layer cached (the common case, and a benchmark) needs none of the modules that make
 # layers: builders, bundle, tarlayer (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
@@ -36,14 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LABEL_PREFIX = "dev.ocibuild.layer."
 Output = Callable[[str], None]
-
-
-def cache_tag(name: str, key: Digest) -> str:
-    """The ref name of a layer's cache entry: ``<name>-<64 hex>``, name lowered to [a-z0-9._-], at most 63."""
-    lowered = re.sub(r"[^a-z0-9._-]", "-", name.lower())[:63]
-    return f"{lowered}-{key.hex}"
 
 
 @dataclass(frozen=True)
@@ -378,32 +371,6 @@ def _check_release(layer: LayerRecipe, locked: Input) -> None:
             f"(locked {locked.digest.short}, now {current.short})",
             "run `ocibuild lock` to take the archive's new state (this rebuilds the layer and those above it)",
         )
-
-
-def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[LayerBlob], *, architecture: str) -> Descriptor:
-    """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it."""
-    labels = {
-        LABEL_PREFIX + "name": layer.name,
-        LABEL_PREFIX + "kind": layer.recipe.kind,
-        LABEL_PREFIX + "key": str(layer.key),
-        LABEL_PREFIX + "inputs": json.dumps([i.to_dict() for i in layer.inputs], sort_keys=True, separators=(",", ":")),
-    }
-    config = ImageConfig(diff_ids=tuple(b.diff_id for b in built), architecture=architecture, labels=labels)
-    config_descriptor = store.put(config.to_json(), oci.OCI_CONFIG)
-    manifest = Manifest(config_descriptor, tuple(b.descriptor for b in built))
-    descriptor = store.put_manifest(manifest)
-    store.tag(cache_tag(layer.name, layer.key), descriptor)
-    return descriptor
-
-
-def entry_layers(store: Store, layer: LayerPlan) -> list[LayerBlob]:
-    """The layers recorded in ``layer``'s cache entry."""
-    descriptor = store.resolve(cache_tag(layer.name, layer.key))
-    if descriptor is None:
-        raise OcibuildError(f"layer '{layer.name}' is not in the store", "run `ocibuild build`")
-    manifest = store.get_manifest(descriptor.digest)
-    config = store.get_config(manifest.config.digest)
-    return [LayerBlob(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)]
 
 
 def assemble(plan: Plan, store: Store, *, strict: bool = False, output: Output = lambda line: None,
