@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..oci import Descriptor, Digest, ImageConfig, Index, Manifest
-from . import maintenance
 from .content import BlobWriter, Content
 from .layout import Layout, check_ref_name
 
@@ -178,12 +177,15 @@ class Store:
         return self._layout.locks.lease()
 
     # ------------------------------------------------------------------------------ reachability, verify, gc
+    # .maintenance is imported where it is used: a build that finds every layer cached never needs it.
 
     def reachable(self) -> set[Digest]:
         """Every digest index.json reaches (manifests, nested indexes, configs, layers), present or not.
 
         Raises StoreError when index.json, or a manifest or index it reaches, cannot be read.
         """
+        from . import maintenance
+
         return maintenance.reachable(self._layout, self._content)
 
     def verify(self, *, unreachable: bool = False) -> list[str]:
@@ -191,6 +193,8 @@ class Store:
 
         With ``unreachable``, blobs no tag reaches count as problems too.
         """
+        from . import maintenance
+
         return maintenance.verify(self._layout, self._content, unreachable=unreachable)
 
     def gc(self, *, wait: bool = True) -> tuple[int, int]:
@@ -199,6 +203,8 @@ class Store:
         Waits for every lease (running builds, writers) to end, or with ``wait=False`` raises StoreError when
         one is held. Refuses (StoreError) when a tagged manifest or index cannot be read.
         """
+        from . import maintenance
+
         return maintenance.gc(self._layout, self._content, wait=wait)
 
     def private_dir(self, name: str) -> Path:

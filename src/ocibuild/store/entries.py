@@ -17,35 +17,33 @@ from typing import TYPE_CHECKING, Protocol
 from ..errors import OcibuildError
 from ..oci import OCI_CONFIG, Descriptor, Digest, ImageConfig, LayerBlob, Manifest
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: a Protocol class costs start-up time, and a cached build imports this module
     from . import Store
 
+    class _Input(Protocol):
+        def to_dict(self) -> Mapping[str, str]: ...
+
+    class _Recipe(Protocol):
+        @property
+        def kind(self) -> str: ...
+
+    class EntryLayer(Protocol):
+        """What an entry records of a planned layer (``planner.LayerPlan`` is one): name, kind, key and inputs."""
+
+        @property
+        def name(self) -> str: ...
+
+        @property
+        def key(self) -> Digest: ...
+
+        @property
+        def recipe(self) -> _Recipe: ...
+
+        @property
+        def inputs(self) -> Sequence[_Input]: ...
+
+
 LABEL_PREFIX = "dev.ocibuild.layer."  # the entry's config labels: <prefix>{name,kind,key,inputs}
-
-
-class _Input(Protocol):
-    def to_dict(self) -> Mapping[str, str]: ...
-
-
-class _Recipe(Protocol):
-    @property
-    def kind(self) -> str: ...
-
-
-class EntryLayer(Protocol):
-    """What an entry records of a planned layer (``planner.LayerPlan`` is one): its name, kind, key and inputs."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def key(self) -> Digest: ...
-
-    @property
-    def recipe(self) -> _Recipe: ...
-
-    @property
-    def inputs(self) -> Sequence[_Input]: ...
 
 
 def cache_tag(name: str, key: Digest) -> str:
