@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..errors import BlobNotFound, DigestMismatch, StoreError
 from ..files import fsync_dir
 from ..oci import Digest
-from .layout import STORE_HINT, Layout, hint_for, reason
+from .layout import FILE_MODE, STORE_HINT, Layout, hint_for, reason
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -35,7 +35,6 @@ _PARTIAL = "partial-"  # resumable downloads (Content.writer(resumable=True)): p
 _WRITE_BUFFER = 1 << 20
 _READ_BUFFER = 1 << 18
 _COPY_CHUNK = 1 << 20
-_MODE = 0o666  # as open(2) creates files: the umask decides
 _CHANGED_HINT = "the source changed or was corrupted in transit; fetch or build it again"
 
 
@@ -275,7 +274,7 @@ class Content:
         for attempt in (1, 2):
             path = directory / f"{prefix}{secrets.token_hex(8)}"
             try:
-                return path, os.open(path, flags, _MODE)
+                return path, os.open(path, flags, FILE_MODE)
             except FileNotFoundError:
                 if attempt == 2:
                     raise StoreError(f"create temporary file: {directory} is missing", hint=STORE_HINT) from None
@@ -290,7 +289,7 @@ class Content:
         directory = self._layout.tmp_dir
         path = directory / f"{_PARTIAL}{expected.algorithm}-{expected.hex}"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _MODE)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except FileNotFoundError:
             directory.mkdir(parents=True, exist_ok=True)
             return self._open_partial(expected)

@@ -32,7 +32,7 @@ _REF_NAME = re.compile(rf"{_REF_COMPONENT}(?:/{_REF_COMPONENT})*")  # the OCI im
 # files.atomic_write's temporary files beside the target: .<name>.<pid>.<random>.tmp
 LAYOUT_LEFTOVERS = ".oci-layout.*.tmp"  # of an interrupted creation (written without the lock)
 INDEX_LEFTOVERS = ".index.json.*.tmp"  # of an interrupted index.json update (written under the lock)
-_MODE = 0o666  # as open(2) creates files: the umask decides
+FILE_MODE = 0o666  # as open(2) creates files: the umask decides
 
 
 def reason(err: OSError) -> str:
@@ -112,7 +112,7 @@ class Layout:
             raise StoreError(f"create store: {self.root}: {reason(err)}", hint_for(err, self.root)) from err
         try:
             atomic_write(self.root / "oci-layout", canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION}),
-                         mode=_MODE)
+                         mode=FILE_MODE)
         except OSError as err:
             raise StoreError(f"write oci-layout: {self.root}: {reason(err)}", hint_for(err, self.root)) from err
         self._check(prepare=True)
@@ -227,7 +227,7 @@ class Layout:
     def _write_index(self, index: Index) -> None:
         path = self.root / "index.json"
         try:
-            atomic_write(path, index.to_json(), mode=_MODE)
+            atomic_write(path, index.to_json(), mode=FILE_MODE)
         except OSError as err:
             raise StoreError(f"write index.json: {path}: {reason(err)}", hint_for(err, self.root)) from err
 
@@ -373,7 +373,7 @@ class Locks:
     def _open(self, name: str) -> int:
         path = self._root / PRIVATE / name
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _MODE)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
             return self._open(name)
