@@ -1,6 +1,6 @@
 """One function per layer kind: each turns a recipe and its resolved inputs into layer blobs in the store.
 
-A builder returns the layers it made as :class:`Built` (blob descriptor + diff_id), bottom first; the planner
+A builder returns the layers it made as :class:`LayerBlob` (blob descriptor + diff_id), bottom first; the planner
 records them as a cache entry. Builders write blobs only through ``Store.writer``, so a failure part-way leaves
 nothing in the store.
 """
@@ -25,7 +25,7 @@ from . import bundle, oci, registry, tarlayer
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
 from .inputs import IgnoreRules, Tree, fetch
-from .oci import Built, Descriptor, Digest
+from .oci import Descriptor, Digest, LayerBlob
 from .recipe.project import LayerRecipe
 from .store import Store
 from .tarlayer import Entry
@@ -46,11 +46,11 @@ class BuildContext:
     registries: registry.Registries | None = None  # for image layers with a registry reference
 
 
-def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> Built:
+def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> LayerBlob:
     """Write ``entries`` as one reproducible, compressed layer blob into the store."""
     with ctx.store.writer() as blob:
         stats = tarlayer.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
-    return Built(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
+    return LayerBlob(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
 
 
 def _owner(layer: LayerRecipe) -> tuple[int, int]:
@@ -66,7 +66,7 @@ def _under(dest: str, path: str) -> str:
     return normal
 
 
-def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[Built]:
+def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[LayerBlob]:
     """``copy``: the tree below ``from`` at ``to``. Owners default to 0:0; modes are normalised to 0755 for
     directories and executables, 0644 for other files, so that umask and checkout do not change the layer."""
     uid, gid = _owner(layer)
@@ -125,7 +125,7 @@ def archive_source(ctx: BuildContext, layer: LayerRecipe) -> Path:
                  progress=ctx.output, what=f"layer '{layer.name}'")
 
 
-def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
+def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[LayerBlob]:
     """``archive``: a release tarball unpacked at ``dest`` with ``strip_components``, owners 0:0 by default."""
     source = archive_source(ctx, layer)
     uid, gid = _owner(layer)
@@ -153,7 +153,7 @@ def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
         return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
 
 
-def build_bootstrap(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
+def build_bootstrap(ctx: BuildContext, layer: LayerRecipe) -> list[LayerBlob]:
     """``bootstrap``: a root filesystem by mmdebstrap, reproducible via SOURCE_DATE_EPOCH; owners kept."""
     if ctx.offline:
         raise OcibuildError(f"layer '{layer.name}': a bootstrap layer downloads packages, which --offline forbids",
@@ -198,7 +198,7 @@ def run_streaming(argv: Sequence[str], *, env: dict[str, str] | None, output: Ou
                          exit_code=proc.returncode, tail="\n".join(tail))
 
 
-def build_image(ctx: BuildContext, layer: LayerRecipe, manifest_digest: Digest) -> tuple[list[Built], oci.ImageConfig]:
+def build_image(ctx: BuildContext, layer: LayerRecipe, manifest_digest: Digest) -> tuple[list[LayerBlob], oci.ImageConfig]:
     """``image``: the layers of an existing image, copied (verified) into the store; returns them and its config."""
     ref = layer.str_("ref")
     what = f"layer '{layer.name}': {ref}"
@@ -217,7 +217,7 @@ def build_image(ctx: BuildContext, layer: LayerRecipe, manifest_digest: Digest) 
         if descriptor.media_type not in oci.LAYER_TYPES:
             raise FormatError(f"{what}: layer media type '{descriptor.media_type}' is not supported",
                               "use an image with OCI or Docker tar/gzip/zstd layers")
-    return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)], config
+    return [LayerBlob(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)], config
 
 
 def _fetch_registry_image(ctx: BuildContext, layer: LayerRecipe, ref: str, manifest_digest: Digest) -> None:
@@ -323,7 +323,7 @@ class CaptureFilter:
         return (self.only is None or path in self.only) and not rules.excluded(path)
 
 
-def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest, image: str) -> list[Built]:
+def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest, image: str) -> list[LayerBlob]:
     """``run``: the script in a container on the stack of its needs; what it changed becomes the layer."""
     if ctx.offline and layer.bool_("network"):
         raise OcibuildError(f"layer '{layer.name}' is a run layer with network = true, which --offline forbids",
@@ -336,7 +336,7 @@ def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest
 
 def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str, key: Digest,
                     mounts: Sequence[BindMount], env: Mapping[str, str], workdir: str, network: bool,
-                    keep: CaptureFilter) -> Built:
+                    keep: CaptureFilter) -> LayerBlob:
     """Run the script mounted at SCRIPT_PATH in a container of ``image``; the paths it changed that ``keep``
     accepts become one layer. The change set comes from the engine's container diff and the files from its
     mounted root filesystem, so capturing costs in proportion to the change, not to the image. The output
@@ -362,14 +362,14 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
 
 
 def capture_container(ctx: BuildContext, engine: Engine, container: str, changes: Mapping[str, str],
-                      keep: CaptureFilter, *, what: str) -> Built:
+                      keep: CaptureFilter, *, what: str) -> LayerBlob:
     rules = IgnoreRules(keep.exclude)
     with engine.mounted(container) as root:
         return write_entries(ctx, capture(root, changes, lambda p: keep.keeps(p, rules), what=what))
 
 
 def _capture_in_user_namespace(ctx: BuildContext, engine: Engine, container: str, changes: Mapping[str, str],
-                               keep: CaptureFilter, name: str) -> Built:
+                               keep: CaptureFilter, name: str) -> LayerBlob:
     """Rootless: the container's files belong to subordinate ids, readable only inside podman's user namespace,
     so the capture runs there (``podman unshare``), writing the blob into the store as the invoking user."""
     spec = {
@@ -382,7 +382,7 @@ def _capture_in_user_namespace(ctx: BuildContext, engine: Engine, container: str
                          what=f"layer '{name}': capture")
     try:
         result = json.loads(out.strip().splitlines()[-1])
-        return Built(Descriptor(result["media_type"], Digest.parse(result["digest"]), int(result["size"])),
+        return LayerBlob(Descriptor(result["media_type"], Digest.parse(result["digest"]), int(result["size"])),
                      Digest.parse(result["diff_id"]))
     except (ValueError, KeyError, IndexError):
         raise EngineError(f"layer '{name}': the capture in the user namespace printed no result",

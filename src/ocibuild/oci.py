@@ -182,9 +182,9 @@ class Descriptor:
 
 
 @dataclass(frozen=True)
-class Built:
+class LayerBlob:
     """A layer as an image config and manifest list it: its blob's descriptor and its diff_id (the digest of the
-    uncompressed tar). What a builder returns and a cache entry records."""
+    uncompressed tar). What a builder returns and a cache entry records (one recipe layer may make several)."""
 
     descriptor: Descriptor
     diff_id: Digest

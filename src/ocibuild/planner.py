@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -23,11 +22,12 @@ from . import bookkeeping, oci, registry
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
 from .files import atomic_write
 from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
-from .oci import Built, Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
+from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, Reference, canonical_json
 from .recipe.key import KEY_FORMAT, Input, cache_key
 from .recipe.lock import Lock, LockEntry
 from .recipe.project import LayerRecipe, Project
 from .store import Store
+from .store.entries import LABEL_PREFIX, cache_tag, entry_layers, put_cache_entry
 
 # A build that finds every layer cached (the common case, and a benchmark) needs none of the modules that make
 # layers: builders, bundle, tarlayer (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
@@ -39,14 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LABEL_PREFIX = "dev.ocibuild.layer."
 Output = Callable[[str], None]
-
-
-def cache_tag(name: str, key: Digest) -> str:
-    """The ref name of a layer's cache entry: ``<name>-<64 hex>``, name lowered to [a-z0-9._-], at most 63."""
-    lowered = re.sub(r"[^a-z0-9._-]", "-", name.lower())[:63]
-    return f"{lowered}-{key.hex}"
 
 
 @dataclass(frozen=True)
@@ -314,7 +307,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
     return BuildResult(result_plan, image, tuple(warnings))
 
 
-def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[Built]:
+def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[LayerBlob]:
     from . import builders
 
     recipe = layer.recipe
@@ -332,7 +325,7 @@ def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[Built]
 
 
 def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], layer: LayerPlan,
-                     get_engine: Callable[[], Engine]) -> list[Built]:
+                     get_engine: Callable[[], Engine]) -> list[LayerBlob]:
     """Stage the stack of the layer's needs as an image, hand it to the engine, run the script, capture."""
     below = plan.project.closure(layer.name)
     if not below:
@@ -381,32 +374,6 @@ def _check_release(layer: LayerRecipe, locked: Input) -> None:
         )
 
 
-def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[Built], *, architecture: str) -> Descriptor:
-    """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it."""
-    labels = {
-        LABEL_PREFIX + "name": layer.name,
-        LABEL_PREFIX + "kind": layer.recipe.kind,
-        LABEL_PREFIX + "key": str(layer.key),
-        LABEL_PREFIX + "inputs": json.dumps([i.to_dict() for i in layer.inputs], sort_keys=True, separators=(",", ":")),
-    }
-    config = ImageConfig(diff_ids=tuple(b.diff_id for b in built), architecture=architecture, labels=labels)
-    config_descriptor = store.put(config.to_json(), oci.OCI_CONFIG)
-    manifest = Manifest(config_descriptor, tuple(b.descriptor for b in built))
-    descriptor = store.put_manifest(manifest)
-    store.tag(cache_tag(layer.name, layer.key), descriptor)
-    return descriptor
-
-
-def entry_layers(store: Store, layer: LayerPlan) -> list[Built]:
-    """The layers recorded in ``layer``'s cache entry."""
-    descriptor = store.resolve(cache_tag(layer.name, layer.key))
-    if descriptor is None:
-        raise OcibuildError(f"layer '{layer.name}' is not in the store", "run `ocibuild build`")
-    manifest = store.get_manifest(descriptor.digest)
-    config = store.get_config(manifest.config.digest)
-    return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)]
-
-
 def assemble(plan: Plan, store: Store, *, strict: bool = False, output: Output = lambda line: None,
              merge: LayerPlan | None = None) -> tuple[Descriptor, list[str]]:
     """The image of ``plan``: every cache entry's layers in order (then the bookkeeping merge layer, if any),
@@ -433,7 +400,7 @@ def image_manifest(project: Project, store: Store, plans: Sequence[LayerPlan], *
                    cmd: Sequence[str] | None) -> tuple[bytes, Manifest]:
     """Config bytes and manifest of an image stacking the cache entries of ``plans``, bottom first."""
     image = project.image
-    layers: list[Built] = []
+    layers: list[LayerBlob] = []
     history: list[History] = []
     for layer in plans:
         recipe = layer.recipe
@@ -465,7 +432,7 @@ def _rfc3339(epoch: int) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def layer_listing(store: Store, built: Built) -> dict[str, str]:
+def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:
     """Path → content fingerprint of a layer; cached by diff_id in the store's private area (copy layers record
     theirs when they are built, from the hashes of the tree walk)."""
     from . import builders, tarlayer
@@ -625,7 +592,7 @@ def _read_files(store: Store, layer: LayerPlan, paths: set[str]) -> dict[str, by
     return found
 
 
-def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
+def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> LayerBlob:
     import shutil
     import tempfile
 
@@ -644,7 +611,7 @@ def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
 
 
 def _merge_with_ldconfig(ctx: BuildContext, plan: Plan, merge: LayerPlan, merged: dict[str, str],
-                         engine: Engine) -> Built:
+                         engine: Engine) -> LayerBlob:
     """Put the merged files in place and re-run ldconfig over the whole stack, in a container."""
     import shutil
     import tempfile

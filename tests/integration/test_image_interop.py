@@ -27,8 +27,8 @@ import pytest
 
 from conftest import Podman, require, write
 from ocibuild import oci
-from ocibuild.planner import cache_tag
 from ocibuild.store import Store
+from ocibuild.store.entries import cache_tag
 
 # The session image's base is a bootstrap layer: mmdebstrap reaches Debian's archive, which only e2e tests do.
 pytestmark = pytest.mark.e2e

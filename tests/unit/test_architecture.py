@@ -36,6 +36,13 @@ ALLOWED: dict[str, set[str]] = {
                          "builders", "bookkeeping"},
     "cli": {"*"},
 }
+# inside a package: module -> the siblings it may import (the package's own __init__ is named by the package)
+INSIDE: dict[str, set[str]] = {
+    "store.layout": set(),  # oci-layout, index.json, tags, locks
+    "store.content": {"store.layout"},  # blobs in and out
+    "store.maintenance": {"store.layout", "store.content"},  # verify, gc
+    "store.entries": {"store"},  # the cache-entry format, on the Store facade
+}
 # third-party library -> the one module that wraps it
 OWNERS = {"zstandard": "tarlayer", "isal": "tarlayer", "python_on_whales": "engine", "http": "transport",
           "ssl": "transport", "requests": None, "urllib3": None, "oras": None, "h11": None}
@@ -97,9 +104,21 @@ def test_modules_import_only_in_the_direction_of_the_data() -> None:
         row = rule(name)
         assert row is not None, f"{path.relative_to(PACKAGE)} has no place in the architecture table"
         ours, _ = imports(name, path)
-        own_package = name.split(".")[0] if "." in name else ""
+        own_package = name.split(".")[0] if "." in name or path.name == "__init__.py" else ""
         wrong = sorted(t for t in ours if t.split(".")[0] != own_package and not permitted(t, row, own_package))
         assert not wrong, f"{name} imports {wrong} against the direction"
+
+
+def test_modules_of_a_package_import_their_siblings_in_one_direction() -> None:
+    found = modules()
+    for name, row in INSIDE.items():
+        assert name in found, f"{name} is in INSIDE but not in the package"
+        package = name.split(".")[0]
+        ours, _ = imports(name, found[name])
+        siblings = {t for t in ours if t.split(".")[0] == package and t != name}
+        # `from . import Store` reads as store.Store: a name of the package's __init__
+        wrong = sorted(t for t in siblings if t not in row and (t in found or t.rsplit(".", 1)[0] not in row))
+        assert not wrong, f"{name} imports {wrong}, against the direction inside {package}"
 
 
 def test_each_library_is_wrapped_by_one_module() -> None:

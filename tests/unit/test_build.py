@@ -17,10 +17,11 @@ from conftest import write
 from ocibuild import cli, oci
 from ocibuild.errors import LayerConflict, RecipeError
 from ocibuild.inputs import StatCache, hash_file
-from ocibuild.planner import build, cache_tag, make_plan
+from ocibuild.planner import build, make_plan
 from ocibuild.recipe.lock import Lock
 from ocibuild.recipe.project import load_project
 from ocibuild.store import Store
+from ocibuild.store.entries import cache_tag
 
 
 def _tarball(path: Path, files: dict[str, bytes]) -> str:

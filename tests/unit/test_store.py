@@ -397,7 +397,7 @@ def test_update_index_and_lock_reentrancy(store: Store) -> None:
         index = store.update_index(lambda i: i.with_tag("x", manifest).with_tag("y", manifest))
     assert [d.ref_name for d in index.manifests] == ["x", "y"]
     assert store.index() == index
-    assert not (store.root / "index.json.tmp").exists()
+    assert not (store.root / "index.json.tmp").exists() and not list(store.root.glob(".index.json.*"))
 
 
 def test_malformed_index_names_the_file(store: Store) -> None:
@@ -507,6 +507,26 @@ def test_gc_removes_only_unreachable_blobs(store: Store) -> None:
     assert sorted(p.name for p in tmp.iterdir()) == ["scratch-young", "workdir"]
     assert store.gc() == (0, 0)
     assert store.verify() == []
+
+
+def test_gc_removes_what_an_interrupted_atomic_write_left(store: Store) -> None:
+    """index.json and oci-layout are written with files.atomic_write: a crash leaves its temporary file beside them."""
+    index_tmp = store.root / ".index.json.123.abcd.tmp"  # written under the lock, which gc holds: a leftover
+    index_tmp.write_bytes(b"{}")
+    young = store.root / ".oci-layout.123.abcd.tmp"  # a concurrent creation may still rename it: kept for an hour
+    young.write_bytes(b"{}")
+    old = store.root / ".oci-layout.456.abcd.tmp"
+    old.write_bytes(b"{}")
+    os.utime(old, (0, 0))
+    assert store.gc() == (0, 4)
+    assert not index_tmp.exists() and not old.exists() and young.exists()
+    assert store.verify() == []
+
+
+def test_open_ignores_what_an_interrupted_creation_left(tmp_path: Path) -> None:
+    (tmp_path / ".oci-layout.123.abcd.tmp").write_bytes(b"{")
+    store = Store.open(tmp_path)
+    assert store.index() == Index(()) and store.verify() == []
 
 
 def test_gc_refuses_when_a_tagged_manifest_is_unreadable(store: Store) -> None:
