@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import bookkeeping, oci, registry
+from . import oci, registry
+from .build import merge as bookkeeping
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
 from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
 from .oci import Built, Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
@@ -31,7 +32,7 @@ from .store import Store
 # are imported in the functions that use them.
 if TYPE_CHECKING:
     from . import bundle
-    from .builders import BuildContext
+    from .build.run import BuildContext
     from .engine import Engine
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def is_registry_ref(source: str) -> bool:
 
 
 def _resolve(project: Project, layer: LayerRecipe, source: str, registries: registry.Registries | None) -> Digest:
-    from . import builders
+    from .build import run as builders
 
     if layer.kind == "bootstrap":
         return Digest.of(fetch_bytes(source, what=f"layer '{layer.name}'"))
@@ -282,7 +283,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
 
     def get_context() -> BuildContext:
         if not contexts:
-            from .builders import BuildContext
+            from .build.run import BuildContext
 
             contexts.append(BuildContext(store, project.root, project.image.compression,
                                          project.image.source_date_epoch, offline, output, registries))
@@ -314,7 +315,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
 
 
 def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[Built]:
-    from . import builders
+    from .build import run as builders
 
     recipe = layer.recipe
     if recipe.kind == "copy":
@@ -337,7 +338,7 @@ def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], l
     if not below:
         raise RecipeError(f"{_relative(plan.project, layer.recipe.file)}: a run layer needs the layers it runs on",
                           "add needs = [\"base\"] (a bootstrap or image layer) to the layer.toml")
-    from . import builders
+    from .build import run as builders
 
     engine = get_engine()
     by_name = {l.name: l for l in done}
@@ -467,7 +468,8 @@ def _rfc3339(epoch: int) -> str:
 def layer_listing(store: Store, built: Built) -> dict[str, str]:
     """Path → content fingerprint of a layer; cached by diff_id in the store's private area (copy layers record
     theirs when they are built, from the hashes of the tree walk)."""
-    from . import builders, tarlayer
+    from . import tarlayer
+    from .build import run as builders
 
     try:
         listing: dict[str, str] = json.loads(builders.listing_path(store, built.diff_id).read_bytes())
@@ -628,7 +630,8 @@ def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
     import shutil
     import tempfile
 
-    from . import builders, tarlayer
+    from . import tarlayer
+    from .build import run as builders
 
     directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
     try:
@@ -648,7 +651,7 @@ def _merge_with_ldconfig(ctx: BuildContext, plan: Plan, merge: LayerPlan, merged
     import shutil
     import tempfile
 
-    from . import builders
+    from .build import run as builders
     from .engine import BindMount
 
     directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))

@@ -20,7 +20,6 @@ ALLOWED: dict[str, set[str]] = {
     "files": set(),
     "threads": {"errors"},
     "oci": {"errors"},
-    "bookkeeping": set(),
     "config": {"errors"},
     "recipe": LEAVES | {"oci"},
     "tarlayer": LEAVES | {"oci"},
@@ -31,9 +30,8 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": LEAVES | {"oci", "store", "tarlayer"},
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
-    "builders": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine"},
-    "planner": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine",
-                         "builders", "bookkeeping"},
+    "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine"},
+    "planner": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine", "build"},
     "cli": {"*"},
 }
 # third-party library -> the one module that wraps it

@@ -21,14 +21,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
-from . import bundle, oci, registry, tarlayer
-from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
-from .engine import BindMount, Engine
-from .inputs import IgnoreRules, Tree, fetch
-from .oci import Built, Descriptor, Digest
-from .recipe import LayerRecipe
-from .store import Store
-from .tarlayer import Entry
+from .. import bundle, oci, registry, tarlayer
+from ..errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
+from ..engine import BindMount, Engine
+from ..inputs import IgnoreRules, Tree, fetch
+from ..oci import Built, Descriptor, Digest
+from ..recipe import LayerRecipe
+from ..store import Store
+from ..tarlayer import Entry
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def _capture_in_user_namespace(ctx: BuildContext, engine: Engine, container: str
         "exclude": list(keep.exclude), "only": sorted(keep.only) if keep.only is not None else None,
         "engine": engine.name, "engine_args": list(engine.args),
     }
-    out = engine.unshare([sys.executable, "-m", "ocibuild.builders"], json.dumps(spec).encode(),
+    out = engine.unshare([sys.executable, "-m", "ocibuild.build.run"], json.dumps(spec).encode(),
                          what=f"layer '{name}': capture")
     try:
         result = json.loads(out.strip().splitlines()[-1])
@@ -390,7 +390,7 @@ def _capture_in_user_namespace(ctx: BuildContext, engine: Engine, container: str
 
 
 def _capture_main() -> int:
-    """``python -m ocibuild.builders`` < spec: the capture step inside ``podman unshare`` (see above)."""
+    """``python -m ocibuild.build.run`` < spec: the capture step inside ``podman unshare`` (see above)."""
     spec = json.load(sys.stdin)
     store = Store.open(Path(spec["store"]))
     ctx = BuildContext(store, Path(spec["project"]), spec["compression"], spec["epoch"], True,
