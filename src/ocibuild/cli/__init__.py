@@ -16,20 +16,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, registry
-from .config import Config, load_config
-from .errors import OcibuildError
-from .recipe import Project, load_lock, load_project
-from .store import Store
+from .. import __version__, registry
+from ..config import Config, load_config
+from ..errors import OcibuildError
+from ..recipe import Project, load_lock, load_project
+from ..store import Store
 
 # Start-up time is part of every command's time (a no-op build, a push that finds everything present), so the
 # modules only some commands need (planner, bundle, engine, doctor: zstandard, isal, python-on-whales) are
 # imported in the functions that use them.
 if TYPE_CHECKING:
-    from . import planner
-    from .engine import Engine
-    from .oci import Descriptor
-    from .planner import Plan
+    from .. import planner
+    from ..engine import Engine
+    from ..oci import Descriptor
+    from ..planner import Plan
 
 log = logging.getLogger("ocibuild")
 
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _engine_factory(config: Config, project: Project, choice: str | None) -> Callable[[], Engine]:
-    from .engine import Engine
+    from ..engine import Engine
 
     return lambda: Engine.detect(choice or project.run.engine, config.engine_args)
 
@@ -176,8 +176,8 @@ def _registries(config: Config) -> registry.Registries:
 
 
 def _plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None) -> Plan:
-    from . import planner
-    from .inputs import StatCache
+    from .. import planner
+    from ..inputs import StatCache
 
     project = _project(args)
     lock = load_lock(project.root)
@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _compile(args, console)
     if args.command == "doctor":
-        from . import doctor
+        from .. import doctor
 
         checks = doctor.run_checks(load_config(args.store), args.engine)
         for check in checks:
@@ -228,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
             raise OcibuildError(f"{len(failed)} check(s) failed", "apply the fixes above, then run `ocibuild doctor` again")
         return 0
     if args.command == "lock":
-        from . import planner
+        from .. import planner
 
         project = _project(args)
         lock = planner.resolve_lock(project, load_lock(project.root), refresh=args.layers or project.layer_names)
@@ -264,7 +264,7 @@ def _run(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace, config: Config, store: Store, console: _Console, *,
            strict: bool = False) -> tuple[Plan, planner.BuildResult]:
     """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
-    from . import planner
+    from .. import planner
 
     registries = _registries(config)
     plan = _plan(args, store, registries)
@@ -281,7 +281,7 @@ def _remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Regi
                  ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.Remote]] | None]:
     """With a cache (--cache or [cache] ref) and not --offline: the plan with status "pull" where the registry
     holds a missing layer, and what is needed to pull those layers."""
-    from . import planner
+    from .. import planner
 
     reference = planner.cache_repository(plan.project, args.cache)
     if reference is None or args.offline or all(layer.status != "build" for layer in plan.layers):
@@ -314,7 +314,7 @@ def _registry_command(args: argparse.Namespace, console: _Console) -> int:
         doc: dict[str, Any] = {"ref": f"{reference.registry}/{reference.repository}:{tag}",
                                "digest": str(image.digest), "status": status}
     else:
-        from . import planner
+        from .. import planner
 
         plan = _plan(args, store, registries)
         cache_text = args.ref or args.cache_option if args.command == "push-cache" else args.cache
@@ -401,7 +401,7 @@ def _print_transfer(command: str, doc: dict[str, Any]) -> None:
 
 def _bundle_command(args: argparse.Namespace) -> int:
     """`export`, `import` and `inventory`: archives for air-gapped machines (see :mod:`ocibuild.bundle`)."""
-    from . import bundle, planner
+    from .. import bundle, planner
 
     _, store = _open(args)
     if args.command == "inventory":
@@ -450,8 +450,8 @@ def _bundle_command(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace, console: _Console) -> int:
     """`ocibuild run`: build (a no-op when cached), hand the image to the engine, run the command. Exits with the
     command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
-    from . import bundle
-    from .engine import BindMount
+    from .. import bundle
+    from ..engine import BindMount
 
     try:
         config, store = _open(args)
@@ -489,7 +489,7 @@ def _compile(args: argparse.Namespace, console: _Console) -> int:
 
 
 def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:
-    from . import bundle
+    from .. import bundle
 
     if not target.startswith("oci-archive:"):
         raise OcibuildError(f"--output {target}: only oci-archive:PATH is supported", "write --output oci-archive:out.tar")
@@ -508,6 +508,3 @@ def _print_layers(doc: dict[str, Any], file: Any = None) -> None:
         print(f"{layer['name']:<{width}}  {layer['kind']:<9}  {layer['key'][7:19]}  {layer['status']:<6}  needs: {needs}",
               file=out)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
