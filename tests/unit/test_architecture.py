@@ -30,8 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": LEAVES | {"oci", "store", "tarlayer"},
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
-    "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine"},
-    "planner": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine", "build"},
+    "resolve": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry"},
+    "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine", "resolve"},
+    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "bundle", "engine", "resolve", "build"},
+    "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},
 }
 # third-party library -> the one module that wraps it

@@ -226,7 +226,7 @@ def test_run_layer_without_needs_is_a_clear_error(make_project, store: Store) ->
 def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_path: Path, store: Store) -> None:
     """Copy layers record their listing from the tree walk's hashes; it must be what reading the blob gives."""
     from ocibuild import tarlayer
-    from ocibuild.build import run as builders
+    from ocibuild.build.listing import listing_path
 
     root = _project(make_project, tmp_path)
     (root / "src/link").symlink_to("main.go")
@@ -235,7 +235,7 @@ def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_pat
     config = store.get_config(manifest.config.digest)
     checked = 0
     for layer, diff_id in zip(manifest.layers, config.diff_ids):
-        recorded = builders.listing_path(store, diff_id)
+        recorded = listing_path(store, diff_id)
         if recorded.exists():
             with store.open_blob(layer.digest) as f:
                 assert json.loads(recorded.read_text()) == tarlayer.list_layer(f, "zstd", what="test")

@@ -1,8 +1,9 @@
-"""One function per layer kind: each turns a recipe and its resolved inputs into layer blobs in the store.
+"""``run`` layers: a script run in a container on the stack of the layer's needs; what it changed becomes the
+layer. The stack is staged into the engine as an image (:func:`staged`); the change set comes from the engine's
+container diff and the files from its mounted root filesystem (:func:`capture`).
 
-A builder returns the layers it made as :class:`Built` (blob descriptor + diff_id), bottom first; the planner
-records them as a cache entry. Builders write blobs only through ``Store.writer``, so a failure part-way leaves
-nothing in the store.
+Rootless podman keeps a container's files under subordinate ids, so there the capture runs as a process of its
+own inside ``podman unshare``: ``python -m ocibuild.build.run`` (see :func:`_capture_main`).
 """
 
 from __future__ import annotations
@@ -12,280 +13,46 @@ import logging
 import os
 import re
 import stat
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, cast
 
-from .. import bundle, oci, registry, tarlayer
-from ..errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
+from .. import bundle, oci, tarlayer
 from ..engine import BindMount, Engine
-from ..inputs import IgnoreRules, Tree, fetch
-from ..oci import Built, Descriptor, Digest
+from ..errors import EngineError, OcibuildError
+from ..inputs import IgnoreRules, fetch
+from ..oci import Built, Descriptor, Digest, Manifest
 from ..recipe import LayerRecipe
 from ..store import Store
 from ..tarlayer import Entry
+from .context import BuildContext, write_entries
 
 log = logging.getLogger(__name__)
 
-Output = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class BuildContext:
-    store: Store
-    project_root: Path
-    compression: str
-    epoch: int
-    offline: bool
-    output: Output  # receives progress lines and the output of build steps
-    registries: registry.Registries | None = None  # for image layers with a registry reference
-
-
-def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> Built:
-    """Write ``entries`` as one reproducible, compressed layer blob into the store."""
-    with ctx.store.writer() as blob:
-        stats = tarlayer.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
-    return Built(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
-
-
-def _owner(layer: LayerRecipe) -> tuple[int, int]:
-    uid, gid = layer.str_("owner").split(":")
-    return int(uid), int(gid)
-
-
-def _under(dest: str, path: str) -> str:
-    joined = str(PurePosixPath(dest) / path) if path else dest
-    normal = tarlayer.normalise_path(joined)
-    if normal is None:
-        raise RecipeError(f"destination {joined!r} is the root itself")
-    return normal
-
-
-def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[Built]:
-    """``copy``: the tree below ``from`` at ``to``. Owners default to 0:0; modes are normalised to 0755 for
-    directories and executables, 0644 for other files, so that umask and checkout do not change the layer."""
-    uid, gid = _owner(layer)
-    to = layer.str_("to")
-    single_file = not (ctx.project_root / layer.str_("from")).is_dir()
-    entries = []
-    for item in tree.entries:
-        # a single file lands at `to` itself, or inside it when `to` ends with '/' (as COPY does)
-        path = _under(to, item.path) if not single_file or to.endswith("/") else _under(to, "")
-        if item.type == "dir":
-            entries.append(Entry(path, "dir", 0o755, uid, gid, mtime=ctx.epoch))
-        elif item.type == "symlink":
-            entries.append(Entry(path, "symlink", 0o777, uid, gid, linkname=item.linkname, mtime=ctx.epoch))
-        else:
-            mode = 0o755 if item.mode & 0o111 else 0o644
-            entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch))
-    entries = tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
-    built = write_entries(ctx, entries)
-    # The tree walk already hashed every file: record the layer's listing now rather than re-reading the blob.
-    content = {item.source: item.sha256 for item in tree.entries if item.type == "file"}
-    save_listing(ctx.store, built.diff_id, {
-        e.path: f"file:{e.mode:04o}:{content[e.source or '']}" if e.type == "file"
-        else f"dir:{e.mode:04o}" if e.type == "dir" else f"{e.type}:{e.linkname}"
-        for e in entries
-    })
-    return [built]
-
-
-def listing_path(store: Store, diff_id: Digest) -> Path:
-    """Where a layer's listing (path → fingerprint, as :func:`tarlayer.list_layer` makes it) is cached."""
-    return store.private_dir("listings") / f"{diff_id.hex}.json"
-
-
-def save_listing(store: Store, diff_id: Digest, listing: Mapping[str, str]) -> None:
-    path = listing_path(store, diff_id)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(listing, sort_keys=True))
-    tmp.replace(path)
-
 
 @contextmanager
-def _temp_file(ctx: BuildContext, suffix: str) -> Iterator[Path]:
-    fd, name = tempfile.mkstemp(suffix=suffix, dir=ctx.store.private_dir("tmp"))
-    os.close(fd)
+def staged(store: Store, config_bytes: bytes, manifest: Manifest, key: Digest, engine: Engine) -> Iterator[str]:
+    """The image of ``config_bytes`` and ``manifest`` (a stack of layers, see :func:`planner.image_manifest`),
+    tagged in the store for the engine to load while the context lasts; yields the engine's image id. The engine
+    copies only layers it lacks; nothing moves when it has the image. ``key`` names the stage."""
+    tag = f"ocibuild-stage-{key.hex[:16]}"
+    archive = store.private_dir("tmp") / f"{tag}.tar"
+    store.put(config_bytes, oci.OCI_CONFIG)
+    descriptor = store.put_manifest(manifest)
+    store.tag(tag, descriptor)
+
+    def write_archive() -> Path:
+        bundle.write_oci_archive(store, descriptor, tag, archive)
+        return archive
+
     try:
-        yield Path(name)
+        yield engine.load_from_layout(store.root, tag, Digest.of(config_bytes).hex, write_archive)
     finally:
-        Path(name).unlink(missing_ok=True)
+        store.untag(tag)
+        archive.unlink(missing_ok=True)
 
-
-def archive_source(ctx: BuildContext, layer: LayerRecipe) -> Path:
-    """The archive file of an ``archive`` layer, downloaded (or found in the download cache) and verified."""
-    url = layer.str_("url")
-    where = url if "://" in url else str(layer.dir / url)
-    return fetch(where, layer.str_("sha256"), ctx.store.private_dir("downloads"), offline=ctx.offline,
-                 progress=ctx.output, what=f"layer '{layer.name}'")
-
-
-def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
-    """``archive``: a release tarball unpacked at ``dest`` with ``strip_components``, owners 0:0 by default."""
-    source = archive_source(ctx, layer)
-    uid, gid = _owner(layer)
-    strip = layer.int_("strip_components")
-    dest = layer.str_("dest")
-    what = f"layer '{layer.name}': {layer.str_('url')}"
-    with _temp_file(ctx, ".tar") as plain:
-        with open(source, "rb") as src, open(plain, "wb") as dst:
-            compression = tarlayer.sniff_compression(src.read(8))
-            src.seek(0)
-            tarlayer.decompress_to(src, dst, compression)
-        entries = []
-        for entry in tarlayer.read_archive_members(plain, what=what):
-            parts = entry.path.split("/")
-            if len(parts) <= strip:
-                continue
-            path = _under(dest, "/".join(parts[strip:]))
-            linkname = entry.linkname
-            if entry.type == "hardlink":
-                link_parts = linkname.split("/")
-                if len(link_parts) <= strip:
-                    continue
-                linkname = _under(dest, "/".join(link_parts[strip:]))
-            entries.append(replace(entry, path=path, linkname=linkname, uid=uid, gid=gid))
-        return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
-
-
-def build_bootstrap(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
-    """``bootstrap``: a root filesystem by mmdebstrap, reproducible via SOURCE_DATE_EPOCH; owners kept."""
-    if ctx.offline:
-        raise OcibuildError(f"layer '{layer.name}': a bootstrap layer downloads packages, which --offline forbids",
-                            "build it on a connected machine and bring it with `ocibuild export`/`import`")
-    mirror, suite = layer.str_("mirror"), layer.str_("suite")
-    components = " ".join(layer.strings("components"))
-    sources = [f"deb {mirror} {suite} {components}"]
-    if layer.bool_("deb_src"):
-        sources.append(f"deb-src {mirror} {suite} {components}")
-    with _temp_file(ctx, ".tar") as out:
-        argv = ["mmdebstrap", f"--variant={layer.str_('variant')}", f"--components={','.join(layer.strings('components'))}",
-                '--aptopt=Acquire::Retries "5"']  # a dropped connection to the archive is retried, not fatal
-        if layer.strings("packages"):
-            argv.append(f"--include={','.join(layer.strings('packages'))}")
-        if os.geteuid() != 0:
-            argv.append("--mode=unshare")
-        argv += [suite, str(out), *sources]
-        env = {**os.environ, "SOURCE_DATE_EPOCH": str(ctx.epoch)}
-        run_streaming(argv, env=env, output=ctx.output, what=f"layer '{layer.name}': mmdebstrap",
-                      missing_hint="install mmdebstrap (apt-get install mmdebstrap), or run `ocibuild doctor`")
-        entries = [e for e in tarlayer.read_archive_members(out, what=f"layer '{layer.name}'", skip_devices=True)]
-        return [write_entries(ctx, entries)]
-
-
-def run_streaming(argv: Sequence[str], *, env: dict[str, str] | None, output: Output, what: str,
-                  missing_hint: str, tail_lines: int = 20) -> None:
-    """Run a helper tool, streaming its output lines to ``output``; StepFailed with the last lines on failure."""
-    tail: list[str] = []
-    try:
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise EngineError(f"{what}: '{argv[0]}' is not installed", missing_hint) from None
-    assert proc.stdout is not None
-    with proc:
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            output(line)
-            tail = (tail + [line])[-tail_lines:]
-    if proc.returncode != 0:
-        raise StepFailed(f"{what} exited {proc.returncode}", "see the output above; fix the recipe and build again",
-                         exit_code=proc.returncode, tail="\n".join(tail))
-
-
-def build_image(ctx: BuildContext, layer: LayerRecipe, manifest_digest: Digest) -> tuple[list[Built], oci.ImageConfig]:
-    """``image``: the layers of an existing image, copied (verified) into the store; returns them and its config."""
-    ref = layer.str_("ref")
-    what = f"layer '{layer.name}': {ref}"
-    if ref.startswith("oci-archive:"):
-        _import_oci_archive(ctx, layer, ref)
-    elif ref.startswith("oci:"):
-        source = open_oci_dir(ctx.project_root, layer, ref)[0]
-        _copy_manifest_blobs(source, ctx.store, manifest_digest, what)
-    else:
-        _fetch_registry_image(ctx, layer, ref, manifest_digest)
-    manifest = ctx.store.get_manifest(manifest_digest)
-    config = ctx.store.get_config(manifest.config.digest)
-    if len(config.diff_ids) != len(manifest.layers):
-        raise FormatError(f"{what}: the config lists {len(config.diff_ids)} diff_ids for {len(manifest.layers)} layers")
-    for descriptor in manifest.layers:
-        if descriptor.media_type not in oci.LAYER_TYPES:
-            raise FormatError(f"{what}: layer media type '{descriptor.media_type}' is not supported",
-                              "use an image with OCI or Docker tar/gzip/zstd layers")
-    return [Built(d, diff) for d, diff in zip(manifest.layers, config.diff_ids)], config
-
-
-def _fetch_registry_image(ctx: BuildContext, layer: LayerRecipe, ref: str, manifest_digest: Digest) -> None:
-    """The locked manifest of a registry image, with its config and layers, into the store (verified)."""
-    if ctx.offline:
-        raise OcibuildError(f"layer '{layer.name}': {ref} must be fetched from its registry and --offline forbids it",
-                            "run the build once without --offline, pull-cache the layer, or bring it from a connected "
-                            "machine (`ocibuild export` there, `ocibuild import` here)")
-    reference = oci.Reference.parse(ref)
-    registries = ctx.registries or registry.Registries()
-    registry.fetch_image(registries.client(reference.registry), ctx.store, reference.repository, manifest_digest)
-
-
-def split_oci_ref(text: str) -> tuple[str, str | None]:
-    """``oci:DIR[:TAG]`` / ``oci-archive:PATH[:TAG]`` → (path, tag or None)."""
-    body = text.split(":", 1)[1]
-    if ":" in body:
-        path, tag = body.rsplit(":", 1)
-        return path, tag or None
-    return body, None
-
-
-def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str | None]:
-    """The layout of an ``oci:DIR[:TAG]`` ref and its tag (None: the layout's single manifest, as skopeo reads it)."""
-    path, tag = split_oci_ref(ref)
-    directory = (layer.dir / path) if not os.path.isabs(path) else Path(path)
-    try:
-        return Store.open(directory, create=False), tag
-    except StoreError as err:
-        raise RecipeError(f"layer '{layer.name}': {ref}: {err}", "point ref at an OCI image layout directory") from None
-
-
-def _copy_manifest_blobs(source: Store, target: Store, manifest_digest: Digest, what: str) -> None:
-    manifest_bytes = source.read_blob(manifest_digest)
-    manifest = oci.Manifest.parse(manifest_bytes, what)
-    for descriptor in (manifest.config, *manifest.layers):
-        if not target.has(descriptor.digest):
-            with source.open_blob(descriptor.digest, size=descriptor.size) as src, \
-                    target.writer(expected=descriptor.digest, size=descriptor.size) as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-    target.put(manifest_bytes, manifest.media_type)
-
-
-def _import_oci_archive(ctx: BuildContext, layer: LayerRecipe, ref: str) -> None:
-    """The blobs of an oci-archive into the store, checked as `ocibuild import` checks an archive."""
-    path, _ = split_oci_ref(ref)
-    archive = layer.dir / path
-    if not archive.is_file():
-        raise RecipeError(f"layer '{layer.name}': {ref}: {archive} is not a file", "fix ref in the layer.toml")
-    bundle.import_archive(ctx.store, archive, tag=False)
-
-
-def read_oci_archive_index(path: Path, what: str) -> oci.Index:
-    try:
-        f = open(path, "rb")
-    except OSError as err:
-        raise RecipeError(f"{what}: cannot open {path}: {err.strerror}",
-                          "fix ref in the layer.toml (paths are relative to the layer folder)") from None
-    with f:
-        for member, reader in tarlayer.iter_members(f, "none", what=what):
-            if member.path == "index.json" and reader is not None:
-                return oci.Index.parse(reader.read(16 << 20), f"{what}: index.json")
-    raise FormatError(f"{what}: no index.json inside; is it an oci-archive?",
-                      "make one with `skopeo copy … oci-archive:PATH`")
-
-
-# ---- run layers ------------------------------------------------------------------------------------------------
 
 #: Paths a run layer never keeps (``exclude`` in layer.toml extends the list): scratch space, package-manager
 #: caches and indexes, logs, byte-code caches, and ocibuild's own mount points.

@@ -176,14 +176,14 @@ def _registries(config: Config) -> registry.Registries:
 
 
 def _plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None) -> Plan:
-    from .. import planner
+    from .. import planner, resolve
     from ..inputs import StatCache
 
     project = _project(args)
     lock = load_lock(project.root)
-    resolved = planner.resolve_lock(project, lock, offline=getattr(args, "offline", False), registries=registries)
+    resolved = resolve.resolve_lock(project, lock, offline=getattr(args, "offline", False), registries=registries)
     if resolved != lock:
-        planner.write_lock(project, resolved)
+        resolve.write_lock(project, resolved)
     cache = StatCache(store.private_dir("statcache") / "files.json")
     plan = planner.make_plan(project, store, resolved, cache)
     cache.save()
@@ -228,11 +228,11 @@ def _run(args: argparse.Namespace) -> int:
             raise OcibuildError(f"{len(failed)} check(s) failed", "apply the fixes above, then run `ocibuild doctor` again")
         return 0
     if args.command == "lock":
-        from .. import planner
+        from .. import resolve
 
         project = _project(args)
-        lock = planner.resolve_lock(project, load_lock(project.root), refresh=args.layers or project.layer_names)
-        planner.write_lock(project, lock)
+        lock = resolve.resolve_lock(project, load_lock(project.root), refresh=args.layers or project.layer_names)
+        resolve.write_lock(project, lock)
         for entry in sorted(lock.entries.values(), key=lambda e: e.layer):
             print(f"{entry.layer}: {entry.source} {entry.digest}")
         return 0
@@ -264,14 +264,14 @@ def _run(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace, config: Config, store: Store, console: _Console, *,
            strict: bool = False) -> tuple[Plan, planner.BuildResult]:
     """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
-    from .. import planner
+    from .. import planner, teamcache
 
     registries = _registries(config)
     plan = _plan(args, store, registries)
     plan, remote = _remote_plan(args, plan, registries)
     if remote is not None:
         client, repository, remotes = remote
-        plan = planner.pull_layers(plan, store, client, repository, remotes, jobs=args.jobs, output=console)
+        plan = teamcache.pull_layers(plan, store, client, repository, remotes, jobs=args.jobs, output=console)
     result = planner.build(plan, store, offline=args.offline, strict=strict, output=console,
                            engine=_engine_factory(config, plan.project, args.engine), registries=registries)
     return plan, result
@@ -281,13 +281,13 @@ def _remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Regi
                  ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.Remote]] | None]:
     """With a cache (--cache or [cache] ref) and not --offline: the plan with status "pull" where the registry
     holds a missing layer, and what is needed to pull those layers."""
-    from .. import planner
+    from .. import teamcache
 
-    reference = planner.cache_repository(plan.project, args.cache)
+    reference = teamcache.cache_repository(plan.project, args.cache)
     if reference is None or args.offline or all(layer.status != "build" for layer in plan.layers):
         return plan, None
     client = registries.client(reference.registry)
-    plan, remotes = planner.remote_status(plan, client, reference.repository, jobs=args.jobs)
+    plan, remotes = teamcache.remote_status(plan, client, reference.repository, jobs=args.jobs)
     return plan, (client, reference.repository, remotes)
 
 
@@ -314,11 +314,11 @@ def _registry_command(args: argparse.Namespace, console: _Console) -> int:
         doc: dict[str, Any] = {"ref": f"{reference.registry}/{reference.repository}:{tag}",
                                "digest": str(image.digest), "status": status}
     else:
-        from .. import planner
+        from .. import teamcache
 
         plan = _plan(args, store, registries)
         cache_text = args.ref or args.cache_option if args.command == "push-cache" else args.cache
-        cache_ref = planner.cache_repository(plan.project, cache_text)
+        cache_ref = teamcache.cache_repository(plan.project, cache_text)
         if cache_ref is None:
             raise OcibuildError(f"{args.command}: no cache repository given",
                                 f"run `ocibuild {args.command} REGISTRY/REPOSITORY`, or set [cache] ref in ocibuild.toml")
@@ -326,11 +326,11 @@ def _registry_command(args: argparse.Namespace, console: _Console) -> int:
         repository = cache_ref.repository
         cache = f"{cache_ref.registry}/{repository}"
         if args.command == "push-cache":
-            statuses = planner.push_layers(plan, store, client, repository, jobs=args.jobs, output=console)
+            statuses = teamcache.push_layers(plan, store, client, repository, jobs=args.jobs, output=console)
             doc = {"cache": cache,
                    "layers": [{"name": l.name, "key": str(l.key), "status": statuses[l.name]} for l in plan.layers]}
         else:
-            remote_plan, remotes = planner.remote_status(plan, client, repository, jobs=args.jobs)
+            remote_plan, remotes = teamcache.remote_status(plan, client, repository, jobs=args.jobs)
             layers: list[dict[str, Any]] = []
             for layer in remote_plan.layers:
                 remote = remotes.get(layer.name)
@@ -340,7 +340,7 @@ def _registry_command(args: argparse.Namespace, console: _Console) -> int:
             doc = {"cache": cache, "layers": layers,
                    "bytes": registry.missing_bytes(store, remotes.values())}
             if not args.plan:
-                done = planner.pull_layers(remote_plan, store, client, repository, remotes, jobs=args.jobs,
+                done = teamcache.pull_layers(remote_plan, store, client, repository, remotes, jobs=args.jobs,
                                            output=console)
                 for entry, layer in zip(layers, done.layers):
                     entry["status"] = layer.status
