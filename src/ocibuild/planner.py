@@ -31,7 +31,6 @@ from .store import Store
 # layers: build/, bundle, tarlayer (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
 # are imported in the functions that use them.
 if TYPE_CHECKING:
-    from . import bundle
     from .build.context import BuildContext
     from .engine import Engine
 
@@ -302,40 +301,6 @@ def _merge_layer(plan: Plan, store: Store, get_context: Callable[[], BuildContex
         return None
     put_cache_entry(store, merge, [built], architecture=project.image.architecture)
     return merge
-
-
-def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[bundle.InputFile]]:
-    """What another machine needs to build ``plan`` with nothing rebuilt and nothing fetched: the tags of every
-    layer's cache entry (and of the merge layer's, when there is one) and of the image, and the downloaded inputs
-    (archive tarballs, run layers' url inputs) that a missing key would need."""
-    from . import bundle
-
-    index = store.index()
-    tags = []
-    for layer in plan.layers:
-        tag = cache_tag(layer.name, layer.key)
-        if index.find(tag) is None:
-            raise OcibuildError(f"layer '{layer.name}' (key {layer.key.short}) is not built",
-                                "run `ocibuild build` first, then export")
-        tags.append(tag)
-    merge = cache_tag(MERGE_LAYER, merge_key(plan))
-    if index.find(merge) is not None:
-        tags.append(merge)
-    if index.find(plan.project.image.name) is None:
-        raise OcibuildError(f"the image '{plan.project.image.name}' is not in the store {store.root}",
-                            "run `ocibuild build` first, then export")
-    tags.append(plan.project.image.name)
-    urls: dict[Digest, str] = {}
-    for layer in plan.layers:
-        recipe = layer.recipe
-        if recipe.kind == "archive" and "://" in recipe.str_("url") and not recipe.str_("url").startswith("file:"):
-            urls[Digest.from_hex(recipe.str_("sha256"))] = recipe.str_("url")
-        elif recipe.kind == "run":
-            for ref in recipe.inputs:
-                if ref.url is not None and ref.sha256 is not None:
-                    urls[Digest.from_hex(ref.sha256)] = ref.url
-    inputs = [replace(item, url=urls[item.digest]) for item in bundle.downloaded_inputs(store, urls)]
-    return tags, inputs
 
 
 def put_cache_entry(store: Store, layer: LayerPlan, built: Sequence[Built], *, architecture: str) -> Descriptor:

@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "doctor": LEAVES | {"config", "engine"},
     "resolve": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry"},
     "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine", "resolve"},
-    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "bundle", "engine", "resolve", "build"},
+    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},
 }
