@@ -71,14 +71,39 @@ class LayerPlan:
 
 
 @dataclass(frozen=True)
-class Plan:
-    project: Project
-    layers: tuple[LayerPlan, ...]
-    # the cache planning used, for build() to walk copy trees that planning only fingerprinted
-    stat_cache: StatCache | None = field(default=None, compare=False, repr=False)
+class Unlocked:
+    """A layer whose key waits for ocibuild.lock: the lock has no entry for its moving input (``source``; a
+    missing entry, or one made for another source), or a layer it needs is unlocked (``source`` None). Planning
+    only reads the lock, so only ``ocibuild plan`` shows these (status "lock", key null); a build resolves first."""
+
+    recipe: LayerRecipe
+    source: str | None
+    inputs: tuple[Input, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image": self.project.image.name, "layers": [layer.to_dict() for layer in self.layers]}
+        inputs: list[dict[str, Any]] = [i.to_dict() for i in self.inputs]
+        if self.source is not None:  # the moving input, whose digest the lock lacks
+            inputs = [{"name": self.source, "digest": None}]
+        return {"name": self.recipe.name, "kind": self.recipe.kind, "needs": list(self.recipe.needs), "key": None,
+                "status": "lock", "inputs": inputs}
+
+
+@dataclass(frozen=True)
+class Plan:
+    project: Project
+    layers: tuple[LayerPlan, ...]  # every layer whose key is known, bottom first
+    # the cache planning used, for build() to walk copy trees that planning only fingerprinted
+    stat_cache: StatCache | None = field(default=None, compare=False, repr=False)
+    unlocked: tuple[Unlocked, ...] = ()  # the layers whose key waits for ocibuild.lock
+
+    def to_dict(self) -> dict[str, Any]:
+        docs = {layer.name: layer.to_dict() for layer in self.layers}
+        docs.update((layer.name, layer.to_dict()) for layer in self.unlocked)
+        return {"image": self.project.image.name, "layers": [docs[name] for name in self.project.layer_names]}
 
     def layer(self, name: str) -> LayerPlan:
         return next(layer for layer in self.layers if layer.name == name)
@@ -102,18 +127,32 @@ class BuildResult:
 
 
 def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache) -> Plan:
-    """Keys and status of every layer, bottom first. Reads inputs (through the stat cache), not the network."""
+    """Keys and status of every layer, bottom first. Reads inputs (through the stat cache) and ``lock``, never the
+    network: a layer whose moving input ``lock`` lacks, and every layer above it, is :class:`Unlocked`."""
     keys: dict[str, Digest] = {}
     layers = []
+    unlocked = []
     index = store.index()
     epoch = project.image.source_date_epoch
     for layer in project.layers:
-        inputs, tree = _inputs(project, layer, lock, stat_cache)
+        source = lock_source(layer)
+        tree = None
+        if source is not None:
+            entry = lock.get(layer.name, source)
+            if entry is None:
+                unlocked.append(Unlocked(layer, source))
+                continue
+            inputs = [Input(source, entry.digest)]
+        else:
+            inputs, tree = _inputs(project, layer, stat_cache)
+        if any(need not in keys for need in layer.needs):
+            unlocked.append(Unlocked(layer, None, tuple(inputs)))
+            continue
         key = cache_key(layer, epoch, inputs, [keys[n] for n in layer.needs])
         keys[layer.name] = key
         status = "cached" if index.find(cache_tag(layer.name, key)) is not None else "build"
         layers.append(LayerPlan(layer, key, tuple(inputs), status, tree))
-    return Plan(project, tuple(layers), stat_cache)
+    return Plan(project, tuple(layers), stat_cache, tuple(unlocked))
 
 
 def _relative(project: Project, path: Path) -> str:
@@ -123,15 +162,9 @@ def _relative(project: Project, path: Path) -> str:
         return str(path)
 
 
-def _inputs(project: Project, layer: LayerRecipe, lock: Lock, cache: StatCache) -> tuple[list[Input], Tree | None]:
+def _inputs(project: Project, layer: LayerRecipe, cache: StatCache) -> tuple[list[Input], Tree | None]:
+    """The inputs of a layer without a moving input (those come from the lock)."""
     where = _relative(project, layer.file)
-    source = lock_source(layer)
-    if source is not None:
-        entry = lock.get(layer.name, source)
-        if entry is None:
-            raise LockError(f"ocibuild.lock has no entry for layer '{layer.name}' ({source})",
-                            "run `ocibuild lock` to resolve it")
-        return [Input(source, entry.digest)], None
     if layer.kind == "copy":
         digest, tree = tree_digest(_copy_root(project, layer, where), layer.strings("exclude"), cache, what=where)
         return [Input(layer.str_("from"), digest)], tree
@@ -196,6 +229,10 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
     """Build every layer whose entry is missing, then assemble and tag the image.
 
     ``engine`` makes the container engine, asked for only when a run layer must be built."""
+    missing = next((layer for layer in plan.unlocked if layer.source is not None), None)
+    if missing is not None:
+        raise LockError(f"ocibuild.lock has no entry for layer '{missing.name}' ({missing.source})",
+                        "run `ocibuild lock` to resolve it")
     project = plan.project
     done: list[LayerPlan] = []
     contexts: list[BuildContext] = []

@@ -1,4 +1,8 @@
-"""`plan`, `build`, `lock`, `verify` and `gc`: the project's layers, and the store that holds them."""
+"""`plan`, `build`, `lock`, `verify` and `gc`: the project's layers, and the store that holds them.
+
+``plan`` only looks: it reads ocibuild.lock but neither resolves nor writes it (a layer whose moving input the
+lock lacks has status "lock"); ``build`` and ``lock`` resolve moving inputs and write the lock.
+"""
 
 from __future__ import annotations
 
@@ -21,19 +25,21 @@ if TYPE_CHECKING:
 
 
 def load_plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None, *,
-              offline: bool) -> Plan:
-    """The plan of the project at ``-C``. Moving inputs missing from ocibuild.lock are resolved first (when
-    ``offline``, only those that need no network) and the lock is written."""
+              offline: bool, resolve: bool = True) -> Plan:
+    """The plan of the project at ``-C``. With ``resolve``, moving inputs missing from ocibuild.lock are resolved
+    first (not ``offline``: only those that need no network) and the lock is written; without, it is only read."""
     from .. import planner
     from ..inputs import StatCache
-    from ..resolve import resolve_lock, write_lock
 
     project = project_of(args)
     lock = load_lock(project.root)
-    resolved = resolve_lock(project, lock, offline=offline, registries=registries)
-    if resolved != lock:
-        write_lock(project, resolved)
-    lock = resolved
+    if resolve:
+        from ..resolve import resolve_lock, write_lock
+
+        resolved = resolve_lock(project, lock, offline=offline, registries=registries)
+        if resolved != lock:
+            write_lock(project, resolved)
+        lock = resolved
     cache = StatCache(store.private_dir("statcache") / "files.json")
     plan = planner.make_plan(project, store, lock, cache)
     cache.save()
@@ -73,12 +79,18 @@ def build_project(args: argparse.Namespace, config: Config, store: Store, *,
 def plan_command(args: argparse.Namespace) -> int:
     config, store = open_store(args)
     registries = registries_of(config)
-    plan = load_plan(args, store, registries, offline=args.offline)
+    plan = load_plan(args, store, registries, offline=args.offline, resolve=False)
     plan, _ = remote_plan(args, plan, registries)
     if args.json:
         print_json(plan.to_dict())
     else:
         print_layers(plan.to_dict())
+    missing = [layer for layer in plan.unlocked if layer.source is not None]
+    for layer in missing:
+        print(f"layer '{layer.name}': ocibuild.lock has no entry for {layer.source}", file=sys.stderr)
+    if missing:
+        print("hint: run `ocibuild lock` (a build resolves moving inputs too); the layers above get their keys then",
+              file=sys.stderr)
     return 0
 
 

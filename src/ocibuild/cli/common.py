@@ -77,5 +77,5 @@ def print_layers(doc: dict[str, Any], file: Any = None) -> None:
     width = max((len(layer["name"]) for layer in doc["layers"]), default=4)
     for layer in doc["layers"]:
         needs = ",".join(layer["needs"]) or "-"
-        print(f"{layer['name']:<{width}}  {layer['kind']:<9}  {layer['key'][7:19]}  {layer['status']:<6}  needs: {needs}",
-              file=out)
+        key = layer["key"][7:19] if layer["key"] is not None else "-".ljust(12)  # None: waits for ocibuild.lock
+        print(f"{layer['name']:<{width}}  {layer['kind']:<9}  {key}  {layer['status']:<6}  needs: {needs}", file=out)
