@@ -3,17 +3,14 @@ pushed and pulled by tag. A pulled entry is checked to be the entry of the layer
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 from . import registry
 from .errors import RegistryError
 from .oci import Reference
-from .planner import LABEL_PREFIX, Plan, cache_tag
+from .planner import LABEL_PREFIX, Output, Plan, cache_tag
 from .recipe import Project
 from .store import Store
-
-Output = Callable[[str], None]
 
 
 def cache_repository(project: Project, override: str | None) -> Reference | None:

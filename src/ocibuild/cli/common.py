@@ -20,7 +20,7 @@ from ..store import Store
 if TYPE_CHECKING:
     from ..engine import Engine
 
-log = logging.getLogger("ocibuild")
+log = logging.getLogger("ocibuild")  # the name --debug has always shown before a traceback
 
 
 def progress(line: str) -> None:
