@@ -1,7 +1,7 @@
 """Helper of write.py: time ocibuild's layer writer alone, in process, writing DIR to a null sink.
 
 Prints one JSON line: {"seconds", "uncompressed", "compressed", "entries"}. Only write_layer is timed; the tree
-walk before it (building the Entry list the way builders.build_copy does) is not.
+walk before it (building the Entry list the way build.copy.build_copy does) is not.
 
 Usage: python bench/_write_layer.py DIR zstd|gzip|none [--profile FILE]
 """

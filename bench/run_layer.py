@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 
 from _harness import CACHE, OCIBUILD, WITH_PYC, Case, interleave, log, prepare_inputs, report, run, timed, write_if_changed
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require, write
-from ocibuild import cli, oci, tarlayer
+from ocibuild import oci, tarlayer
 from ocibuild.store import Store
 
 pytestmark = pytest.mark.podman

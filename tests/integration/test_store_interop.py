@@ -9,7 +9,6 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import pytest
 
 from ocibuild import oci
 from ocibuild.oci import Descriptor, Digest, History, ImageConfig, Manifest

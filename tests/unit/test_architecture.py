@@ -20,7 +20,6 @@ ALLOWED: dict[str, set[str]] = {
     "files": set(),
     "threads": {"errors"},
     "oci": {"errors"},
-    "bookkeeping": set(),
     "config": {"errors"},
     "recipe": LEAVES | {"oci"},  # schema, project, lock, key: the recipe format, ocibuild.lock, cache keys
     "tarlayer": LEAVES | {"oci"},
@@ -31,9 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": LEAVES | {"oci", "store", "tarlayer"},
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
-    "builders": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine"},
-    "planner": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine",
-                         "builders", "bookkeeping"},
+    "resolve": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry"},
+    "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine", "resolve"},
+    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
+    "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},
 }
 # inside a package: module -> the siblings it may import (the package's own __init__ is named by the package)

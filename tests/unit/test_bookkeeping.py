@@ -1,4 +1,4 @@
-from ocibuild.bookkeeping import merge_changes, parse_stanzas
+from ocibuild.build.merge import merge_changes, parse_stanzas
 
 ID = ("Package", "Architecture")
 BASE = "Package: libc6\nArchitecture: amd64\nStatus: install ok installed\n\nPackage: dash\nArchitecture: amd64\n"

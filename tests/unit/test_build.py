@@ -227,7 +227,8 @@ def test_run_layer_without_needs_is_a_clear_error(make_project, store: Store) ->
 
 def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_path: Path, store: Store) -> None:
     """Copy layers record their listing from the tree walk's hashes; it must be what reading the blob gives."""
-    from ocibuild import builders, tarlayer
+    from ocibuild import tarlayer
+    from ocibuild.build.listing import listing_path
 
     root = _project(make_project, tmp_path)
     (root / "src/link").symlink_to("main.go")
@@ -236,7 +237,7 @@ def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_pat
     config = store.get_config(manifest.config.digest)
     checked = 0
     for layer, diff_id in zip(manifest.layers, config.diff_ids):
-        recorded = builders.listing_path(store, diff_id)
+        recorded = listing_path(store, diff_id)
         if recorded.exists():
             with store.open_blob(layer.digest) as f:
                 assert json.loads(recorded.read_text()) == tarlayer.list_layer(f, "zstd", what="test")
@@ -245,17 +246,19 @@ def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "layers, files, message",
+    "command, layers, files, message",
     [
-        ({"x": 'kind = "run"\nscript = "missing.sh"\n'}, {}, "'missing.sh' not found beside layer.toml"),
-        ({"x": 'kind = "image"\nref = "oci:nowhere:v1"\n'}, {}, "layers/x/nowhere"),
-        ({"x": 'kind = "image"\nref = "oci-archive:missing.tar"\n'}, {}, "missing.tar"),
+        ("plan", {"x": 'kind = "run"\nscript = "missing.sh"\n'}, {}, "'missing.sh' not found beside layer.toml"),
+        # an image's source is read where refs are resolved: `plan` only reads ocibuild.lock (see below)
+        ("build", {"x": 'kind = "image"\nref = "oci:nowhere:v1"\n'}, {}, "layers/x/nowhere"),
+        ("build", {"x": 'kind = "image"\nref = "oci-archive:missing.tar"\n'}, {}, "missing.tar"),
+        ("lock", {"x": 'kind = "image"\nref = "oci-archive:missing.tar"\n'}, {}, "missing.tar"),
     ],
 )
-def test_missing_script_or_image_is_a_clear_error(make_project, tmp_path: Path, layers, files, message,
+def test_missing_script_or_image_is_a_clear_error(make_project, tmp_path: Path, command, layers, files, message,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     root = make_project(layers, files=files)
-    assert cli.main(["plan", "-C", str(root), "--store", str(tmp_path / "s")]) == 1
+    assert cli.main([command, "-C", str(root), "--store", str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err.splitlines()[0] and "hint: " in err, err
 
@@ -332,3 +335,108 @@ def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "base.tar: entry 'blobs/sha256/escape' is a symlink" in errors[0]
     assert not list(Store.open(tmp_path / "other").blobs()), "nothing is written before the archive is checked"
+
+
+# ---- `ocibuild plan` only looks -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any name lookup or connection fails the test (urllib and the registry client both go through these)."""
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network access: {args[:2]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def _lock_state(root: Path) -> tuple[bytes, int] | None:
+    lock = root / "ocibuild.lock"
+    return (lock.read_bytes(), lock.stat().st_mtime_ns) if lock.exists() else None
+
+
+def test_plan_reports_missing_lock_entries_without_network_or_writing(make_project, tmp_path: Path, no_network,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Moving inputs the lock lacks (a registry image, a suite) are not resolved by `plan`: those layers, and the
+    layers that need them, have status "lock" and no key; the others are planned as usual."""
+    root = make_project({
+        "base": 'kind = "image"\nref = "registry.invalid/base:1"\n',
+        "boot": 'kind = "bootstrap"\nmirror = "http://deb.invalid/debian"\nsuite = "bookworm"\n',
+        "tools": 'kind = "copy"\nfrom = "tools"\nto = "/opt"\nneeds = ["base"]\n',
+        "src": 'kind = "copy"\nfrom = "src"\nto = "/src"\n',
+    }, files={"tools/t": "x", "src/main.c": "int main;\n"})
+    store = str(tmp_path / "store")
+    assert cli.main(["plan", "--json", "-C", str(root), "--store", store]) == 0
+    out, err = capsys.readouterr()
+    layers = {layer["name"]: layer for layer in json.loads(out)["layers"]}
+    assert [sorted(l) for l in layers.values()] == [["inputs", "key", "kind", "name", "needs", "status"]] * 4
+    assert {name: (l["status"], l["key"]) for name, l in layers.items() if name != "src"} == {
+        "base": ("lock", None), "boot": ("lock", None), "tools": ("lock", None)}
+    assert layers["base"]["inputs"] == [{"name": "registry.invalid/base:1", "digest": None}]
+    [tools_input] = layers["tools"]["inputs"]
+    assert tools_input["name"] == "tools" and tools_input["digest"].startswith("sha256:")
+    assert layers["src"]["status"] == "build" and layers["src"]["key"].startswith("sha256:")
+    assert "layer 'base': ocibuild.lock has no entry for registry.invalid/base:1" in err and "ocibuild lock" in err
+    assert _lock_state(root) is None, "plan must not write ocibuild.lock"
+    assert cli.main(["plan", "-C", str(root), "--store", store]) == 0
+    assert "lock    needs: base" in capsys.readouterr().out
+    # a build cannot go on without the lock: offline, it says so (and touches no network either)
+    assert cli.main(["build", "--offline", "-C", str(root), "--store", store]) == 1
+    assert "ocibuild.lock has no entry for layer 'base'" in capsys.readouterr().err
+
+
+def test_plan_leaves_the_lock_alone_while_build_and_lock_write_it(make_project, tmp_path: Path, no_network,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    base_store = Store.open(tmp_path / "base")
+    base_root = make_project({"a": 'kind = "copy"\nfrom = "src"\nto = "/"\n'}, root=tmp_path / "base-project",
+                             files={"src/etc/os-release": "ID=test\n"})
+    _build(base_root, base_store)
+    ref = f"oci:{tmp_path / 'base'}:dev"
+    root = make_project({"base": f'kind = "image"\nref = "{ref}"\n',
+                         "app": 'kind = "copy"\nfrom = "src"\nto = "/app"\nneeds = ["base"]\n'}, files={"src/f": "x"})
+    store = str(tmp_path / "store")
+    plan = ["plan", "--json", "-C", str(root), "--store", store]
+
+    assert cli.main(plan) == 0
+    assert [l["status"] for l in json.loads(capsys.readouterr().out)["layers"]] == ["lock", "lock"]
+    assert _lock_state(root) is None
+    assert cli.main(["build", "--json", "-C", str(root), "--store", store]) == 0  # build resolves and writes
+    built = json.loads(capsys.readouterr().out)
+    assert [l["status"] for l in built["layers"]] == ["built", "built"]
+    assert 'source = "' + ref in (root / "ocibuild.lock").read_text()
+    os.utime(root / "ocibuild.lock", ns=(1_000_000_000, 1_000_000_000))
+    locked = _lock_state(root)
+
+    assert cli.main(plan) == 0
+    assert [(l["status"], l["key"]) for l in json.loads(capsys.readouterr().out)["layers"]] == \
+        [("cached", l["key"]) for l in built["layers"]]
+    # the recipe now names another source: the entry is outdated, and plan says so rather than resolving it
+    write(root / "layers/base/layer.toml", f'kind = "image"\nref = "{ref}-other"\n')
+    assert cli.main(plan) == 0
+    assert [l["status"] for l in json.loads(capsys.readouterr().out)["layers"]] == ["lock", "lock"]
+    assert _lock_state(root) == locked, "plan must leave ocibuild.lock untouched (bytes and mtime)"
+    write(root / "layers/base/layer.toml", f'kind = "image"\nref = "{ref}"\n')
+    assert cli.main(["lock", "base", "-C", str(root), "--store", store]) == 0  # lock resolves and writes
+    assert f"base: {ref} sha256:" in capsys.readouterr().out
+    assert _lock_state(root) == locked, "an unchanged lock is not rewritten"
+    assert Store.open(Path(store)).verify() == [] and base_store.verify() == []
+
+
+def test_a_no_op_build_imports_no_module_that_makes_layers(make_project, tmp_path: Path, store: Store) -> None:
+    """Start-up time: a build that finds everything cached (and `plan`) loads neither the layer writer and its
+    compressors, nor the builders, the archive code or the container engine."""
+    root = _project(make_project, tmp_path)
+    _build(root, store)
+    argv = ["-C", str(root), "--store", str(store.root)]
+    code = ("import sys; from ocibuild import cli\n"
+            f"for command in ('plan', 'build'): assert cli.main([command, *{argv!r}]) == 0\n"
+            "print(' '.join(sorted(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                env=env).stdout.split())
+    heavy = {"zstandard", "isal", "python_on_whales", "tempfile", "ocibuild.tarlayer", "ocibuild.bundle",
+             "ocibuild.engine", "ocibuild.build", "ocibuild.doctor"}
+    assert "ocibuild.planner" in loaded and not loaded & heavy, sorted(loaded & heavy)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import ProjectFactory
-from ocibuild import cli, planner
+from ocibuild import cli, resolve
 from ocibuild.inputs import hash_file
 from ocibuild.recipe.lock import Lock, LockEntry
 from ocibuild.recipe.project import load_project
@@ -80,9 +80,9 @@ def test_bootstrap_offline_does_not_fetch_the_release_file(make_project: Project
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     root = make_project({"base": 'kind = "bootstrap"\nsuite = "bookworm"\n'})
     project = load_project(root)
-    source = planner.lock_source(project.layers[0])
+    source = resolve.lock_source(project.layers[0])
     assert source is not None
-    planner.write_lock(project, Lock().with_entry(LockEntry("base", source, Digest.of(b"release"))))
+    resolve.write_lock(project, Lock().with_entry(LockEntry("base", source, Digest.of(b"release"))))
     assert cli.main(["build", "--offline", "-C", str(root), "--store", str(tmp_path / "store")]) == 1
     err = capsys.readouterr().err  # the no_network fixture turns any fetch into an AssertionError instead
     assert "layer 'base'" in err and "--offline forbids" in err and "import" in err

@@ -4,7 +4,6 @@ tests/integration."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -64,7 +64,7 @@ def load_lock(root: Path) -> Lock:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise LockError(f"{LOCK_FILE}: cannot read: {err}", f"fix it, or delete it and run `ocibuild lock`") from None
+        raise LockError(f"{LOCK_FILE}: cannot read: {err}", "fix it, or delete it and run `ocibuild lock`") from None
     if data.get("version") != 1 or not isinstance(data.get("layers", {}), dict):
         raise LockError(f"{LOCK_FILE}: unknown lock format", "delete it and run `ocibuild lock`")
     entries = {}

@@ -1,0 +1,73 @@
+"""``bootstrap`` layers: a Debian root filesystem made by mmdebstrap from the archive state the lock records."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+
+from .. import tarlayer
+from ..errors import EngineError, LockError, OcibuildError, StepFailed
+from ..inputs import fetch_bytes
+from ..oci import LayerBlob, Digest
+from ..recipe.key import Input
+from ..recipe.project import LayerRecipe
+from .context import BuildContext, Output, temp_file, write_entries
+
+
+def build_bootstrap(ctx: BuildContext, layer: LayerRecipe, locked: Input) -> list[LayerBlob]:
+    """``bootstrap``: a root filesystem by mmdebstrap, reproducible via SOURCE_DATE_EPOCH; owners kept.
+    ``locked`` is the suite's InRelease as ocibuild.lock records it; the archive must still be in that state."""
+    if ctx.offline:  # refused before anything reaches the network
+        raise OcibuildError(f"layer '{layer.name}': a bootstrap layer downloads packages, which --offline forbids",
+                            "build it on a connected machine and bring it with `ocibuild export`/`import`")
+    check_release(layer, locked)
+    mirror, suite = layer.str_("mirror"), layer.str_("suite")
+    components = " ".join(layer.strings("components"))
+    sources = [f"deb {mirror} {suite} {components}"]
+    if layer.bool_("deb_src"):
+        sources.append(f"deb-src {mirror} {suite} {components}")
+    with temp_file(ctx, ".tar") as out:
+        argv = ["mmdebstrap", f"--variant={layer.str_('variant')}", f"--components={','.join(layer.strings('components'))}",
+                '--aptopt=Acquire::Retries "5"']  # a dropped connection to the archive is retried, not fatal
+        if layer.strings("packages"):
+            argv.append(f"--include={','.join(layer.strings('packages'))}")
+        if os.geteuid() != 0:
+            argv.append("--mode=unshare")
+        argv += [suite, str(out), *sources]
+        env = {**os.environ, "SOURCE_DATE_EPOCH": str(ctx.epoch)}
+        run_streaming(argv, env=env, output=ctx.output, what=f"layer '{layer.name}': mmdebstrap",
+                      missing_hint="install mmdebstrap (apt-get install mmdebstrap), or run `ocibuild doctor`")
+        entries = [e for e in tarlayer.read_archive_members(out, what=f"layer '{layer.name}'", skip_devices=True)]
+        return [write_entries(ctx, entries)]
+
+
+def check_release(layer: LayerRecipe, locked: Input) -> None:
+    """A bootstrap layer is built only from the archive state the lock records."""
+    current = Digest.of(fetch_bytes(locked.name, what=f"layer '{layer.name}'"))
+    if current != locked.digest:
+        raise LockError(
+            f"layer '{layer.name}': {locked.name} changed since ocibuild.lock was written "
+            f"(locked {locked.digest.short}, now {current.short})",
+            "run `ocibuild lock` to take the archive's new state (this rebuilds the layer and those above it)",
+        )
+
+
+def run_streaming(argv: Sequence[str], *, env: dict[str, str] | None, output: Output, what: str,
+                  missing_hint: str, tail_lines: int = 20) -> None:
+    """Run a helper tool, streaming its output lines to ``output``; StepFailed with the last lines on failure."""
+    tail: list[str] = []
+    try:
+        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise EngineError(f"{what}: '{argv[0]}' is not installed", missing_hint) from None
+    assert proc.stdout is not None
+    with proc:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            output(line)
+            tail = (tail + [line])[-tail_lines:]
+    if proc.returncode != 0:
+        raise StepFailed(f"{what} exited {proc.returncode}", "see the output above; fix the recipe and build again",
+                         exit_code=proc.returncode, tail="\n".join(tail))

@@ -1,0 +1,69 @@
+"""What every layer builder shares: the build context and the one way a layer blob enters the store.
+
+A builder returns the layers it made as :class:`LayerBlob` (blob descriptor + diff_id), bottom first; the planner
+records them as a cache entry. Builders write blobs only through ``Store.writer``, so a failure part-way leaves
+nothing in the store.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, cast
+
+from .. import oci, registry, tarlayer
+from ..errors import RecipeError
+from ..oci import LayerBlob, Descriptor
+from ..recipe.project import LayerRecipe
+from ..store import Store
+from ..tarlayer import Entry
+
+Output = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    store: Store
+    project_root: Path
+    compression: str
+    epoch: int
+    offline: bool
+    output: Output  # receives progress lines and the output of build steps
+    registries: registry.Registries | None = None  # for image layers with a registry reference
+
+
+def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> LayerBlob:
+    """Write ``entries`` as one reproducible, compressed layer blob into the store."""
+    with ctx.store.writer() as blob:
+        stats = tarlayer.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
+    return LayerBlob(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
+
+
+def owner(layer: LayerRecipe) -> tuple[int, int]:
+    """The uid and gid of a layer's ``owner = "UID:GID"``."""
+    uid, gid = layer.str_("owner").split(":")
+    return int(uid), int(gid)
+
+
+def under(dest: str, path: str) -> str:
+    """``path`` placed below ``dest``, as a normalised layer path; the root itself is refused."""
+    joined = str(PurePosixPath(dest) / path) if path else dest
+    normal = tarlayer.normalise_path(joined)
+    if normal is None:
+        raise RecipeError(f"destination {joined!r} is the root itself")
+    return normal
+
+
+@contextmanager
+def temp_file(ctx: BuildContext, suffix: str) -> Iterator[Path]:
+    """A scratch file in the store's private area, removed when the context ends."""
+    fd, name = tempfile.mkstemp(suffix=suffix, dir=ctx.store.private_dir("tmp"))
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)

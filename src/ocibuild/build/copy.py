@@ -1,0 +1,40 @@
+"""``copy`` layers: a tree of the project placed in the image."""
+
+from __future__ import annotations
+
+from .. import tarlayer
+from ..inputs import Tree
+from ..oci import LayerBlob
+from ..recipe.project import LayerRecipe
+from ..tarlayer import Entry
+from .context import BuildContext, owner, under, write_entries
+from .listing import save_listing
+
+
+def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[LayerBlob]:
+    """``copy``: the tree below ``from`` at ``to``. Owners default to 0:0; modes are normalised to 0755 for
+    directories and executables, 0644 for other files, so that umask and checkout do not change the layer."""
+    uid, gid = owner(layer)
+    to = layer.str_("to")
+    single_file = not (ctx.project_root / layer.str_("from")).is_dir()
+    entries = []
+    for item in tree.entries:
+        # a single file lands at `to` itself, or inside it when `to` ends with '/' (as COPY does)
+        path = under(to, item.path) if not single_file or to.endswith("/") else under(to, "")
+        if item.type == "dir":
+            entries.append(Entry(path, "dir", 0o755, uid, gid, mtime=ctx.epoch))
+        elif item.type == "symlink":
+            entries.append(Entry(path, "symlink", 0o777, uid, gid, linkname=item.linkname, mtime=ctx.epoch))
+        else:
+            mode = 0o755 if item.mode & 0o111 else 0o644
+            entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch))
+    entries = tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
+    built = write_entries(ctx, entries)
+    # The tree walk already hashed every file: record the layer's listing now rather than re-reading the blob.
+    content = {item.source: item.sha256 for item in tree.entries if item.type == "file"}
+    save_listing(ctx.store, built.diff_id, {
+        e.path: f"file:{e.mode:04o}:{content[e.source or '']}" if e.type == "file"
+        else f"dir:{e.mode:04o}" if e.type == "dir" else f"{e.type}:{e.linkname}"
+        for e in entries
+    })
+    return [built]

@@ -1,0 +1,50 @@
+"""``archive`` layers: a release tarball (downloaded, or beside the layer.toml) unpacked at a destination.
+
+The module is named for what it unpacks, not ``archive``: that name is the oci-archive export and import."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .. import tarlayer
+from ..inputs import fetch
+from ..oci import LayerBlob
+from ..recipe.project import LayerRecipe
+from .context import BuildContext, owner, temp_file, under, write_entries
+
+
+def archive_source(ctx: BuildContext, layer: LayerRecipe) -> Path:
+    """The archive file of an ``archive`` layer, downloaded (or found in the download cache) and verified."""
+    url = layer.str_("url")
+    where = url if "://" in url else str(layer.dir / url)
+    return fetch(where, layer.str_("sha256"), ctx.store.private_dir("downloads"), offline=ctx.offline,
+                 progress=ctx.output, what=f"layer '{layer.name}'")
+
+
+def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[LayerBlob]:
+    """``archive``: a release tarball unpacked at ``dest`` with ``strip_components``, owners 0:0 by default."""
+    source = archive_source(ctx, layer)
+    uid, gid = owner(layer)
+    strip = layer.int_("strip_components")
+    dest = layer.str_("dest")
+    what = f"layer '{layer.name}': {layer.str_('url')}"
+    with temp_file(ctx, ".tar") as plain:
+        with open(source, "rb") as src, open(plain, "wb") as dst:
+            compression = tarlayer.sniff_compression(src.read(8))
+            src.seek(0)
+            tarlayer.decompress_to(src, dst, compression)
+        entries = []
+        for entry in tarlayer.read_archive_members(plain, what=what):
+            parts = entry.path.split("/")
+            if len(parts) <= strip:
+                continue
+            path = under(dest, "/".join(parts[strip:]))
+            linkname = entry.linkname
+            if entry.type == "hardlink":
+                link_parts = linkname.split("/")
+                if len(link_parts) <= strip:
+                    continue
+                linkname = under(dest, "/".join(link_parts[strip:]))
+            entries.append(replace(entry, path=path, linkname=linkname, uid=uid, gid=gid))
+        return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]

@@ -1,0 +1,148 @@
+"""`plan`, `build`, `lock`, `verify` and `gc`: the project's layers, and the store that holds them.
+
+``plan`` only looks: it reads ocibuild.lock but neither resolves nor writes it (a layer whose moving input the
+lock lacks has status "lock"); ``build`` and ``lock`` resolve moving inputs and write the lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import registry
+from ..config import Config
+from ..errors import OcibuildError
+from ..recipe.lock import load_lock
+from ..store import Store
+from .common import engine_factory, open_store, print_json, print_layers, progress, project_of, registries_of
+
+# planner, resolve and teamcache are imported where they are used: `verify` and `gc` need none of them.
+if TYPE_CHECKING:
+    from ..oci import Descriptor
+    from ..planner import BuildResult, Plan
+
+
+def load_plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None, *,
+              offline: bool, resolve: bool = True) -> Plan:
+    """The plan of the project at ``-C``. With ``resolve``, moving inputs missing from ocibuild.lock are resolved
+    first (not ``offline``: only those that need no network) and the lock is written; without, it is only read."""
+    from .. import planner
+    from ..inputs import StatCache
+
+    project = project_of(args)
+    lock = load_lock(project.root)
+    if resolve:
+        from ..resolve import resolve_lock, write_lock
+
+        resolved = resolve_lock(project, lock, offline=offline, registries=registries)
+        if resolved != lock:
+            write_lock(project, resolved)
+        lock = resolved
+    cache = StatCache(store.private_dir("statcache") / "files.json")
+    plan = planner.make_plan(project, store, lock, cache)
+    cache.save()
+    return plan
+
+
+def remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Registries
+                ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.Remote]] | None]:
+    """With a cache (--cache or [cache] ref) and not --offline: the plan with status "pull" where the registry
+    holds a missing layer, and what is needed to pull those layers."""
+    from .. import teamcache
+
+    reference = teamcache.cache_repository(plan.project, args.cache)
+    if reference is None or args.offline or all(layer.status != "build" for layer in plan.layers):
+        return plan, None
+    client = registries.client(reference.registry)
+    plan, remotes = teamcache.remote_status(plan, client, reference.repository, jobs=args.jobs)
+    return plan, (client, reference.repository, remotes)
+
+
+def build_project(args: argparse.Namespace, config: Config, store: Store, *,
+                  strict: bool = False) -> tuple[Plan, BuildResult]:
+    """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
+    from .. import planner, teamcache
+
+    registries = registries_of(config)
+    plan = load_plan(args, store, registries, offline=args.offline)
+    plan, remote = remote_plan(args, plan, registries)
+    if remote is not None:
+        client, repository, remotes = remote
+        plan = teamcache.pull_layers(plan, store, client, repository, remotes, jobs=args.jobs, output=progress)
+    result = planner.build(plan, store, offline=args.offline, strict=strict, output=progress,
+                           engine=engine_factory(config, plan.project, args.engine), registries=registries)
+    return plan, result
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    config, store = open_store(args)
+    registries = registries_of(config)
+    plan = load_plan(args, store, registries, offline=args.offline, resolve=False)
+    plan, _ = remote_plan(args, plan, registries)
+    if args.json:
+        print_json(plan.to_dict())
+    else:
+        print_layers(plan.to_dict())
+    missing = [layer for layer in plan.unlocked if layer.source is not None]
+    for layer in missing:
+        print(f"layer '{layer.name}': ocibuild.lock has no entry for {layer.source}", file=sys.stderr)
+    if missing:
+        print("hint: run `ocibuild lock` (a build resolves moving inputs too); the layers above get their keys then",
+              file=sys.stderr)
+    return 0
+
+
+def build_command(args: argparse.Namespace) -> int:
+    config, store = open_store(args)
+    plan, result = build_project(args, config, store, strict=args.strict)
+    if args.output:
+        _write_output(store, result.image, plan.project.image.name, args.output)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print_layers(result.to_dict(), file=sys.stderr)
+        print(f"{plan.project.image.name} {result.image.digest}")
+    return 0
+
+
+def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:
+    from .. import bundle
+
+    if not target.startswith("oci-archive:"):
+        raise OcibuildError(f"--output {target}: only oci-archive:PATH is supported", "write --output oci-archive:out.tar")
+    bundle.write_oci_archive(store, image, name, Path(target.split(":", 1)[1]))
+
+
+def lock_command(args: argparse.Namespace) -> int:
+    from ..resolve import resolve_lock, write_lock
+
+    project = project_of(args)
+    lock = resolve_lock(project, load_lock(project.root), refresh=args.layers or project.layer_names)
+    write_lock(project, lock)
+    for entry in sorted(lock.entries.values(), key=lambda e: e.layer):
+        print(f"{entry.layer}: {entry.source} {entry.digest}")
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    _, store = open_store(args)
+    problems = store.verify()
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise OcibuildError(f"store {store.root}: {len(problems)} problem(s) found",
+                            "run `ocibuild gc`, then rebuild or re-pull what is missing")
+    print(f"store {store.root}: ok")
+    return 0
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    _, store = open_store(args)
+    removed, freed = store.gc()
+    if args.json:
+        print_json({"removed": removed, "bytes": freed})
+    else:
+        print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
+    return 0

@@ -1,0 +1,132 @@
+"""The parser of the command line and the table that hands each command to the function that carries it out."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .. import __version__, registry
+from . import airgap, build, run, transfer
+from .common import Command
+
+# The first line `ocibuild --help` shows (once the docstring of the single cli module, kept word for word).
+DESCRIPTION = "The command line: subcommands, progress, exit codes. The only module that prints."
+
+COMMANDS: dict[str, Command] = {
+    "plan": build.plan_command, "build": build.build_command, "lock": build.lock_command,
+    "verify": build.verify_command, "gc": build.gc_command,
+    "run": run.run_command, "doctor": run.doctor_command,
+    "push": transfer.push_command, "push-cache": transfer.push_cache_command,
+    "pull-cache": transfer.pull_cache_command, "login": transfer.login_command,
+    "export": airgap.export_command, "import": airgap.import_command, "inventory": airgap.inventory_command,
+}
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; its exit code."""
+    return COMMANDS[args.command](args)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ocibuild", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"ocibuild {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-C", "--project", default=".", help="project directory (default: .)")
+    common.add_argument("--store", help="local OCI layout store (default: $OCIBUILD_STORE or ~/.cache/ocibuild/store)")
+    common.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    transfer_options = argparse.ArgumentParser(add_help=False)
+    transfer_options.add_argument("--jobs", type=_jobs, default=registry.DEFAULT_JOBS,
+                                  help=f"blobs transferred in parallel (default: {registry.DEFAULT_JOBS})")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument("--cache", metavar="REF", help="registry repository of the layer cache (default: [cache] ref)")
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # in the order `ocibuild --help` lists them
+    _build_commands(sub, common, cache, transfer_options)
+    _registry_commands(sub, common, cache, transfer_options)
+    _store_commands(sub, common)
+    return parser
+
+
+Subparsers = Any  # argparse._SubParsersAction, which typeshed keeps private
+
+
+def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: argparse.ArgumentParser,
+                    transfer: argparse.ArgumentParser) -> None:
+    """plan, build, run, doctor, lock."""
+    p = sub.add_parser("plan", parents=[common, cache, transfer],
+                       help="show each layer's key and whether it is cached (or can be pulled)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--offline", action="store_true", help="never touch the network")
+
+    p = sub.add_parser("build", parents=[common, cache, transfer], help="build missing layers and assemble the image")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
+    p.add_argument("--offline", action="store_true", help="never touch the network")
+    p.add_argument("--strict", action="store_true", help="fail when independent layers write the same path")
+    p.add_argument("--output", metavar="oci-archive:PATH", help="also write the image as an oci-archive")
+    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine for run layers")
+
+    p = sub.add_parser("run", parents=[common, cache, transfer],
+                       help="run the compile step (or COMMAND) in the assembled image")
+    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine (default: [run] engine)")
+    p.add_argument("--offline", action="store_true", help="never touch the network")
+    p.add_argument("--source-mount", action="store_true",
+                   help="bind-mount the live trees of copy layers (except one copied to /) over their baked layers")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command instead of [run] command")
+
+    p = sub.add_parser("doctor", parents=[common], help="check the engine, runtime, cgroups, ulimits, subuid, mmdebstrap")
+    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), default="auto")
+
+    p = sub.add_parser("lock", parents=[common], help="resolve moving inputs (image tags, suites) into ocibuild.lock")
+    p.add_argument("layers", nargs="*", help="refresh only these layers (default: all)")
+
+
+def _registry_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: argparse.ArgumentParser,
+                       transfer: argparse.ArgumentParser) -> None:
+    """push-cache, pull-cache, push, login."""
+    p = sub.add_parser("push-cache", parents=[common, transfer], help="push every layer of the store to the cache")
+    p.add_argument("ref", nargs="?", metavar="REF", help="registry repository (default: --cache or [cache] ref)")
+    p.add_argument("--cache", metavar="REF", dest="cache_option", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("pull-cache", parents=[common, cache, transfer],
+                       help="fetch the missing layers whose keys match this project's recipes")
+    p.add_argument("--plan", action="store_true", help="show which layers and how many bytes would come; move nothing")
+    p.add_argument("--offline", action="store_true",
+                   help="never touch the network: only check that every layer is present, naming the missing ones")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("push", parents=[common, transfer], help="push the assembled image to a registry")
+    p.add_argument("ref", metavar="REF", help="registry/repository:tag")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("login", parents=[common], help="check and record credentials for a registry")
+    p.add_argument("registry", metavar="REGISTRY", help="host[:port]")
+    p.add_argument("-u", "--username", help="user name (asked for when missing)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+
+
+def _store_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
+    """export, import, inventory, verify, gc."""
+    p = sub.add_parser("export", parents=[common],
+                       help="write cache entries, the image and downloaded inputs as one oci-archive (air-gapped use)")
+    p.add_argument("path", metavar="PATH", help="the archive to write")
+    p.add_argument("--all", action="store_true", help="every tag and download of the store, not only this project's")
+    p.add_argument("--image-only", action="store_true", help="only the image: one manifest, as `podman load` wants")
+    p.add_argument("--since", metavar="INVENTORY", help="leave out the blobs listed by `ocibuild inventory` of the "
+                   "store the archive is for")
+    p.add_argument("--sync", action="store_true", help="fsync the archive before finishing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("import", parents=[common], help="verify an oci-archive and add its blobs and tags to the store")
+    p.add_argument("path", metavar="PATH", help="an archive of `ocibuild export` or `skopeo copy … oci-archive:`")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    sub.add_parser("inventory", parents=[common], help="print what the store holds (JSON), for `export --since`")
+
+    sub.add_parser("verify", parents=[common], help="check every blob and reference in the store")
+    p = sub.add_parser("gc", parents=[common], help="remove blobs no tag or cache entry reaches")
+    p.add_argument("--json", action="store_true")
+
+
+def _jobs(text: str) -> int:
+    """``--jobs``; argparse names this function in its message for a value that is not a number."""
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError("--jobs must be between 1 and 64")
+    return value

@@ -1,0 +1,133 @@
+"""Moving inputs resolved into ``ocibuild.lock``: an ``image`` layer's ref (a registry tag, an OCI layout
+directory's or an oci-archive's tag) to a manifest digest, a ``bootstrap`` suite to the digest of its InRelease.
+
+Cache keys are made from the lock (see :mod:`ocibuild.planner`); ``ocibuild build`` and ``ocibuild lock`` resolve
+and write it, ``ocibuild plan`` only reads it. Resolving may reach the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import oci, registry
+from .errors import FormatError, LockError, RecipeError, StoreError
+from .files import atomic_write
+from .inputs import fetch_bytes
+from .oci import Digest, Platform, Reference
+from .recipe.lock import LOCK_FILE, Lock, LockEntry
+from .recipe.project import LayerRecipe, Project
+from .store import Store
+
+
+def lock_source(layer: LayerRecipe) -> str | None:
+    """What a layer's moving input is resolved from, or None when the layer has no moving input."""
+    if layer.kind == "bootstrap":
+        return f"{layer.str_('mirror').rstrip('/')}/dists/{layer.str_('suite')}/InRelease"
+    if layer.kind == "image":
+        return layer.str_("ref")
+    return None
+
+
+def resolve_lock(project: Project, lock: Lock, *, refresh: Sequence[str] = (), offline: bool = False,
+                 registries: registry.Registries | None = None) -> Lock:
+    """``lock`` with an entry for every layer with a moving input; entries are kept unless missing, made for
+    another source (the recipe changed) or named in ``refresh``."""
+    resolved = lock.only(project.layer_names)
+    for layer in project.layers:
+        source = lock_source(layer)
+        if source is None:
+            continue
+        if resolved.get(layer.name, source) is not None and layer.name not in refresh:
+            continue
+        if offline and (layer.kind == "bootstrap" or is_registry_ref(source)):
+            raise LockError(f"ocibuild.lock has no entry for layer '{layer.name}' ({source}) and --offline forbids "
+                            "resolving it", "run `ocibuild lock` on a connected machine and commit ocibuild.lock")
+        resolved = resolved.with_entry(LockEntry(layer.name, source, _resolve(project, layer, source, registries)))
+    return resolved
+
+
+def is_registry_ref(source: str) -> bool:
+    return not source.startswith(("oci-archive:", "oci:", "/", "http://", "https://", "file:"))
+
+
+def _resolve(project: Project, layer: LayerRecipe, source: str, registries: registry.Registries | None) -> Digest:
+    if layer.kind == "bootstrap":
+        return Digest.of(fetch_bytes(source, what=f"layer '{layer.name}'"))
+    if source.startswith("oci-archive:"):
+        path, tag = split_oci_ref(source)
+        index = read_oci_archive_index(layer.dir / path, f"layer '{layer.name}': {source}")
+        return _pick(index, tag, layer, source)
+    if source.startswith("oci:"):
+        store, tag = open_oci_dir(project.root, layer, source)
+        return _pick(store.index(), tag, layer, source)
+    ref = Reference.parse(source)
+    client = (registries or registry.Registries()).client(ref.registry)
+    platform = Platform("linux", project.image.architecture)
+    return registry.resolve_image(client, ref.repository, str(ref.digest or ref.tag), platform).digest
+
+
+def _pick(index: oci.Index, tag: str | None, layer: LayerRecipe, source: str) -> Digest:
+    if tag is not None:
+        found = index.find(tag)
+    else:
+        manifests = [d for d in index.manifests if d.media_type in oci.MANIFEST_TYPES]
+        found = manifests[0] if len(manifests) == 1 else None
+    if found is None or found.media_type not in oci.MANIFEST_TYPES:
+        tags = ", ".join(sorted(d.ref_name for d in index.manifests if d.ref_name)) or "none"
+        raise RecipeError(f"layer '{layer.name}': {source}: no image manifest "
+                          f"{'tagged ' + repr(tag) if tag else '(several or none, give a tag)'}",
+                          f"tags present: {tags}")
+    return found.digest
+
+
+def write_lock(project: Project, lock: Lock) -> None:
+    """Write ``lock`` as the project's ocibuild.lock, unless the file already says the same."""
+    path = project.root / LOCK_FILE
+    text = lock.to_toml()
+    try:
+        if path.exists() and path.read_text() == text:
+            return
+        atomic_write(path, text.encode())
+    except OSError as err:
+        raise LockError(f"{path}: cannot write: {err.strerror}", "check the project directory is writable") from None
+
+
+# ---- local image sources ----------------------------------------------------------------------------------------
+
+
+def split_oci_ref(text: str) -> tuple[str, str | None]:
+    """``oci:DIR[:TAG]`` / ``oci-archive:PATH[:TAG]`` → (path, tag or None)."""
+    body = text.split(":", 1)[1]
+    if ":" in body:
+        path, tag = body.rsplit(":", 1)
+        return path, tag or None
+    return body, None
+
+
+def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str | None]:
+    """The layout of an ``oci:DIR[:TAG]`` ref and its tag (None: the layout's single manifest, as skopeo reads it)."""
+    path, tag = split_oci_ref(ref)
+    directory = (layer.dir / path) if not os.path.isabs(path) else Path(path)
+    try:
+        return Store.open(directory, create=False), tag
+    except StoreError as err:
+        raise RecipeError(f"layer '{layer.name}': {ref}: {err}", "point ref at an OCI image layout directory") from None
+
+
+def read_oci_archive_index(path: Path, what: str) -> oci.Index:
+    """The index.json of an oci-archive, read without unpacking the archive."""
+    from . import tarlayer  # only when an archive's ref is resolved: a build with a full lock never reads one
+
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise RecipeError(f"{what}: cannot open {path}: {err.strerror}",
+                          "fix ref in the layer.toml (paths are relative to the layer folder)") from None
+    with f:
+        for member, reader in tarlayer.iter_members(f, "none", what=what):
+            if member.path == "index.json" and reader is not None:
+                return oci.Index.parse(reader.read(16 << 20), f"{what}: index.json")
+    raise FormatError(f"{what}: no index.json inside; is it an oci-archive?",
+                      "make one with `skopeo copy … oci-archive:PATH`")
