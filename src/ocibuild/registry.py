@@ -70,7 +70,7 @@ from .oci import (
 from .store import BlobWriter, Store
 
 if TYPE_CHECKING:  # imported on first contact with a registry: see the transport module
-    from .transport import Connection, Response, TLSContext
+    from .net.http import Connection, Response, TLSContext
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +495,7 @@ class Client:
 
     def _tls_context(self, netloc: str) -> TLSContext:
         """Verifying TLS settings for a host: its own CA from certs.d when there is one."""
-        from . import transport
+        from .net import http as transport
 
         with self._lock:
             context = self._tls.get(netloc)
@@ -506,7 +506,7 @@ class Client:
     def _connection(self, scheme: str, netloc: str) -> tuple[Connection, bool]:
         """This thread's connection to scheme://netloc, and whether it is new (a kept-alive one may have been
         closed by the server meanwhile)."""
-        from . import transport
+        from .net import http as transport
 
         pool: dict[tuple[str, str], Connection] | None = getattr(self._local, "pool", None)
         if pool is None:
@@ -540,7 +540,7 @@ class Client:
 
     def _ping(self) -> None:
         """GET /v2/ once: picks the scheme and learns the auth challenge."""
-        from .transport import TLSError
+        from .net.http import TLSError
 
         try:
             response = self._raw("GET", f"https://{self.host}/v2/", {}, tries=self.policy.attempts, probe=True)
@@ -565,7 +565,7 @@ class Client:
         """One HTTP exchange (retried ``tries`` times on connection errors); _Retry when the host cannot be
         reached. ``probe``: the first contact, where a TLS failure other than a refused certificate propagates
         (the caller may fall back to plain HTTP)."""
-        from .transport import TLSError, exchange
+        from .net.http import TLSError, exchange
 
         parts = urlsplit(url)
         stale_retry = body is None or isinstance(body, bytes)

@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from conftest import RegistryServer, start_registry
-from ocibuild import transport
+from ocibuild.net import http as transport
 
 PROXY_AUTH = "Basic " + base64.b64encode(b"me:pa ss").decode()
 

@@ -26,8 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "tarlayer": LEAVES | {"oci"},
     "store": LEAVES | {"oci"},
     "inputs": LEAVES | {"oci"},
-    "transport": set(),
-    "registry": LEAVES | {"oci", "store", "transport"},
+    "net": LEAVES | {"oci", "store"},
+    "registry": LEAVES | {"oci", "store", "net"},
     "bundle": LEAVES | {"oci", "store", "tarlayer"},
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
@@ -37,8 +37,8 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"*"},
 }
 # third-party library -> the one module that wraps it
-OWNERS = {"zstandard": "tarlayer", "isal": "tarlayer", "python_on_whales": "engine", "http": "transport",
-          "ssl": "transport", "requests": None, "urllib3": None, "oras": None, "h11": None}
+OWNERS = {"zstandard": "tarlayer", "isal": "tarlayer", "python_on_whales": "engine", "http": "net.http",
+          "ssl": "net.http", "requests": None, "urllib3": None, "oras": None, "h11": None}
 
 
 def modules() -> dict[str, Path]:

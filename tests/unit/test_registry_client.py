@@ -21,7 +21,7 @@ from ocibuild.registry import (
     proxy_for,
     save_credentials,
 )
-from ocibuild.transport import tls_context
+from ocibuild.net.http import tls_context
 
 
 def test_challenges_with_quoted_commas_and_several_schemes() -> None:
