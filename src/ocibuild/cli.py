@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, registry
+from .net import auth
 from .config import Config, load_config
 from .errors import OcibuildError
 from .recipe import Project, load_lock, load_project
@@ -278,7 +279,7 @@ def _build(args: argparse.Namespace, config: Config, store: Store, console: _Con
 
 
 def _remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Registries
-                 ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.Remote]] | None]:
+                 ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.FetchedManifest]] | None]:
     """With a cache (--cache or [cache] ref) and not --offline: the plan with status "pull" where the registry
     holds a missing layer, and what is needed to pull those layers."""
     from . import planner
@@ -374,11 +375,11 @@ def _login(args: argparse.Namespace, registries: registry.Registries) -> int:
         password = getpass.getpass("Password: ")
     if not username or not password:
         raise OcibuildError("login: a username and a password are needed", "give -u USER and the password")
-    credentials = registry.Credentials(username, password)
+    credentials = auth.Credentials(username, password)
     client = registry.Client(args.registry, insecure=args.registry in registries.insecure, credentials=credentials,
                              policy=registries.policy, env=registries.env)
     client.check_login()
-    path = registry.save_credentials(args.registry, credentials, registries.env)
+    path = auth.save_credentials(args.registry, credentials, registries.env)
     print(f"logged in to {args.registry} as {username} (credentials in {path})")
     return 0
 

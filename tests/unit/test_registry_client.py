@@ -1,4 +1,4 @@
-"""registry.py without a network: challenges, Retry-After, loopback rules, where credentials come from."""
+"""The registry client without a network: challenges, Retry-After, loopback rules, where credentials come from."""
 
 from __future__ import annotations
 
@@ -10,18 +10,10 @@ from pathlib import Path
 import pytest
 
 from ocibuild.errors import RegistryError
-from ocibuild.registry import (
-    Challenge,
-    Credentials,
-    RetryPolicy,
-    find_credentials,
-    is_loopback,
-    parse_challenges,
-    parse_retry_after,
-    proxy_for,
-    save_credentials,
-)
+from ocibuild.net.auth import Challenge, Credentials, find_credentials, parse_challenges, save_credentials
 from ocibuild.net.http import tls_context
+from ocibuild.net.retry import RetryPolicy, parse_retry_after
+from ocibuild.net.session import is_loopback, proxy_for
 
 
 def test_challenges_with_quoted_commas_and_several_schemes() -> None:
