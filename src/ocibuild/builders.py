@@ -24,7 +24,8 @@ from typing import BinaryIO, cast
 from . import bundle, oci, registry, tarlayer
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
-from .inputs import IgnoreRules, Tree, fetch
+from .inputs import IgnoreRules, Tree
+from .net.download import fetch_file
 from .oci import Built, Descriptor, Digest
 from .recipe import LayerRecipe
 from .store import Store
@@ -121,8 +122,8 @@ def archive_source(ctx: BuildContext, layer: LayerRecipe) -> Path:
     """The archive file of an ``archive`` layer, downloaded (or found in the download cache) and verified."""
     url = layer.str_("url")
     where = url if "://" in url else str(layer.dir / url)
-    return fetch(where, layer.str_("sha256"), ctx.store.private_dir("downloads"), offline=ctx.offline,
-                 progress=ctx.output, what=f"layer '{layer.name}'")
+    return fetch_file(where, Digest.from_hex(layer.str_("sha256")), ctx.store, offline=ctx.offline,
+                      progress=ctx.output, what=f"layer '{layer.name}'")
 
 
 def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
@@ -306,8 +307,8 @@ def run_inputs(ctx: BuildContext, layer: LayerRecipe) -> list[BindMount]:
             mounts.append(BindMount(layer.dir / ref.path, f"{INPUTS_DIR}/{PurePosixPath(ref.path).name}", True))
         else:
             assert ref.url is not None and ref.sha256 is not None and ref.name is not None
-            path = fetch(ref.url, ref.sha256, ctx.store.private_dir("downloads"), offline=ctx.offline,
-                         progress=ctx.output, what=f"layer '{layer.name}'")
+            path = fetch_file(ref.url, Digest.from_hex(ref.sha256), ctx.store, offline=ctx.offline,
+                              progress=ctx.output, what=f"layer '{layer.name}'")
             mounts.append(BindMount(path, f"{INPUTS_DIR}/{ref.name}", True))
     return mounts
 

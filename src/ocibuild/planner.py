@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import bookkeeping, oci, registry
 from .errors import FetchError, LayerConflict, LockError, OcibuildError, RecipeError, RegistryError
-from .inputs import StatCache, Tree, fetch_bytes, hash_file, tree_digest, walk_tree
+from .inputs import StatCache, Tree, hash_file, tree_digest, walk_tree
+from .net.download import fetch_bytes
 from .oci import Built, Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, canonical_json
 from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, cache_key
 from .store import Store

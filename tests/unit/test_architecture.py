@@ -31,8 +31,8 @@ ALLOWED: dict[str, set[str]] = {
     "bundle": LEAVES | {"oci", "store", "tarlayer"},
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
-    "builders": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine"},
-    "planner": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine",
+    "builders": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "net", "registry", "bundle", "engine"},
+    "planner": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "net", "registry", "bundle", "engine",
                          "builders", "bookkeeping"},
     "cli": {"*"},
 }
