@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -262,6 +261,8 @@ def _link(store: Store, digest: Digest, target: Path) -> None:
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
                 raise
+            import shutil  # (here: it imports the bz2 and lzma modules, start-up time of every command)
+
             shutil.copyfile(source, tmp)
             fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
             try:
