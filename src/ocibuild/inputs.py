@@ -1,4 +1,4 @@
-"""Inputs of layers: walking a copy tree (with ignore files), hashing files through a stat cache, downloads.
+"""Inputs of layers: walking a copy tree (with ignore files), hashing files through a stat cache.
 
 Neither cache can make a key stale; each only saves work.
 
@@ -28,13 +28,12 @@ import os
 import re
 import stat
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import FetchError, FormatError, RecipeError
+from .errors import FormatError, RecipeError
 from .files import atomic_write
 from .oci import Digest
 
@@ -406,86 +405,3 @@ def _record(scan: _Scan, digest: Digest, cache: StatCache, started: int) -> None
         if len(record) == 6 and (record[3] >= limit or record[4] >= limit):
             return
     cache.record_tree(scan.slot, scan.fingerprint, digest)
-
-
-# ---- downloads -------------------------------------------------------------------------------------------------
-
-Progress = Callable[[str], None]
-
-
-def fetch_bytes(url: str, *, what: str, limit: int = 64 << 20) -> bytes:
-    """The body at ``url`` (a small file: a suite's InRelease), or FetchError."""
-    import urllib.error as url_errors
-    import urllib.request as url_requests  # imported on use: ~0.07 s that a no-op build must not pay
-
-    try:
-        with url_requests.urlopen(url_requests.Request(url, headers={"User-Agent": "ocibuild"}), timeout=60) as r:
-            data: bytes = r.read(limit)
-            return data
-    except (url_errors.URLError, OSError, TimeoutError) as err:
-        raise FetchError(f"{what}: cannot fetch {url}: {err}", "check the mirror URL and the network") from None
-
-
-def fetch(url: str, sha256: str, cache_dir: Path, *, offline: bool = False, progress: Progress | None = None,
-          what: str) -> Path:
-    """The file at ``url`` with content ``sha256``, from ``cache_dir`` or downloaded into it (resumed when a
-    previous download was cut, verified before it is used). Local paths and file URLs are verified in place."""
-    final = cache_dir / sha256
-    if final.exists():
-        return final
-    if url.startswith("file://") or "://" not in url:
-        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)) if url.startswith("file://") else Path(url)
-        if not path.is_file():
-            raise FetchError(f"{what}: {path} not found", "fix 'url' (relative paths are from the layer folder)")
-        actual = hash_file(path)
-        if actual != sha256:
-            raise FetchError(f"{what}: {path} has sha256 {actual}, the recipe says {sha256}",
-                             "fix 'sha256' in the layer.toml if the file is the one you meant")
-        return path
-    if offline:
-        raise FetchError(f"{what}: {url} is not in the download cache and --offline forbids fetching it",
-                         "run once with network, or import an export made on a connected machine")
-    import urllib.error as url_errors  # imported on use, like urllib.request
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = cache_dir / f"{sha256}.partial"
-    attempts = 5
-    for attempt in range(1, attempts + 1):
-        try:
-            _download(url, partial, progress)
-            break
-        except (url_errors.URLError, OSError, TimeoutError) as err:
-            if isinstance(err, url_errors.HTTPError) and err.code in (401, 403, 404, 410):
-                raise FetchError(f"{what}: {url}: HTTP {err.code} {err.reason}", "check the URL") from None
-            if attempt == attempts:
-                raise FetchError(f"{what}: downloading {url} failed: {err}",
-                                 "check the network; re-running resumes the download") from None
-            log.info("download of %s failed (%s), retrying", url, err)
-            time.sleep(min(2**attempt, 10))
-    actual = hash_file(partial)
-    if actual != sha256:
-        partial.unlink(missing_ok=True)
-        raise FetchError(f"{what}: {url} has sha256 {actual}, the recipe says {sha256}",
-                         "fix 'sha256' in the layer.toml, or check that the URL serves the file you meant")
-    os.replace(partial, final)
-    return final
-
-
-def _download(url: str, partial: Path, progress: Progress | None) -> None:
-    import urllib.request as url_requests
-
-    offset = partial.stat().st_size if partial.exists() else 0
-    request = url_requests.Request(url, headers={"User-Agent": "ocibuild"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    with url_requests.urlopen(request, timeout=60) as response:
-        resumed = offset and response.status == 206 and str(response.headers.get("Content-Range", "")).startswith(
-            f"bytes {offset}-")
-        mode = "ab" if resumed else "wb"
-        if offset and not resumed:
-            log.info("%s ignored the range request; restarting the download", url)
-        if progress:
-            progress(f"downloading {url}" + (f" (resuming at {offset} bytes)" if resumed else ""))
-        with open(partial, mode) as out:
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import oci, registry
 from .errors import FormatError, LockError, RecipeError, StoreError
 from .files import atomic_write
-from .inputs import fetch_bytes
+from .net.download import fetch_bytes
 from .oci import Digest, Platform, Reference
 from .recipe.lock import LOCK_FILE, Lock, LockEntry
 from .recipe.project import LayerRecipe, Project

@@ -21,7 +21,7 @@ def cache_repository(project: Project, override: str | None) -> Reference | None
 
 
 def remote_status(plan: Plan, client: registry.Client, repository: str, *,
-                  jobs: int = registry.DEFAULT_JOBS) -> tuple[Plan, dict[str, registry.Remote]]:
+                  jobs: int = registry.DEFAULT_JOBS) -> tuple[Plan, dict[str, registry.FetchedManifest]]:
     """``plan`` with status "pull" for every missing layer whose cache entry the registry holds (and those
     entries' manifests, by layer name). Nothing is stored."""
     wanted = {cache_tag(l.name, l.key): l for l in plan.layers if l.status == "build"}
@@ -32,7 +32,7 @@ def remote_status(plan: Plan, client: registry.Client, repository: str, *,
 
 
 def pull_layers(plan: Plan, store: Store, client: registry.Client, repository: str,
-                remotes: dict[str, registry.Remote], *, jobs: int = registry.DEFAULT_JOBS,
+                remotes: dict[str, registry.FetchedManifest], *, jobs: int = registry.DEFAULT_JOBS,
                 output: Output = lambda line: None) -> Plan:
     """Fetch the cache entries of the layers with status "pull" (verified) and tag them: status "pulled"."""
     pulling = {cache_tag(l.name, l.key): remotes[l.name] for l in plan.layers if l.status == "pull"}

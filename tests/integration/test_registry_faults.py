@@ -12,7 +12,8 @@ import pytest
 from conftest import Fault, FaultProxy, RegistryServer, run_ocibuild, write
 from ocibuild import oci
 from ocibuild.errors import RegistryError
-from ocibuild.registry import Client, RetryPolicy, fetch_manifests, find_manifests, push_manifests
+from ocibuild.net.retry import RetryPolicy
+from ocibuild.registry import Client, fetch_manifests, find_manifests, push_manifests
 from ocibuild.store import Store
 
 SIZE = 3 << 20

@@ -1,4 +1,4 @@
-"""ocibuild's HTTP/1.1 (transport.py) against real servers: the docker-registry (plain and TLS), reached directly
+"""ocibuild's HTTP/1.1 (net/http.py) against real servers: the docker-registry (plain and TLS), reached directly
 and through a proxy (absolute URLs for http, a CONNECT tunnel for https, with proxy credentials), and small
 servers for the framings the registry does not use (chunked with trailers, a body ended by closing)."""
 
@@ -15,7 +15,7 @@ import pytest
 import trustme
 
 from conftest import RegistryServer, start_registry
-from ocibuild import transport
+from ocibuild.net import http as transport
 
 PROXY_AUTH = "Basic " + base64.b64encode(b"me:pa ss").decode()
 

@@ -25,13 +25,14 @@ ALLOWED: dict[str, set[str]] = {
     "tarlayer": LEAVES | {"oci"},
     "store": LEAVES | {"oci"},
     "inputs": LEAVES | {"oci"},
-    "transport": set(),
-    "registry": LEAVES | {"oci", "store", "transport"},
+    "net": LEAVES | {"oci", "store"},
+    "registry": LEAVES | {"oci", "store", "net"},
     "bundle": LEAVES | {"oci", "store", "tarlayer"},
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
-    "resolve": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry"},
-    "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine", "resolve"},
+    "resolve": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "net", "registry"},
+    "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "net", "registry", "bundle", "engine",
+                       "resolve"},
     "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},
@@ -44,8 +45,8 @@ INSIDE: dict[str, set[str]] = {
     "store.entries": {"store"},  # the cache-entry format, on the Store facade
 }
 # third-party library -> the one module that wraps it
-OWNERS = {"zstandard": "tarlayer", "isal": "tarlayer", "python_on_whales": "engine", "http": "transport",
-          "ssl": "transport", "requests": None, "urllib3": None, "oras": None, "h11": None}
+OWNERS = {"zstandard": "tarlayer", "isal": "tarlayer", "python_on_whales": "engine", "http": "net.http",
+          "ssl": "net.http", "requests": None, "urllib3": None, "oras": None, "h11": None}
 
 
 def modules() -> dict[str, Path]:

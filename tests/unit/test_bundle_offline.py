@@ -6,8 +6,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import socket
 import tarfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError(f"network access: {args[:1]}")
 
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _tarball(path: Path) -> str:

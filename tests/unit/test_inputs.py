@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ocibuild.errors import FetchError, RecipeError
-from ocibuild.inputs import IgnoreRules, StatCache, fetch, hash_file, tree_digest, walk_tree
+from ocibuild.errors import RecipeError
+from ocibuild.inputs import IgnoreRules, StatCache, hash_file, tree_digest, walk_tree
 from ocibuild.oci import Digest
 
 
@@ -88,17 +88,6 @@ def test_stat_cache_reuses_old_entries(tmp_path: Path, monkeypatch: pytest.Monke
     cache.save()
     assert str(f) in cache_file.read_text()
     assert StatCache(cache_file).digest(str(f), f.stat()) == digest
-
-
-def test_fetch_verifies_local_files(tmp_path: Path) -> None:
-    f = tmp_path / "go.tar.gz"
-    f.write_bytes(b"tarball")
-    good = hash_file(f)
-    assert fetch(str(f), good, tmp_path / "dl", what="layer 'go'") == f
-    with pytest.raises(FetchError, match="has sha256"):
-        fetch(str(f), "0" * 64, tmp_path / "dl", what="layer 'go'")
-    with pytest.raises(FetchError, match="not in the download cache"):
-        fetch("https://example.invalid/x.tar", "0" * 64, tmp_path / "dl", offline=True, what="layer 'go'")
 
 
 def test_tree_digest_is_canonical_json_of_each_entry(tmp_path: Path) -> None:

@@ -1,27 +1,25 @@
-"""registry.py without a network: challenges, Retry-After, loopback rules, where credentials come from."""
+"""The registry client without a network: challenges, Retry-After, loopback rules, where credentials come from,
+the retry loop, and the operations on whole images against a fake registry."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from ocibuild import oci
 from ocibuild.errors import RegistryError
-from ocibuild.registry import (
-    Challenge,
-    Credentials,
-    RetryPolicy,
-    find_credentials,
-    is_loopback,
-    parse_challenges,
-    parse_retry_after,
-    proxy_for,
-    save_credentials,
-)
-from ocibuild.transport import tls_context
+from ocibuild.net.auth import Challenge, Credentials, find_credentials, parse_challenges, save_credentials
+from ocibuild.net.http import tls_context
+from ocibuild.net.retry import Retrier, RetryableFailure, RetryPolicy, parse_retry_after
+from ocibuild.net.session import is_loopback, proxy_for
+from ocibuild.oci import Descriptor, Digest
+from ocibuild.registry import fetch_image, fetch_manifests, find_manifests, missing_bytes, push_manifests
+from ocibuild.store import Store
 
 
 def test_challenges_with_quoted_commas_and_several_schemes() -> None:
@@ -149,3 +147,125 @@ def test_save_credentials_keeps_other_entries_and_is_private(tmp_path: Path) -> 
     assert base64.b64decode(data["auths"]["b.example.com:5000"]["auth"]) == b"me:secret"
     assert os.stat(path).st_mode & 0o077 == 0
     assert find_credentials("b.example.com:5000", env) == Credentials("me", "secret")
+
+
+# ---- the one retry loop -------------------------------------------------------------------------------------------
+
+
+def test_the_retry_loop_backs_off_resumes_and_gives_up() -> None:
+    sleeps: list[float] = []
+    resumed: list[str] = []
+    retries: list[None] = []
+    retrier = Retrier(RetryPolicy(attempts=3, base=0.01, cap=0.01), sleeps.append, lambda: retries.append(None))
+    tries: list[int] = []
+
+    def flaky() -> str:
+        tries.append(1)
+        if len(tries) < 3:
+            raise RetryableFailure(RegistryError(f"try {len(tries)}"), delay=7.0 if len(tries) == 1 else None)
+        return "done"
+
+    assert retrier.run(flaky, resume=lambda failure: resumed.append(str(failure))) == "done"
+    assert sleeps[0] == 7.0 and 0 <= sleeps[1] <= 0.01, "Retry-After, then jittered backoff"
+    assert resumed == ["try 1", "try 2"] and len(retries) == 2
+
+    def failing() -> None:
+        raise RetryableFailure(RegistryError("still down", status=503))
+
+    with pytest.raises(RegistryError, match="still down") as caught:
+        retrier.run(failing)
+    assert type(caught.value) is RegistryError and caught.value.status == 503, "the failure's own error is raised"
+
+    progress = iter([True, True, True, True, False, False])
+
+    def slow() -> None:
+        raise RetryableFailure(RegistryError("cut"), progressed=next(progress))
+
+    with pytest.raises(RegistryError, match="cut"):
+        retrier.run(slow)
+    assert next(progress, None) is None, "tries that progressed do not count against the transfer"
+
+    def broken() -> None:
+        tries.append(1)
+        raise RegistryError("not retryable")
+
+    tries.clear()
+    with pytest.raises(RegistryError, match="not retryable"):
+        retrier.run(broken)
+    assert tries == [1]
+
+
+# ---- the whole-image operations on a fake registry ---------------------------------------------------------------
+
+
+class FakeRegistry:
+    """An in-memory Distribution: manifests by (repository, reference), blobs per repository in one store."""
+
+    registry = "fake.example"
+
+    def __init__(self, blobs: Store) -> None:
+        self.blobs = blobs
+        self.present: set[tuple[str, Digest]] = set()
+        self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
+        self.calls: list[str] = []
+
+    def _find(self, repository: str, reference: str) -> tuple[bytes, str] | None:
+        """By tag, or by digest."""
+        return self.manifests.get((repository, reference)) or next(
+            (found for (repo, _), found in self.manifests.items()
+             if repo == repository and str(Digest.of(found[0])) == reference), None)
+
+    def resolve(self, repository: str, reference: str) -> Descriptor | None:
+        found = self._find(repository, reference)
+        return None if found is None else Descriptor(found[1], Digest.of(found[0]), len(found[0]))
+
+    def fetch_manifest(self, repository: str, reference: str) -> tuple[bytes, str, Digest]:
+        found = self._find(repository, reference)
+        assert found is not None
+        return found[0], found[1], Digest.of(found[0])
+
+    def push_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> Digest:
+        self.manifests[(repository, reference)] = (data, media_type)
+        return Digest.of(data)
+
+    def fetch_blob(self, repository: str, descriptor: Descriptor, store: Store) -> str:
+        assert (repository, descriptor.digest) in self.present
+        if store.has(descriptor.digest):
+            return "present"
+        store.put_file(self.blobs.blob_path(descriptor.digest), descriptor.media_type, expected=descriptor.digest)
+        return "fetched"
+
+    def push_blob(self, repository: str, descriptor: Descriptor, store: Store, mount_from: Sequence[str] = ()) -> str:
+        self.calls.append(f"{repository} {descriptor.digest.short} from {','.join(mount_from)}")
+        if (repository, descriptor.digest) in self.present:
+            return "present"
+        how = "mounted" if any((source, descriptor.digest) in self.present for source in mount_from) else "pushed"
+        if how == "pushed":
+            self.blobs.put_file(store.blob_path(descriptor.digest), descriptor.media_type, expected=descriptor.digest)
+        self.present.add((repository, descriptor.digest))
+        return how
+
+
+def test_push_find_and_fetch_manifests_through_the_distribution_protocol(tmp_path: Path) -> None:
+    source = Store.open(tmp_path / "source")
+    layer = source.put(b"layer bytes" * 1000, oci.LAYER_GZIP)
+    config = source.put(oci.ImageConfig(diff_ids=(layer.digest,)).to_json(), oci.OCI_CONFIG)
+    manifest = source.put_manifest(oci.Manifest(config, (layer,)))
+    fake = FakeRegistry(Store.open(tmp_path / "fake"))
+    assert push_manifests(fake, source, "team/cache", [("entry", manifest)], jobs=2) == {"entry": "pushed"}
+    assert push_manifests(fake, source, "team/cache", [("entry", manifest)]) == {"entry": "present"}
+    fake.calls.clear()
+    assert push_manifests(fake, source, "team/other", [("entry", manifest)]) == {"entry": "pushed"}
+    assert all(call.endswith("from team/cache") for call in fake.calls), "blobs seen there are mounted from there"
+
+    found = find_manifests(fake, "team/cache", ["entry", "absent"], jobs=2)
+    assert found["absent"] is None and found["entry"] is not None
+    assert found["entry"].descriptor.digest == manifest.digest
+    target = Store.open(tmp_path / "target")
+    assert missing_bytes(target, [found["entry"]]) == layer.size + config.size
+    stored = fetch_manifests(fake, target, "team/cache", {"entry": found["entry"]})
+    assert stored["entry"].digest == manifest.digest == target.resolve("entry").digest  # type: ignore[union-attr]
+    assert missing_bytes(target, [found["entry"]]) == 0
+    assert fetch_image(fake, Store.open(tmp_path / "image"), "team/cache", manifest.digest).layers == (layer,)
+    for store in (source, target, fake.blobs):
+        assert store.verify() == []

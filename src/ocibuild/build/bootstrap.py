@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .. import tarlayer
 from ..errors import EngineError, LockError, OcibuildError, StepFailed
-from ..inputs import fetch_bytes
+from ..net.download import fetch_bytes
 from ..oci import LayerBlob, Digest
 from ..recipe.key import Input
 from ..recipe.project import LayerRecipe

@@ -22,7 +22,8 @@ from pathlib import Path, PurePosixPath
 from .. import bundle, oci, tarlayer
 from ..engine import BindMount, Engine
 from ..errors import EngineError, OcibuildError
-from ..inputs import IgnoreRules, fetch
+from ..inputs import IgnoreRules
+from ..net.download import fetch_file
 from ..oci import LayerBlob, Descriptor, Digest, Manifest
 from ..recipe.project import LayerRecipe
 from ..store import Store
@@ -73,8 +74,8 @@ def run_inputs(ctx: BuildContext, layer: LayerRecipe) -> list[BindMount]:
             mounts.append(BindMount(layer.dir / ref.path, f"{INPUTS_DIR}/{PurePosixPath(ref.path).name}", True))
         else:
             assert ref.url is not None and ref.sha256 is not None and ref.name is not None
-            path = fetch(ref.url, ref.sha256, ctx.store.private_dir("downloads"), offline=ctx.offline,
-                         progress=ctx.output, what=f"layer '{layer.name}'")
+            path = fetch_file(ref.url, Digest.from_hex(ref.sha256), ctx.store, offline=ctx.offline,
+                              progress=ctx.output, what=f"layer '{layer.name}'")
             mounts.append(BindMount(path, f"{INPUTS_DIR}/{ref.name}", True))
     return mounts
 

@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import tarlayer
-from ..inputs import fetch
-from ..oci import LayerBlob
+from ..net.download import fetch_file
+from ..oci import Digest, LayerBlob
 from ..recipe.project import LayerRecipe
 from .context import BuildContext, owner, temp_file, under, write_entries
 
@@ -18,8 +18,8 @@ def archive_source(ctx: BuildContext, layer: LayerRecipe) -> Path:
     """The archive file of an ``archive`` layer, downloaded (or found in the download cache) and verified."""
     url = layer.str_("url")
     where = url if "://" in url else str(layer.dir / url)
-    return fetch(where, layer.str_("sha256"), ctx.store.private_dir("downloads"), offline=ctx.offline,
-                 progress=ctx.output, what=f"layer '{layer.name}'")
+    return fetch_file(where, Digest.from_hex(layer.str_("sha256")), ctx.store, offline=ctx.offline,
+                      progress=ctx.output, what=f"layer '{layer.name}'")
 
 
 def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[LayerBlob]:

@@ -47,7 +47,7 @@ def load_plan(args: argparse.Namespace, store: Store, registries: registry.Regis
 
 
 def remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Registries
-                ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.Remote]] | None]:
+                ) -> tuple[Plan, tuple[registry.Client, str, dict[str, registry.FetchedManifest]] | None]:
     """With a cache (--cache or [cache] ref) and not --offline: the plan with status "pull" where the registry
     holds a missing layer, and what is needed to pull those layers."""
     from .. import teamcache

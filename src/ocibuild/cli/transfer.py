@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .. import registry
 from ..config import load_config
 from ..errors import OcibuildError
+from ..net import auth
 from ..store import Store
 from .build import load_plan
 from .common import print_json, progress, project_of, registries_of
@@ -125,11 +126,11 @@ def login_command(args: argparse.Namespace) -> int:
         password = getpass.getpass("Password: ")
     if not username or not password:
         raise OcibuildError("login: a username and a password are needed", "give -u USER and the password")
-    credentials = registry.Credentials(username, password)
+    credentials = auth.Credentials(username, password)
     client = registry.Client(args.registry, insecure=args.registry in registries.insecure, credentials=credentials,
                              policy=registries.policy, env=registries.env)
     client.check_login()
-    path = registry.save_credentials(args.registry, credentials, registries.env)
+    path = auth.save_credentials(args.registry, credentials, registries.env)
     print(f"logged in to {args.registry} as {username} (credentials in {path})")
     return 0
 

@@ -1,0 +1,367 @@
+"""Registry credentials and the Authorization header: auth files, credential helpers, challenges, bearer tokens.
+
+Credentials come from the auth files podman, skopeo and Docker read (:func:`auth_files`; first match wins) or
+the docker-credential-* helper one of them names, and are saved the way ``docker login`` saves them. What to send
+is learned from the registry's challenge (WWW-Authenticate on a 401): basic credentials as they are, or a bearer
+token fetched from the realm the challenge names, one per set of scopes, cached until shortly before it expires.
+Credentials only ever go to the registry's own host and its token server; no message, log line or file written
+here holds a password or token (the auth file itself aside).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
+
+from ..errors import RegistryError
+from ..files import atomic_write
+from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
+from .session import is_loopback, printable_url
+
+if TYPE_CHECKING:
+    from .http import Response
+
+log = logging.getLogger(__name__)
+
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_API = "registry-1.docker.io"
+_DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
+_HELPER_HINT = "check the helper works: echo HOST | docker-credential-HELPER get"
+
+# one HTTP exchange (method, url, headers, body), its failures already translated for the registry
+Send = Callable[[str, str, Mapping[str, str], bytes | None], "Response"]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A username and secret for one registry. ``identity_token``: the secret is an OAuth2 refresh token."""
+
+    username: str
+    password: str = field(repr=False)
+    identity_token: bool = False
+
+
+def basic(username: str, password: str) -> str:
+    """``user:password`` in base64: the credentials of a Basic Authorization header and of an auth file entry."""
+    return base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+# ---- auth files and credential helpers ----------------------------------------------------------------------------
+
+
+def _auth_key(registry: str) -> str:
+    """How a registry is named in auth files: docker.io as Docker names it, others as host[:port]."""
+    return _DOCKER_HUB_AUTH_KEY if registry == DOCKER_HUB else registry
+
+
+def _normalise_auth_key(key: str) -> str:
+    host = re.sub(r"^[a-z]+://", "", key).split("/", 1)[0]
+    return DOCKER_HUB if host in ("index.docker.io", DOCKER_HUB_API, DOCKER_HUB) else host
+
+
+def auth_files(env: Mapping[str, str] | None = None) -> list[Path]:
+    """Where credentials are looked for, first match wins: $REGISTRY_AUTH_FILE, containers' auth.json
+    (${XDG_RUNTIME_DIR}/containers, then ~/.config/containers), then Docker's config.json ($DOCKER_CONFIG or
+    ~/.docker)."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    files = []
+    if env.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(env["REGISTRY_AUTH_FILE"]))
+    if env.get("XDG_RUNTIME_DIR"):
+        files.append(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    files.append(Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "containers" / "auth.json")
+    files.append(Path(env.get("DOCKER_CONFIG") or home / ".docker") / "config.json")
+    return files
+
+
+def _read_auth_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring credentials file %s: %s", path, getattr(err, "strerror", None) or type(err).__name__)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _credential_helper(helper: str, registry: str, env: Mapping[str, str]) -> Credentials | None:
+    import shutil
+    import subprocess  # (here, not at the top: start-up time of every registry command)
+
+    exe = shutil.which(f"docker-credential-{helper}", path=env.get("PATH"))
+    if exe is None:
+        raise RegistryError(f"credential helper docker-credential-{helper} (configured for {registry}) is not installed",
+                            "install it, or remove it from credHelpers/credsStore in the auth file")
+    for key in dict.fromkeys((_auth_key(registry), registry)):
+        try:
+            result = subprocess.run([exe, "get"], input=key, capture_output=True, text=True, timeout=60,
+                                    env=dict(env))
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise RegistryError(f"credential helper docker-credential-{helper} failed: {type(err).__name__}",
+                                _HELPER_HINT) from None
+        if result.returncode != 0:
+            continue  # "credentials not found in native keychain": try the next name, then anonymous
+        try:
+            value = json.loads(result.stdout)
+            username, secret = value["Username"], value["Secret"]
+        except (ValueError, KeyError, TypeError):
+            raise RegistryError(f"credential helper docker-credential-{helper} returned malformed output",
+                                _HELPER_HINT) from None
+        if isinstance(username, str) and isinstance(secret, str) and secret:
+            return Credentials(username, secret, identity_token=username == "<token>")
+    return None
+
+
+def find_credentials(registry: str, env: Mapping[str, str] | None = None) -> Credentials | None:
+    """The credentials recorded for ``registry`` (host[:port]) in the first auth file that knows it, asking a
+    docker-credential-* helper where one is configured; None for anonymous access."""
+    env = os.environ if env is None else env
+    for path in auth_files(env):
+        data = _read_auth_file(path)
+        helpers = data.get("credHelpers") or {}
+        if isinstance(helpers, dict):
+            for key, helper in helpers.items():
+                if _normalise_auth_key(key) == registry and isinstance(helper, str):
+                    return _credential_helper(helper, registry, env)
+        auths = data.get("auths") or {}
+        if isinstance(auths, dict):
+            for key, entry in auths.items():
+                if _normalise_auth_key(key) != registry or not isinstance(entry, dict):
+                    continue
+                found = _decode_auth_entry(entry, path, registry)
+                if found is not None:
+                    return found
+        store = data.get("credsStore")
+        if isinstance(store, str) and store:
+            found = _credential_helper(store, registry, env)
+            if found is not None:
+                return found
+    return None
+
+
+def _decode_auth_entry(entry: Mapping[str, Any], path: Path, registry: str) -> Credentials | None:
+    token = entry.get("identitytoken")
+    username, password = entry.get("username"), entry.get("password")
+    if isinstance(entry.get("auth"), str) and entry["auth"]:
+        try:
+            username, _, password = base64.b64decode(entry["auth"], validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise RegistryError(f"{path}: the 'auth' entry for {registry} is not valid base64 of user:password",
+                                f"run `ocibuild login {registry}` again") from None
+    if isinstance(token, str) and token:
+        return Credentials(username if isinstance(username, str) else "", token, identity_token=True)
+    if isinstance(username, str) and isinstance(password, str) and username:
+        return Credentials(username, password)
+    return None
+
+
+def save_credentials(registry: str, credentials: Credentials, env: Mapping[str, str] | None = None) -> Path:
+    """Record credentials as ``docker login`` does: through the configured helper, else base64 in the auth file
+    ($REGISTRY_AUTH_FILE, else Docker's config.json), written atomically with mode 0600. Returns the file."""
+    env = os.environ if env is None else env
+    path = Path(env["REGISTRY_AUTH_FILE"]) if env.get("REGISTRY_AUTH_FILE") else auth_files(env)[-1]
+    data = _read_auth_file(path)
+    helper = (data.get("credHelpers") or {}).get(_auth_key(registry)) or data.get("credsStore")
+    if isinstance(helper, str) and helper:
+        _store_with_helper(helper, registry, credentials, path, env)
+        return path
+    auths = data.get("auths") if isinstance(data.get("auths"), dict) else {}
+    assert isinstance(auths, dict)
+    auths[_auth_key(registry)] = {"auth": basic(credentials.username, credentials.password)}
+    data["auths"] = auths
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write(path, (json.dumps(data, indent="\t") + "\n").encode(), mode=0o600)
+    except OSError as err:
+        raise RegistryError(f"cannot write {path}: {err.strerror}", "check the permissions of its directory") from None
+    return path
+
+
+def _store_with_helper(helper: str, registry: str, credentials: Credentials, path: Path,
+                       env: Mapping[str, str]) -> None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which(f"docker-credential-{helper}", path=env.get("PATH"))
+    if exe is None:
+        raise RegistryError(f"credential helper docker-credential-{helper} is not installed",
+                            "install it, or remove credsStore/credHelpers from " + str(path))
+    payload = json.dumps({"ServerURL": _auth_key(registry), "Username": credentials.username,
+                          "Secret": credentials.password})
+    result = subprocess.run([exe, "store"], input=payload, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RegistryError(f"credential helper docker-credential-{helper} could not store the credentials",
+                            "check the helper works, or remove it from " + str(path))
+
+
+# ---- challenges and tokens ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # lower case: "basic" or "bearer"
+    params: Mapping[str, str]
+
+
+_TOKEN68 = r"[A-Za-z0-9._~+/-]+=*"
+_PARAM = re.compile(r'\s*([A-Za-z0-9!#$%&\'*+.^_`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*(?:,|$)')
+
+
+def parse_challenges(header: str) -> list[Challenge]:
+    """The challenges of a WWW-Authenticate header (RFC 7235): scheme and parameters, quoted or not."""
+    challenges: list[Challenge] = []
+    rest = header.strip()
+    while rest:
+        match = re.match(r"([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)\s*", rest)
+        if match is None:
+            break
+        scheme = match.group(1).lower()
+        rest = rest[match.end():]
+        params: dict[str, str] = {}
+        while rest:
+            param = _PARAM.match(rest)
+            if param is None:
+                token = re.match(rf"\s*{_TOKEN68}\s*(?:,|$)", rest)
+                if token is not None and not params:
+                    rest = rest[token.end():]
+                break
+            value = param.group(2)
+            if value.startswith('"'):
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            params[param.group(1).lower()] = value
+            rest = rest[param.end():].lstrip()
+        challenges.append(Challenge(scheme, params))
+        rest = rest.lstrip(", ")
+    return challenges
+
+
+class Authenticator:
+    """The Authorization header for one registry, from the challenge it sent (:meth:`learn`); thread-safe.
+
+    ``send`` makes one HTTP exchange (its failures already translated: retryable ones as RetryableFailure),
+    ``retrier`` retries the token requests; ``plain_http_allowed``: the registry may be reached over plain HTTP,
+    and so may its token server."""
+
+    def __init__(self, registry: str, credentials: Credentials | None, *, plain_http_allowed: bool, send: Send,
+                 retrier: Retrier) -> None:
+        self.registry = registry
+        self.credentials = credentials
+        self._plain_http_allowed = plain_http_allowed
+        self._send = send
+        self._retrier = retrier
+        self._lock = threading.Lock()
+        self._challenge: Challenge | None = None
+        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
+
+    @property
+    def challenge(self) -> Challenge | None:
+        return self._challenge
+
+    def reset(self) -> None:
+        """Forget the challenge (a login check learns it again)."""
+        with self._lock:
+            self._challenge = None
+
+    def learn(self, www_authenticate: str) -> None:
+        """Take the first basic or bearer challenge of a 401's WWW-Authenticate header."""
+        for challenge in parse_challenges(www_authenticate):
+            if challenge.scheme in ("bearer", "basic"):
+                with self._lock:
+                    self._challenge = challenge
+                return
+
+    def forget(self, scopes: tuple[str, ...]) -> None:
+        """Drop the token for ``scopes`` (the registry refused it)."""
+        with self._lock:
+            self._tokens.pop(scopes, None)
+
+    def can_answer(self) -> bool:
+        """Whether another try after a 401 may succeed: a token to fetch, or credentials to send."""
+        challenge = self._challenge
+        return challenge is not None and (challenge.scheme == "bearer" or self.credentials is not None)
+
+    def header(self, scopes: tuple[str, ...]) -> str | None:
+        """The Authorization header for a request needing ``scopes``, or None (anonymous)."""
+        challenge = self._challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return None if self.credentials is None else \
+                "Basic " + basic(self.credentials.username, self.credentials.password)
+        with self._lock:
+            cached = self._tokens.get(scopes)
+        if cached is not None and cached[1] > time.monotonic():
+            return f"Bearer {cached[0]}"
+        token, lifetime = self.fetch_token(scopes)
+        with self._lock:
+            self._tokens[scopes] = (token, time.monotonic() + max(lifetime - 10, 5))
+        return f"Bearer {token}"
+
+    def fetch_token(self, scopes: tuple[str, ...]) -> tuple[str, float]:
+        """A bearer token for ``scopes`` from the challenge's realm, and its lifetime in seconds."""
+        challenge = self._challenge
+        assert challenge is not None and challenge.scheme == "bearer"
+        realm = challenge.params.get("realm", "")
+        parts = urlsplit(realm)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise RegistryError(f"{self.registry} asks for a token from {realm!r}, which is not a URL",
+                                code="UNAUTHORIZED", status=401)
+        if parts.scheme == "http" and not (is_loopback(parts.netloc) or self._plain_http_allowed):
+            raise RegistryError(f"{self.registry} asks for a token over plain HTTP ({printable_url(realm)}); "
+                                "refused", "a token server must use https", code="UNAUTHORIZED", status=401)
+        query: list[tuple[str, str]] = []
+        if challenge.params.get("service"):
+            query.append(("service", challenge.params["service"]))
+        query += [("scope", scope) for scope in scopes]
+        headers: dict[str, str] = {}
+        body: bytes | None = None
+        method = "GET"
+        creds = self.credentials
+        if creds is not None and creds.identity_token:
+            method = "POST"
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            body = urlencode([("grant_type", "refresh_token"), ("refresh_token", creds.password),
+                              ("client_id", "ocibuild"), *query]).encode()
+        elif creds is not None:
+            headers["Authorization"] = "Basic " + basic(creds.username, creds.password)
+        url = realm + ("&" if "?" in realm else "?") + urlencode(query) if method == "GET" and query else realm
+        return self._retrier.run(lambda: self._token_from(method, url, headers, body, realm, scopes))
+
+    def _token_from(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None, realm: str,
+                    scopes: tuple[str, ...]) -> tuple[str, float]:
+        """One token request: the token and its lifetime; RetryableFailure for a status worth another try."""
+        with self._send(method, url, headers, body) as response:
+            status = response.status_code
+            if status != 200:
+                who = f"as '{self.credentials.username}'" if self.credentials is not None else "anonymously"
+                error = RegistryError(
+                    f"{self.registry}: the token server {printable_url(realm)} refused "
+                    f"{' '.join(scopes) or 'access'} {who} (HTTP {status})",
+                    f"run `ocibuild login {self.registry}` with an account allowed to do this",
+                    status=status, code="UNAUTHORIZED")
+                if status in RETRY_STATUS:
+                    raise RetryableFailure(error, delay=parse_retry_after(response.headers.get("Retry-After")))
+                raise error
+            try:
+                value = json.loads(response.read(1 << 20))
+                token = value.get("token") or value.get("access_token")
+                lifetime = float(value.get("expires_in") or 60)
+            except (ValueError, AttributeError, TypeError):
+                token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"{self.registry}: the token server {printable_url(realm)} returned no token",
+                                status=200, code="UNAUTHORIZED")
+        return token, lifetime
