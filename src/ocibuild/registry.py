@@ -339,20 +339,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _ca_bundle(host: str, env: Mapping[str, str]) -> str | None:
-    """The CA file for ``host``: containers'/Docker's certs.d/<host>/*.crt, else $SSL_CERT_FILE, else None (the
-    system's trust store)."""
+def _ca_files(host: str, env: Mapping[str, str]) -> tuple[str | None, list[str]]:
+    """Whom ``host``'s certificate may come from: the trust store ($SSL_CERT_FILE, else None: the system's), and
+    the CA files trusted besides it, every ``*.crt`` in <certs.d>/<host>/ of the first of containers' and Docker's
+    certs.d directories that has any (containers-certs.d(5): they add to the system's roots)."""
     home = Path(env.get("HOME") or Path.home())
     dirs = [Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "containers" / "certs.d",
             Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d")]
+    store = env.get("SSL_CERT_FILE") or env.get("REQUESTS_CA_BUNDLE") or None
     for directory in dirs:
         try:
             found = sorted((directory / host).glob("*.crt"))
         except OSError:
             continue
         if found:
-            return str(found[0])
-    return env.get("SSL_CERT_FILE") or env.get("REQUESTS_CA_BUNDLE") or None
+            return store, [str(path) for path in found]
+    return store, []
 
 
 def proxy_for(scheme: str, netloc: str, env: Mapping[str, str]) -> str | None:
@@ -494,13 +496,17 @@ class Client:
     # -- plumbing
 
     def _tls_context(self, netloc: str) -> TLSContext:
-        """Verifying TLS settings for a host: its own CA from certs.d when there is one."""
+        """Verifying TLS settings for a host: its own CAs from certs.d, when it has any, trusted besides the store."""
         from . import transport
 
         with self._lock:
             context = self._tls.get(netloc)
             if context is None:
-                context = self._tls[netloc] = transport.tls_context(_ca_bundle(netloc, self._env))
+                try:
+                    context = self._tls[netloc] = transport.tls_context(*_ca_files(netloc, self._env))
+                except OSError as err:
+                    raise RegistryError(f"TLS settings for {self.registry}: {err}",
+                                        "fix or remove that file (a PEM certificate)") from None
             return context
 
     def _connection(self, scheme: str, netloc: str) -> tuple[Connection, bool]:

@@ -32,7 +32,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, overload
 from urllib.parse import unquote, urlsplit
@@ -88,25 +88,40 @@ class TLSError(OSError):
         self.certificate = certificate
 
 
-def tls_context(cafile: str | None) -> TLSContext:
-    """Verifying TLS settings: the system's trust store, or only ``cafile`` when given.
-
-    The system store is used through its hashed directory (/etc/ssl/certs) where it has one: OpenSSL then reads
-    the few certificates a handshake needs, where loading the bundle file parses all of them, ~50 ms at every
-    start. A ``cafile`` that is the system bundle itself ($SSL_CERT_FILE often names it) counts as the system
-    store: update-ca-certificates writes the bundle and the directory from the same certificates."""
-    defaults = ssl.get_default_verify_paths()
-    if cafile is None or os.path.realpath(cafile) == os.path.realpath(defaults.openssl_cafile):
-        capath = defaults.capath  # $SSL_CERT_DIR, else OpenSSL's built-in directory; None when missing
+def tls_context(cafile: str | None, cas: Sequence[str] = ()) -> TLSContext:
+    """Verifying TLS settings: the system's trust store, or only ``cafile`` when given; the CA certificates in the
+    files ``cas`` (a registry's own, from certs.d) are trusted besides. OSError naming a file that cannot be used."""
+    try:
+        context = _hashed_store(cafile) or ssl.create_default_context(cafile=cafile)
+    except OSError as err:  # ssl.SSLError is one
+        raise OSError(f"cannot use the CA certificates in {cafile or 'the system store'}: {_describe(err)}") \
+            from None
+    for path in cas:
         try:
-            hashed = capath is not None and any(name.endswith(".0") for name in os.listdir(capath))
-        except OSError:
-            hashed = False
-        if hashed:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
-            context.load_verify_locations(capath=capath)
-            return context
-    return ssl.create_default_context(cafile=cafile)
+            context.load_verify_locations(cafile=path)
+        except OSError as err:
+            raise OSError(f"cannot use the CA certificates in {path}: {_describe(err)}") from None
+    return context
+
+
+def _hashed_store(cafile: str | None) -> TLSContext | None:
+    """The system store through its hashed directory (/etc/ssl/certs), when ``cafile`` names no other and it has
+    one: OpenSSL then reads the few certificates a handshake needs, where loading the bundle file parses all of
+    them, ~50 ms at every start. A ``cafile`` that is the system bundle itself ($SSL_CERT_FILE often names it)
+    counts as the system store: update-ca-certificates writes the bundle and the directory from the same
+    certificates."""
+    defaults = ssl.get_default_verify_paths()
+    if cafile is not None and os.path.realpath(cafile) != os.path.realpath(defaults.openssl_cafile):
+        return None
+    capath = defaults.capath  # $SSL_CERT_DIR, else OpenSSL's built-in directory; None when missing
+    try:
+        if capath is None or not any(name.endswith(".0") for name in os.listdir(capath)):
+            return None
+    except OSError:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificates and host names
+    context.load_verify_locations(capath=capath)
+    return context
 
 
 class Headers:
