@@ -53,7 +53,8 @@ from .errors import DigestMismatch, FormatError, OcibuildError, RegistryError
 from .net import download
 from .net.auth import DOCKER_HUB, DOCKER_HUB_API, Authenticator, Credentials, find_credentials
 from .net.retry import RETRY_STATUS, Retrier, RetryableFailure, RetryPolicy, parse_retry_after
-from .net.session import ProxyError, RedirectRefused, Session, is_loopback, one_line, printable_url
+from .net.session import (CAFileError, ProxyError, RedirectRefused, Session, is_loopback, one_line,
+                          printable_url)
 from .oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -206,10 +207,13 @@ class Client:
         """``call()`` (the session at work), its failures made the registry's: a connection error is worth another
         try, a refused certificate is not. ``probe``: the first contact, where any TLS failure propagates (the
         caller may fall back to plain HTTP)."""
-        from .net.http import TLSError
+        from .net.http import InvalidRequest, TLSError
 
         try:
             return call()
+        except InvalidRequest as err:  # nothing was sent, and sending it again would not help
+            raise RegistryError(f"{what + ': ' if what else ''}{method} {printable_url(url)}: {one_line(err)}",
+                                "check the reference and the registry's name for stray characters") from None
         except TLSError as err:
             if probe:
                 raise
@@ -218,6 +222,8 @@ class Client:
             raise _unreachable(what, method, url, err) from None
         except OSError as err:
             raise _unreachable(what, method, url, err) from None
+        except CAFileError as err:
+            raise RegistryError(str(err), "fix or remove that file (a PEM certificate)") from None
         except ProxyError as err:
             raise RegistryError(str(err), "set $https_proxy to an http://HOST:PORT proxy, or list the host in "
                                 "$no_proxy") from None

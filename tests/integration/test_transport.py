@@ -8,14 +8,18 @@ import base64
 import select
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 
 from conftest import RegistryServer, start_registry
+from ocibuild.errors import RegistryError
 from ocibuild.net import http as transport
+from ocibuild.net.retry import RetryPolicy
+from ocibuild.registry import Client
 
 PROXY_AUTH = "Basic " + base64.b64encode(b"me:pa ss").decode()
 
@@ -229,3 +233,97 @@ def test_requests_ask_for_bodies_as_they_are() -> None:
     head = seen[0].split(b"\r\n\r\n")[0].decode().split("\r\n")
     assert head[0] == "PUT /v2/x?digest=sha256:1 HTTP/1.1"
     assert {"Host: 127.0.0.1:%d" % port, "X-Y: z", "Content-Length: 4", "Accept-Encoding: identity"} <= set(head)
+
+
+# ---- hardening (issue 9): the deadline, interim responses, certs.d, malformed lengths, over real sockets ----------
+
+def _server(handle: Callable[[socket.socket], None]) -> tuple[socket.socket, int]:
+    """A loopback server that runs ``handle`` on every connection it accepts until the listener is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def handle_quietly(client: socket.socket) -> None:
+        with client:
+            try:
+                handle(client)
+            except OSError:
+                pass  # the client hung up
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle_quietly, args=(client,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+def _read_request(client: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = client.recv(65536)
+        if not piece or (not data and piece.startswith(b"\x16")):  # gone, or a TLS ClientHello: plain HTTP here
+            return b""
+        data += piece
+    return data
+
+
+@pytest.mark.timeout(30)  # without the bound, this would wait forever
+def test_a_server_sending_a_byte_a_second_meets_the_deadline() -> None:
+    def drip(client: socket.socket) -> None:
+        _read_request(client)
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+            client.sendall(bytes([byte]))
+            time.sleep(0.1)
+
+    listener, port = _server(drip)
+    with listener:
+        connection = transport.connect("http", f"127.0.0.1:{port}", proxy=None, context=None, connect_timeout=5,
+                                       read_timeout=10, deadline=1.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="the response took longer than 1.5 s"):
+            transport.exchange(connection, "GET", f"http://127.0.0.1:{port}/", {}, None)
+        assert time.monotonic() - started < 5 and connection.sock is None
+
+
+@pytest.mark.timeout(30)  # without the bound, this would wait forever
+def test_an_endless_stream_of_100_continue_is_refused() -> None:
+    def endless(client: socket.socket) -> None:
+        _read_request(client)
+        while True:
+            client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 100)
+
+    listener, port = _server(endless)
+    with listener:
+        connection = _connect("http", f"127.0.0.1:{port}")
+        with pytest.raises(transport.ProtocolError, match=r"more than 10 interim \(1xx\) responses"):
+            transport.exchange(connection, "GET", f"http://127.0.0.1:{port}/", {}, None)
+        assert connection.sock is None
+
+
+def test_a_content_length_of_superscript_two_is_a_registry_error_not_a_traceback() -> None:
+    """'²'.isdigit() is true and int('²') raises ValueError: `ocibuild login` once showed a traceback."""
+    def reply(client: socket.socket) -> None:
+        if _read_request(client):
+            client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}")
+
+    listener, port = _server(reply)
+    with listener:
+        client = Client(f"127.0.0.1:{port}", policy=RetryPolicy(attempts=2, base=0.0, cap=0.0), env={})
+        with client, pytest.raises(RegistryError, match=r"malformed Content-Length '²'") as caught:
+            client.check_login()
+        assert caught.value.retryable
+
+
+def test_every_crt_of_certs_d_is_trusted(tls_server: tuple[RegistryServer, Path], tmp_path: Path) -> None:
+    """a.crt (a CA that did not sign the registry's certificate) sorts before b.crt (the one that did): all count."""
+    server, ca = tls_server
+    certs = tmp_path / "config/containers/certs.d" / server.host
+    certs.mkdir(parents=True)
+    trustme.CA().cert_pem.write_to_path(str(certs / "a.crt"))
+    (certs / "b.crt").write_bytes(ca.read_bytes())
+    with Client(server.host, env={"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config")}) as client:
+        client.check_login()
+        assert client.base == f"https://{server.host}"

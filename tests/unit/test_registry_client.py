@@ -269,3 +269,15 @@ def test_push_find_and_fetch_manifests_through_the_distribution_protocol(tmp_pat
     assert fetch_image(fake, Store.open(tmp_path / "image"), "team/cache", manifest.digest).layers == (layer,)
     for store in (source, target, fake.blobs):
         assert store.verify() == []
+
+
+def test_a_request_that_cannot_be_sent_fails_at_once_without_retries() -> None:
+    """A target with a line break (say, from a hostile token realm) is refused before any connection, and no
+    retry loop spins on it: the error is final, not retryable."""
+    from ocibuild.registry import Client
+
+    with Client("127.0.0.1:9", env={}) as client:
+        with pytest.raises(RegistryError, match=r"^GET http://127.0.0.1:9/v2/x.*the URL holds '.r'") as caught:
+            client._exchange("GET", "http://127.0.0.1:9/v2/x\r\nHost: evil", {})
+    assert not caught.value.retryable
+    assert "stray characters" in (caught.value.hint or "")

@@ -27,7 +27,7 @@ from urllib.parse import urlencode, urlsplit
 from ..errors import RegistryError
 from ..files import atomic_write
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
-from .session import is_loopback, printable_url
+from .session import is_loopback, one_line, printable_url
 
 if TYPE_CHECKING:
     from .http import Response
@@ -359,6 +359,10 @@ class Authenticator:
                 value = json.loads(response.read(1 << 20))
                 token = value.get("token") or value.get("access_token")
                 lifetime = float(value.get("expires_in") or 60)
+            except OSError as err:  # the body was cut or malformed: worth another try, like any connection error
+                raise RetryableFailure(RegistryError(
+                    f"{self.registry}: reading a token from {printable_url(realm)}: {one_line(err)}",
+                    "re-run the same command", retryable=True)) from None
             except (ValueError, AttributeError, TypeError):
                 token = None
         if not isinstance(token, str) or not token:

@@ -31,7 +31,7 @@ from ..files import fsync_dir
 from ..oci import Digest
 from ..store import Store
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
-from .session import ProxyError, RedirectRefused, Session, one_line, printable_url
+from .session import CAFileError, ProxyError, RedirectRefused, Session, one_line, printable_url
 
 if TYPE_CHECKING:
     from .http import Response
@@ -209,10 +209,12 @@ def _session(retrier: Retrier) -> Iterator[Session]:
 
 def _get(session: Session, url: str, headers: Mapping[str, str], what: str, hint: str) -> Response:
     """One GET (redirects followed): a 200 or 206 response, RetryableFailure, or FetchError."""
-    from .http import TLSError
+    from .http import InvalidRequest, TLSError
 
     try:
         _, response = session.send("GET", url, lambda _: headers)
+    except InvalidRequest as err:  # nothing was sent, and sending it again would not help
+        raise FetchError(f"{what}: {printable_url(url)}: {one_line(err)}", "check the URL for stray characters") from None
     except TLSError as err:
         if err.certificate:
             raise FetchError(f"{what}: TLS connection for {printable_url(url)} failed: {one_line(err)}",
@@ -220,6 +222,8 @@ def _get(session: Session, url: str, headers: Mapping[str, str], what: str, hint
         raise RetryableFailure(FetchError(f"{what}: cannot fetch {url}: {one_line(err)}", hint)) from None
     except OSError as err:
         raise RetryableFailure(FetchError(f"{what}: cannot fetch {url}: {one_line(err)}", hint)) from None
+    except CAFileError as err:
+        raise FetchError(f"{what}: {err}", "fix or remove that file (a PEM certificate)") from None
     except ProxyError as err:
         raise FetchError(f"{what}: {err}", "set $https_proxy to an http://HOST:PORT proxy, or list the host in "
                          "$no_proxy") from None

@@ -13,6 +13,7 @@ never reach the network do not pay for it. Errors, for the caller to translate i
     OSError                   connection refused, reset, timed out, malformed response (retryable)
     └── http.TLSError         ``certificate``: the server's certificate was refused (not retryable)
     ProxyError                the proxy the environment names cannot be used
+    CAFileError               a certs.d ``*.crt`` (or $SSL_CERT_FILE) cannot be loaded
     RedirectRefused           a redirect from https to http, or of a request with a body
 """
 
@@ -35,6 +36,10 @@ _MAX_REDIRECTS = 5
 
 class ProxyError(ValueError):
     """The proxy configured for a host cannot be used (not an http:// URL)."""
+
+
+class CAFileError(Exception):
+    """A CA file of the host's certs.d directory (or $SSL_CERT_FILE) cannot be loaded."""
 
 
 class RedirectRefused(Exception):
@@ -84,20 +89,22 @@ def proxy_for(scheme: str, netloc: str, env: Mapping[str, str]) -> str | None:
     return proxy if "://" in proxy else f"http://{proxy}"  # "proxy:3128" means http, as for curl and Go
 
 
-def _ca_bundle(host: str, env: Mapping[str, str]) -> str | None:
-    """The CA file for ``host``: containers'/Docker's certs.d/<host>/*.crt, else $SSL_CERT_FILE, else None (the
-    system's trust store)."""
+def _ca_files(host: str, env: Mapping[str, str]) -> tuple[str | None, list[str]]:
+    """Whom ``host``'s certificate may come from: the trust store ($SSL_CERT_FILE, else None: the system's), and
+    the CA files trusted besides it, every ``*.crt`` in <certs.d>/<host>/ of the first of containers' and Docker's
+    certs.d directories that has any (containers-certs.d(5): they add to the system's roots)."""
     home = Path(env.get("HOME") or Path.home())
     dirs = [Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "containers" / "certs.d",
             Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d")]
+    store = env.get("SSL_CERT_FILE") or env.get("REQUESTS_CA_BUNDLE") or None
     for directory in dirs:
         try:
             found = sorted((directory / host).glob("*.crt"))
         except OSError:
             continue
         if found:
-            return str(found[0])
-    return env.get("SSL_CERT_FILE") or env.get("REQUESTS_CA_BUNDLE") or None
+            return store, [str(path) for path in found]
+    return store, []
 
 
 def printable_url(url: str) -> str:
@@ -138,13 +145,16 @@ class Session:
             connection.close()
 
     def _tls_context(self, netloc: str) -> TLSContext:
-        """Verifying TLS settings for a host: its own CA from certs.d when there is one."""
+        """Verifying TLS settings for a host: its own CAs from certs.d, when it has any, trusted besides the store."""
         from . import http
 
         with self._lock:
             context = self._tls.get(netloc)
             if context is None:
-                context = self._tls[netloc] = http.tls_context(_ca_bundle(netloc, self.env))
+                try:
+                    context = self._tls[netloc] = http.tls_context(*_ca_files(netloc, self.env))
+                except OSError as err:
+                    raise CAFileError(f"TLS settings for {netloc}: {err}") from None
             return context
 
     def _connection(self, scheme: str, netloc: str) -> tuple[Connection, bool]:
