@@ -15,8 +15,8 @@ import stat
 import sys
 import time
 
-from ocibuild import tarlayer
-from ocibuild.tarlayer import Entry
+from ocibuild.tar import read as tarlayer
+from ocibuild.tar.read import Entry
 
 
 class NullSink:

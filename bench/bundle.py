@@ -49,7 +49,8 @@ def make_image() -> int:
         log("making the ~1.2 GB bench image (once)")
         shutil.rmtree(SOURCE, ignore_errors=True)
         sys.path.insert(0, str(REPO / "src"))
-        from ocibuild import oci, tarlayer
+        from ocibuild import oci
+        from ocibuild.tar import read as tarlayer
         from ocibuild.oci import Descriptor, ImageConfig, Manifest
         from ocibuild.store import Store
 

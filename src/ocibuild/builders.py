@@ -21,14 +21,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
-from . import bundle, oci, registry, tarlayer
+from . import bundle, oci, registry
+from .tar import read as tarlayer
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
 from .inputs import IgnoreRules, Tree, fetch
 from .oci import Built, Descriptor, Digest
 from .recipe import LayerRecipe
 from .store import Store
-from .tarlayer import Entry
+from .tar.read import Entry
 
 log = logging.getLogger(__name__)
 

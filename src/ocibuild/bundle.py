@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oci, tarlayer
+from . import oci
+from .tar import read as tarlayer
 from .errors import DigestMismatch, FormatError, OcibuildError, StoreError, UnsafeArchive
 from .oci import Descriptor, Digest, Index, Manifest
 from .store import Store, check_ref_name

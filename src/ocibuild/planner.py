@@ -467,7 +467,8 @@ def _rfc3339(epoch: int) -> str:
 def layer_listing(store: Store, built: Built) -> dict[str, str]:
     """Path → content fingerprint of a layer; cached by diff_id in the store's private area (copy layers record
     theirs when they are built, from the hashes of the tree walk)."""
-    from . import builders, tarlayer
+    from . import builders
+    from .tar import read as tarlayer
 
     try:
         listing: dict[str, str] = json.loads(builders.listing_path(store, built.diff_id).read_bytes())
@@ -612,7 +613,7 @@ def build_merge(store: Store, plan: Plan, get_context: Callable[[], BuildContext
 
 def _read_files(store: Store, layer: LayerPlan, paths: set[str]) -> dict[str, bytes]:
     """The content of ``paths`` in a layer's blobs (a later blob of the same entry wins)."""
-    from . import tarlayer
+    from .tar import read as tarlayer
 
     found: dict[str, bytes] = {}
     for built in entry_layers(store, layer):
@@ -628,7 +629,8 @@ def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
     import shutil
     import tempfile
 
-    from . import builders, tarlayer
+    from . import builders
+    from .tar import read as tarlayer
 
     directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
     try:

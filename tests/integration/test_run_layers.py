@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require, write
-from ocibuild import cli, oci, tarlayer
+from ocibuild import cli, oci
+from ocibuild.tar import read as tarlayer
 from ocibuild.store import Store
 
 pytestmark = pytest.mark.podman

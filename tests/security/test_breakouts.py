@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from ocibuild import tarlayer
+from ocibuild.tar import read as tarlayer
 from ocibuild.errors import UnsafeArchive
 
 Member = tuple[tarfile.TarInfo, bytes | None]

@@ -23,21 +23,21 @@ ALLOWED: dict[str, set[str]] = {
     "bookkeeping": set(),
     "config": {"errors"},
     "recipe": LEAVES | {"oci"},
-    "tarlayer": LEAVES | {"oci"},
+    "tar": LEAVES | {"oci"},
     "store": LEAVES | {"oci"},
     "inputs": LEAVES | {"oci"},
     "transport": set(),
     "registry": LEAVES | {"oci", "store", "transport"},
-    "bundle": LEAVES | {"oci", "store", "tarlayer"},
+    "bundle": LEAVES | {"oci", "store", "tar"},
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
-    "builders": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine"},
-    "planner": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "registry", "bundle", "engine",
+    "builders": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "registry", "bundle", "engine"},
+    "planner": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "registry", "bundle", "engine",
                          "builders", "bookkeeping"},
     "cli": {"*"},
 }
 # third-party library -> the one module that wraps it
-OWNERS = {"zstandard": "tarlayer", "isal": "tarlayer", "python_on_whales": "engine", "http": "transport",
+OWNERS = {"zstandard": "tar.read", "isal": "tar.read", "python_on_whales": "engine", "http": "transport",
           "ssl": "transport", "requests": None, "urllib3": None, "oras": None, "h11": None}
 
 

@@ -225,7 +225,8 @@ def test_run_layer_without_needs_is_a_clear_error(make_project, store: Store) ->
 
 def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_path: Path, store: Store) -> None:
     """Copy layers record their listing from the tree walk's hashes; it must be what reading the blob gives."""
-    from ocibuild import builders, tarlayer
+    from ocibuild import builders
+    from ocibuild.tar import read as tarlayer
 
     root = _project(make_project, tmp_path)
     (root / "src/link").symlink_to("main.go")

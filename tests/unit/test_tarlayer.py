@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from ocibuild import tarlayer
+from ocibuild.tar import read as tarlayer
 from ocibuild.errors import FormatError, OcibuildError, UnsafeArchive
-from ocibuild.tarlayer import Entry
+from ocibuild.tar.read import Entry
 
 EPOCH = 1_700_000_000
 LONG_DIR = "usr/share/" + "d" * 120  # > 100 bytes, no ustar split possible

@@ -79,8 +79,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Final, cast
 
-from . import oci
-from .errors import FormatError, OcibuildError, StoreError, UnsafeArchive
+from .. import oci
+from ..errors import FormatError, OcibuildError, StoreError, UnsafeArchive
 
 # zstandard and isal are imported where a stream is (de)compressed: commands that import this module only to
 # read an uncompressed archive or to build nothing need neither (start-up time; zstandard imports `platform`).
