@@ -401,7 +401,7 @@ def _print_transfer(command: str, doc: dict[str, Any]) -> None:
 
 def _bundle_command(args: argparse.Namespace) -> int:
     """`export`, `import` and `inventory`: archives for air-gapped machines (see :mod:`ocibuild.bundle`)."""
-    from . import bundle, planner
+    from . import archive as bundle, planner
 
     _, store = _open(args)
     if args.command == "inventory":
@@ -450,7 +450,7 @@ def _bundle_command(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace, console: _Console) -> int:
     """`ocibuild run`: build (a no-op when cached), hand the image to the engine, run the command. Exits with the
     command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
-    from . import bundle
+    from . import archive as bundle
     from .engine import BindMount
 
     try:
@@ -489,7 +489,7 @@ def _compile(args: argparse.Namespace, console: _Console) -> int:
 
 
 def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:
-    from . import bundle
+    from . import archive as bundle
 
     if not target.startswith("oci-archive:"):
         raise OcibuildError(f"--output {target}: only oci-archive:PATH is supported", "write --output oci-archive:out.tar")

@@ -30,7 +30,7 @@ from .store import Store
 # layers: builders, bundle, tarlayer (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
 # are imported in the functions that use them.
 if TYPE_CHECKING:
-    from . import bundle
+    from . import archive as bundle
     from .builders import BuildContext
     from .engine import Engine
 
@@ -357,7 +357,7 @@ def _staged(store: Store, project: Project, stack: Sequence[LayerPlan], key: Dig
     store.tag(tag, descriptor)
 
     def write_archive() -> Path:
-        from . import bundle
+        from . import archive as bundle
 
         bundle.write_oci_archive(store, descriptor, tag, archive)
         return archive
@@ -522,7 +522,7 @@ def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[bundle.I
     """What another machine needs to build ``plan`` with nothing rebuilt and nothing fetched: the tags of every
     layer's cache entry (and of the merge layer's, when there is one) and of the image, and the downloaded inputs
     (archive tarballs, run layers' url inputs) that a missing key would need."""
-    from . import bundle
+    from . import archive as bundle
 
     index = store.index()
     tags = []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from ocibuild import bundle, oci
+from ocibuild import archive as bundle, oci
 from ocibuild.errors import OcibuildError
 from ocibuild.oci import Digest, ImageConfig, Manifest
 from ocibuild.store import Store

@@ -305,7 +305,7 @@ def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """An image layer's oci-archive goes through the checks of `ocibuild import`: its blobs arrive verified,
     its own tags stay out of the store, and a hostile archive is refused with its name."""
-    from ocibuild import bundle
+    from ocibuild import archive as bundle
 
     source = Store.open(tmp_path / "source")
     base_root = make_project({"a": 'kind = "copy"\nfrom = "src"\nto = "/"\n'}, root=tmp_path / "base",

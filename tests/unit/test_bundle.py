@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ocibuild import bundle, oci
+from ocibuild import archive as bundle, oci
 from ocibuild.errors import DigestMismatch, FormatError, OcibuildError, UnsafeArchive
 from ocibuild.oci import Descriptor, Digest, ImageConfig, Manifest
 from ocibuild.store import Store
