@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import oci
-from .tar import read as tarlayer
+from .tar import write
 from .errors import DigestMismatch, FormatError, OcibuildError, StoreError, UnsafeArchive
 from .oci import Descriptor, Digest, Index, Manifest
 from .store import Store, check_ref_name
@@ -185,8 +185,8 @@ class _Item:
 def _header(name: str, size: int, kind: bytes = b"0") -> bytes:
     """The tar header of a layout file or directory (name ending in '/'): owner 0:0, mtime 0."""
     if kind == b"5":
-        return tarlayer.header(tarlayer.Entry(name.rstrip("/"), "dir", 0o755), 0)
-    return tarlayer.header(tarlayer.Entry(name, "file", 0o644, size=size), 0)
+        return write.header(write.Entry(name.rstrip("/"), "dir", 0o755), 0)
+    return write.header(write.Entry(name, "file", 0o644, size=size), 0)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -22,14 +22,14 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
 from . import archive as bundle, oci, registry
-from .tar import read as tarlayer
+from .tar import codecs, read, write
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
 from .inputs import IgnoreRules, Tree, fetch
 from .oci import Built, Descriptor, Digest
 from .recipe import LayerRecipe
 from .store import Store
-from .tar.read import Entry
+from .tar.write import Entry
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class BuildContext:
 def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> Built:
     """Write ``entries`` as one reproducible, compressed layer blob into the store."""
     with ctx.store.writer() as blob:
-        stats = tarlayer.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
+        stats = write.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
     return Built(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
 
 
@@ -61,7 +61,7 @@ def _owner(layer: LayerRecipe) -> tuple[int, int]:
 
 def _under(dest: str, path: str) -> str:
     joined = str(PurePosixPath(dest) / path) if path else dest
-    normal = tarlayer.normalise_path(joined)
+    normal = read.normalise_path(joined)
     if normal is None:
         raise RecipeError(f"destination {joined!r} is the root itself")
     return normal
@@ -84,7 +84,7 @@ def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[Built]
         else:
             mode = 0o755 if item.mode & 0o111 else 0o644
             entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch))
-    entries = tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
+    entries = write.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
     built = write_entries(ctx, entries)
     # The tree walk already hashed every file: record the layer's listing now rather than re-reading the blob.
     content = {item.source: item.sha256 for item in tree.entries if item.type == "file"}
@@ -97,7 +97,7 @@ def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[Built]
 
 
 def listing_path(store: Store, diff_id: Digest) -> Path:
-    """Where a layer's listing (path → fingerprint, as :func:`tarlayer.list_layer` makes it) is cached."""
+    """Where a layer's listing (path → fingerprint, as :func:`read.list_layer` makes it) is cached."""
     return store.private_dir("listings") / f"{diff_id.hex}.json"
 
 
@@ -135,11 +135,11 @@ def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
     what = f"layer '{layer.name}': {layer.str_('url')}"
     with _temp_file(ctx, ".tar") as plain:
         with open(source, "rb") as src, open(plain, "wb") as dst:
-            compression = tarlayer.sniff_compression(src.read(8))
+            compression = codecs.sniff_compression(src.read(8))
             src.seek(0)
-            tarlayer.decompress_to(src, dst, compression)
+            codecs.decompress_to(src, dst, compression)
         entries = []
-        for entry in tarlayer.read_archive_members(plain, what=what):
+        for entry in write.tarball_entries(plain, what=what):
             parts = entry.path.split("/")
             if len(parts) <= strip:
                 continue
@@ -151,7 +151,7 @@ def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
                     continue
                 linkname = _under(dest, "/".join(link_parts[strip:]))
             entries.append(replace(entry, path=path, linkname=linkname, uid=uid, gid=gid))
-        return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
+        return [write_entries(ctx, write.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
 
 
 def build_bootstrap(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
@@ -175,7 +175,7 @@ def build_bootstrap(ctx: BuildContext, layer: LayerRecipe) -> list[Built]:
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(ctx.epoch)}
         run_streaming(argv, env=env, output=ctx.output, what=f"layer '{layer.name}': mmdebstrap",
                       missing_hint="install mmdebstrap (apt-get install mmdebstrap), or run `ocibuild doctor`")
-        entries = [e for e in tarlayer.read_archive_members(out, what=f"layer '{layer.name}'", skip_devices=True)]
+        entries = [e for e in write.tarball_entries(out, what=f"layer '{layer.name}'", skip_devices=True)]
         return [write_entries(ctx, entries)]
 
 
@@ -279,7 +279,7 @@ def read_oci_archive_index(path: Path, what: str) -> oci.Index:
         raise RecipeError(f"{what}: cannot open {path}: {err.strerror}",
                           "fix ref in the layer.toml (paths are relative to the layer folder)") from None
     with f:
-        for member, reader in tarlayer.iter_members(f, "none", what=what):
+        for member, reader in read.iter_members(f, "none", what=what):
             if member.path == "index.json" and reader is not None:
                 return oci.Index.parse(reader.read(16 << 20), f"{what}: index.json")
     raise FormatError(f"{what}: no index.json inside; is it an oci-archive?",
@@ -411,7 +411,7 @@ def capture(root: Path, changes: Mapping[str, str], keep: Callable[[str], bool],
     mkdir d``), so it gets an opaque whiteout and its new content. Hard links are stored as separate files."""
     entries: dict[str, Entry] = {}
     for raw_path, kind in changes.items():
-        path = tarlayer.normalise_path(raw_path)
+        path = read.normalise_path(raw_path)
         if path is None or not keep(path):
             continue
         parent, _, name = path.rpartition("/")

@@ -27,7 +27,7 @@ from .recipe import KEY_FORMAT, Input, LayerRecipe, Lock, LockEntry, Project, ca
 from .store import Store
 
 # A build that finds every layer cached (the common case, and a benchmark) needs none of the modules that make
-# layers: builders, bundle, tarlayer (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
+# layers: builders, archive, tar (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
 # are imported in the functions that use them.
 if TYPE_CHECKING:
     from . import archive as bundle
@@ -468,7 +468,7 @@ def layer_listing(store: Store, built: Built) -> dict[str, str]:
     """Path → content fingerprint of a layer; cached by diff_id in the store's private area (copy layers record
     theirs when they are built, from the hashes of the tree walk)."""
     from . import builders
-    from .tar import read as tarlayer
+    from .tar import read
 
     try:
         listing: dict[str, str] = json.loads(builders.listing_path(store, built.diff_id).read_bytes())
@@ -476,8 +476,8 @@ def layer_listing(store: Store, built: Built) -> dict[str, str]:
     except (OSError, ValueError):
         pass
     with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
-        listing = tarlayer.list_layer(f, oci.layer_compression(built.descriptor.media_type),
-                                      what=f"layer {built.descriptor.digest.short}")
+        listing = read.list_layer(f, oci.layer_compression(built.descriptor.media_type),
+                                  what=f"layer {built.descriptor.digest.short}")
     builders.save_listing(store, built.diff_id, listing)
     return listing
 
@@ -613,13 +613,13 @@ def build_merge(store: Store, plan: Plan, get_context: Callable[[], BuildContext
 
 def _read_files(store: Store, layer: LayerPlan, paths: set[str]) -> dict[str, bytes]:
     """The content of ``paths`` in a layer's blobs (a later blob of the same entry wins)."""
-    from .tar import read as tarlayer
+    from .tar import read
 
     found: dict[str, bytes] = {}
     for built in entry_layers(store, layer):
         with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
-            for member, reader in tarlayer.iter_members(f, oci.layer_compression(built.descriptor.media_type),
-                                                        what=f"layer '{layer.name}'"):
+            for member, reader in read.iter_members(f, oci.layer_compression(built.descriptor.media_type),
+                                                    what=f"layer '{layer.name}'"):
                 if member.path in paths and member.type == "file" and reader is not None:
                     found[member.path] = reader.read()
     return found
@@ -630,7 +630,7 @@ def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
     import tempfile
 
     from . import builders
-    from .tar import read as tarlayer
+    from .tar import write
 
     directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
     try:
@@ -638,8 +638,8 @@ def _merge_files(ctx: BuildContext, merged: dict[str, str]) -> Built:
         for i, (path, content) in enumerate(sorted(merged.items())):
             file = directory / str(i)
             file.write_text(content)
-            entries.append(tarlayer.Entry(path, "file", 0o644, size=file.stat().st_size, source=str(file)))
-        return builders.write_entries(ctx, tarlayer.with_parents(entries))
+            entries.append(write.Entry(path, "file", 0o644, size=file.stat().st_size, source=str(file)))
+        return builders.write_entries(ctx, write.with_parents(entries))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"*"},
 }
 # third-party library -> the one module that wraps it
-OWNERS = {"zstandard": "tar.read", "isal": "tar.read", "python_on_whales": "engine", "http": "transport",
+OWNERS = {"zstandard": "tar.codecs", "isal": "tar.codecs", "python_on_whales": "engine", "http": "transport",
           "ssl": "transport", "requests": None, "urllib3": None, "oras": None, "h11": None}
 
 

@@ -226,7 +226,7 @@ def test_run_layer_without_needs_is_a_clear_error(make_project, store: Store) ->
 def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_path: Path, store: Store) -> None:
     """Copy layers record their listing from the tree walk's hashes; it must be what reading the blob gives."""
     from ocibuild import builders
-    from ocibuild.tar import read as tarlayer
+    from ocibuild.tar import read
 
     root = _project(make_project, tmp_path)
     (root / "src/link").symlink_to("main.go")
@@ -238,7 +238,7 @@ def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_pat
         recorded = builders.listing_path(store, diff_id)
         if recorded.exists():
             with store.open_blob(layer.digest) as f:
-                assert json.loads(recorded.read_text()) == tarlayer.list_layer(f, "zstd", what="test")
+                assert json.loads(recorded.read_text()) == read.list_layer(f, "zstd", what="test")
             checked += 1
     assert checked == 3  # copy layers from the tree walk, the archive layer from its blob
 
