@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
-from . import archive as bundle, oci, registry
+from . import archive as oci_archive, oci, registry
 from .tar import codecs, read, write
 from .errors import EngineError, FormatError, OcibuildError, RecipeError, StepFailed, StoreError
 from .engine import BindMount, Engine
@@ -269,7 +269,7 @@ def _import_oci_archive(ctx: BuildContext, layer: LayerRecipe, ref: str) -> None
     archive = layer.dir / path
     if not archive.is_file():
         raise RecipeError(f"layer '{layer.name}': {ref}: {archive} is not a file", "fix ref in the layer.toml")
-    bundle.import_archive(ctx.store, archive, tag=False)
+    oci_archive.import_archive(ctx.store, archive, tag=False)
 
 
 def read_oci_archive_index(path: Path, what: str) -> oci.Index:

@@ -23,7 +23,7 @@ from .recipe import Project, load_lock, load_project
 from .store import Store
 
 # Start-up time is part of every command's time (a no-op build, a push that finds everything present), so the
-# modules only some commands need (planner, bundle, engine, doctor: zstandard, isal, python-on-whales) are
+# modules only some commands need (planner, archive, engine, doctor: zstandard, isal, python-on-whales) are
 # imported in the functions that use them.
 if TYPE_CHECKING:
     from . import planner
@@ -400,16 +400,16 @@ def _print_transfer(command: str, doc: dict[str, Any]) -> None:
 
 
 def _bundle_command(args: argparse.Namespace) -> int:
-    """`export`, `import` and `inventory`: archives for air-gapped machines (see :mod:`ocibuild.bundle`)."""
-    from . import archive as bundle, planner
+    """`export`, `import` and `inventory`: archives for air-gapped machines (see :mod:`ocibuild.archive`)."""
+    from . import archive as oci_archive, planner
 
     _, store = _open(args)
     if args.command == "inventory":
-        sys.stdout.buffer.write(bundle.inventory(store).to_json() + b"\n")
+        sys.stdout.buffer.write(oci_archive.inventory(store).to_json() + b"\n")
         return 0
     path = Path(args.path)
     if args.command == "import":
-        imported = bundle.import_archive(store, path)
+        imported = oci_archive.import_archive(store, path)
         doc = imported.to_dict()
         summary = (f"imported {imported.blobs} blobs ({imported.bytes / 1e6:.1f} MB; {imported.present} already "
                    f"present), {len(imported.tags)} tags, {imported.inputs} inputs into the download cache")
@@ -419,16 +419,16 @@ def _bundle_command(args: argparse.Namespace) -> int:
         since = None
         if args.since:
             try:
-                since = bundle.Inventory.parse(Path(args.since).read_bytes(), args.since)
+                since = oci_archive.Inventory.parse(Path(args.since).read_bytes(), args.since)
             except OSError as err:
                 raise OcibuildError(f"--since {args.since}: {err.strerror}", "run `ocibuild inventory > FILE` "
                                     "on the machine the archive is for") from None
-        inputs: list[bundle.InputFile] = []
+        inputs: list[oci_archive.InputFile] = []
         if args.all:
             if args.image_only:
                 raise OcibuildError("--all and --image-only exclude each other", "choose one")
             tags = [d.ref_name for d in store.index().manifests if d.ref_name]
-            inputs = bundle.downloaded_inputs(store)
+            inputs = oci_archive.downloaded_inputs(store)
         else:
             project = _project(args)
             if args.image_only:
@@ -436,7 +436,7 @@ def _bundle_command(args: argparse.Namespace) -> int:
             else:
                 tags, inputs = planner.export_selection(_plan(argparse.Namespace(**{**vars(args), "offline": True}),
                                                               store), store)
-        exported = bundle.export_archive(store, path, tags, inputs=inputs, since=since, sync=args.sync)
+        exported = oci_archive.export_archive(store, path, tags, inputs=inputs, since=since, sync=args.sync)
         doc = exported.to_dict()
         summary = (f"exported {len(exported.tags)} tags, {exported.blobs} blobs ({exported.bytes / 1e6:.1f} MB) "
                    f"to {path}" + (f"; {exported.skipped} blobs left out (--since)" if since is not None else ""))
@@ -450,7 +450,7 @@ def _bundle_command(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace, console: _Console) -> int:
     """`ocibuild run`: build (a no-op when cached), hand the image to the engine, run the command. Exits with the
     command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
-    from . import archive as bundle
+    from . import archive as oci_archive
     from .engine import BindMount
 
     try:
@@ -476,7 +476,7 @@ def _compile(args: argparse.Namespace, console: _Console) -> int:
 
         def archive() -> Path:
             path = store.private_dir("tmp") / f"{project.image.name}-{os.getpid()}.tar"
-            bundle.write_oci_archive(store, result.image, project.image.name, path)
+            oci_archive.write_oci_archive(store, result.image, project.image.name, path)
             return path
 
         image = engine.load_from_layout(store.root, project.image.name, config_digest.hex, archive)
@@ -489,11 +489,11 @@ def _compile(args: argparse.Namespace, console: _Console) -> int:
 
 
 def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:
-    from . import archive as bundle
+    from . import archive as oci_archive
 
     if not target.startswith("oci-archive:"):
         raise OcibuildError(f"--output {target}: only oci-archive:PATH is supported", "write --output oci-archive:out.tar")
-    bundle.write_oci_archive(store, image, name, Path(target.split(":", 1)[1]))
+    oci_archive.write_oci_archive(store, image, name, Path(target.split(":", 1)[1]))
 
 
 def _print_json(value: Any) -> None:

@@ -30,7 +30,7 @@ from .store import Store
 # layers: builders, archive, tar (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
 # are imported in the functions that use them.
 if TYPE_CHECKING:
-    from . import archive as bundle
+    from . import archive as oci_archive
     from .builders import BuildContext
     from .engine import Engine
 
@@ -357,9 +357,9 @@ def _staged(store: Store, project: Project, stack: Sequence[LayerPlan], key: Dig
     store.tag(tag, descriptor)
 
     def write_archive() -> Path:
-        from . import archive as bundle
+        from . import archive as oci_archive
 
-        bundle.write_oci_archive(store, descriptor, tag, archive)
+        oci_archive.write_oci_archive(store, descriptor, tag, archive)
         return archive
 
     try:
@@ -518,11 +518,11 @@ def merge_key(plan: Plan) -> Digest:
     return Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [str(layer.key) for layer in plan.layers]}))
 
 
-def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[bundle.InputFile]]:
+def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[oci_archive.InputFile]]:
     """What another machine needs to build ``plan`` with nothing rebuilt and nothing fetched: the tags of every
     layer's cache entry (and of the merge layer's, when there is one) and of the image, and the downloaded inputs
     (archive tarballs, run layers' url inputs) that a missing key would need."""
-    from . import archive as bundle
+    from . import archive as oci_archive
 
     index = store.index()
     tags = []
@@ -548,7 +548,7 @@ def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[bundle.I
             for ref in recipe.inputs:
                 if ref.url is not None and ref.sha256 is not None:
                     urls[Digest.from_hex(ref.sha256)] = ref.url
-    inputs = [replace(item, url=urls[item.digest]) for item in bundle.downloaded_inputs(store, urls)]
+    inputs = [replace(item, url=urls[item.digest]) for item in oci_archive.downloaded_inputs(store, urls)]
     return tags, inputs
 
 

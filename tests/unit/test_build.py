@@ -305,7 +305,7 @@ def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """An image layer's oci-archive goes through the checks of `ocibuild import`: its blobs arrive verified,
     its own tags stay out of the store, and a hostile archive is refused with its name."""
-    from ocibuild import archive as bundle
+    from ocibuild import archive as oci_archive
 
     source = Store.open(tmp_path / "source")
     base_root = make_project({"a": 'kind = "copy"\nfrom = "src"\nto = "/"\n'}, root=tmp_path / "base",
@@ -313,7 +313,7 @@ def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_
     _, base = _build(base_root, source)
     root = make_project({"base": 'kind = "image"\nref = "oci-archive:base.tar:v1"\n',
                          "app": 'kind = "copy"\nfrom = "src"\nto = "/app"\n'}, files={"src/f": "x"})
-    bundle.write_oci_archive(source, base.image, "v1", root / "layers/base/base.tar")
+    oci_archive.write_oci_archive(source, base.image, "v1", root / "layers/base/base.tar")
     assert cli.main(["build", "-C", str(root), "--store", str(store.root)]) == 0
     assert store.resolve("v1") is None, "the archive's tag means nothing in this store"
     assert store.resolve("dev") is not None and store.verify() == []

@@ -2,9 +2,9 @@
 
 The only module that imports zstandard and isal; their errors become ours here::
 
-    zstandard.ZstdError, isal / zlib / lzma errors, EOFError (decoding)  ->  UnsafeArchive ("... is truncated or corrupt")
-    OSError reading the blob being decoded                               ->  StoreError
-    zstandard / isal errors while compressing                            ->  OcibuildError
+    decoding: zstandard.ZstdError, isal / zlib / lzma errors, EOFError ->  UnsafeArchive ("... is truncated or corrupt")
+    OSError reading the blob being decoded                            ->  StoreError
+    compressing: zstandard / isal errors                              ->  OcibuildError
 
 Compressing (:func:`open_sink`), the choices that make layer bytes reproducible:
 
