@@ -19,6 +19,7 @@ import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,8 +108,14 @@ def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman:
     ocibuild("export", str(archive), "-C", str(root), "--store", str(connected))
     names = tar_names(archive)
     assert f"blobs/sha256/{sha}" in names  # the downloaded input travels as an artifact
+    _air_gapped(tmp_path, root, archive, www, sha, first)
+    _peers(tmp_path, root, archive, connected, first, podman)
+    _delta(tmp_path, root, connected, airgapped)
 
-    # --- the air-gapped machine: no server, nothing to fetch
+
+def _air_gapped(tmp_path: Path, root: Path, archive: Path, www: Path, sha: str, first: dict[str, Any]) -> None:
+    """The air-gapped machine: no server, nothing to fetch."""
+    airgapped = tmp_path / "airgapped"
     assert ocibuild("build", "--offline", "-C", str(root), "--store", str(tmp_path / "empty"), ok=False).returncode == 1
     www.joinpath("tool.tar.gz").unlink()
     imported = json.loads(ocibuild("import", str(archive), "--json", "--store", str(airgapped)).stdout)
@@ -130,7 +137,9 @@ def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman:
     run = ocibuild("run", "--offline", "-C", str(root), "--store", str(airgapped), "--", "cat", "/opt/a", "/opt/b")
     assert run.stdout.split() == ["1.2.3", "1.2.3"]
 
-    # --- peers: skopeo reads our archive, we import skopeo's; podman loads --image-only
+
+def _peers(tmp_path: Path, root: Path, archive: Path, connected: Path, first: dict[str, Any], podman: Podman) -> None:
+    """skopeo reads our archive, we import skopeo's; podman loads --image-only."""
     skopeo_dir = tmp_path / "skopeo-layout"
     subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", f"oci-archive:{archive}:devenv",
                     f"oci:{skopeo_dir}:devenv"], check=True, timeout=300)
@@ -149,7 +158,9 @@ def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman:
     out = podman("run", "--rm", "--network=none", image_id, "cat", "/opt/a", "/src/main.c").stdout
     assert out.splitlines() == ["1.2.3", "int main(void) { return 0; }"]
 
-    # --- delta: a source change on the connected side; the export carries only the missing blobs
+
+def _delta(tmp_path: Path, root: Path, connected: Path, airgapped: Path) -> None:
+    """A source change on the connected side: the export carries only the blobs the air-gapped store lacks."""
     write(root / "src/main.c", "int main(void) { return 1; }\n")
     changed, _ = build(root, connected)
     assert [l["status"] for l in changed["layers"]] == ["cached"] * 4 + ["built"]

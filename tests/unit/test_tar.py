@@ -1,4 +1,4 @@
-"""tarlayer: reproducible layer writing, reading back (ours, GNU tar, Python tarfile), archives, extraction."""
+"""ocibuild.tar: reproducible layer writing, reading back (ours, GNU tar, Python tarfile), archives, extraction."""
 
 from __future__ import annotations
 
