@@ -292,7 +292,7 @@ def _tar(path: Path, members: list[tuple[str, str, bytes]], fmt: int = tarfile.P
             tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
 
 
-def test_read_archive_members_re_emits_an_archive(tmp_path: Path) -> None:
+def test_tarball_entries_re_emit_an_archive(tmp_path: Path) -> None:
     archive = tmp_path / "go.tar"
     _tar(
         archive,
@@ -327,7 +327,7 @@ def test_read_archive_members_re_emits_an_archive(tmp_path: Path) -> None:
     assert listing["bin/gofmt"] == "hardlink:bin/go" and listing["lib"] == "symlink:../lib"
 
 
-def test_read_archive_members_devices(tmp_path: Path) -> None:
+def test_tarball_entries_devices(tmp_path: Path) -> None:
     archive = tmp_path / "rootfs.tar"
     _tar(archive, [("dev/", "dir", b""), ("dev/null", "chr", b""), ("etc/", "dir", b"")])
     with pytest.raises(UnsafeArchive, match=r"rootfs.tar: entry 'dev/null' is a character device node"):
@@ -335,7 +335,7 @@ def test_read_archive_members_devices(tmp_path: Path) -> None:
     assert [e.path for e in write.tarball_entries(archive, what="x", skip_devices=True)] == ["dev", "etc"]
 
 
-def test_read_archive_members_refuses_whiteouts_and_truncation(tmp_path: Path) -> None:
+def test_tarball_entries_refuse_whiteouts_and_truncation(tmp_path: Path) -> None:
     archive = tmp_path / "a.tar"
     _tar(archive, [("etc/.wh.passwd", "file", b"")])
     with pytest.raises(UnsafeArchive, match="whiteout"):
@@ -344,6 +344,29 @@ def test_read_archive_members_refuses_whiteouts_and_truncation(tmp_path: Path) -
     archive.write_bytes(archive.read_bytes()[:3000])
     with pytest.raises(UnsafeArchive, match="a.tar is truncated or corrupt"):
         write.tarball_entries(archive, what="a.tar")
+
+
+def _file_members(path: Path, policy: read.Policy) -> list[str]:
+    with open(path, "rb") as f:
+        return [f"{m.type}:{m.path}@{offset}" for m, offset in read.iter_file_members(f, what="a.tar", policy=policy)]
+
+
+def test_one_parser_a_policy_per_use(tmp_path: Path) -> None:
+    """The same stream, read for a tarball layer and for an oci-archive: the policy decides what passes."""
+    archive = tmp_path / "a.tar"
+    _tar(archive, [("blobs/", "dir", b""), ("blobs/f", "file", b"data"), ("blobs/l", "symlink", b"f")])
+    assert _file_members(archive, read.TARBALL) == ["dir:blobs@512", "file:blobs/f@1024", "symlink:blobs/l@2048"]
+    with pytest.raises(UnsafeArchive, match="'blobs/l' is a symlink: an OCI layout holds only files and dir"):
+        _file_members(archive, read.LAYOUT)
+    _tar(archive, [("/abs", "file", b"x")])
+    assert _file_members(archive, read.TARBALL) == ["file:abs@512"]
+    with pytest.raises(UnsafeArchive, match="'/abs' is an absolute path"):
+        _file_members(archive, read.LAYOUT)
+    one_zero_block = write.header(Entry("f", "file", 0o644), 0) + bytes(512)
+    archive.write_bytes(one_zero_block)
+    assert _file_members(archive, read.TARBALL) == ["file:f@512"]
+    with pytest.raises(UnsafeArchive, match="the end-of-archive marker is cut"):
+        _file_members(archive, read.LAYOUT)
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix", "ustar", "v7"])
@@ -383,7 +406,7 @@ def test_sniff_and_decompress_to() -> None:
         codecs.decompress_to(io.BytesIO(b"not gzip at all"), io.BytesIO(), "gzip")
 
 
-def test_open_layer_is_a_buffered_reader(tmp_path: Path) -> None:
+def test_open_decompressed_is_a_buffered_reader(tmp_path: Path) -> None:
     data, _ = _write(_sample(tmp_path), "zstd")
     with codecs.open_decompressed(io.BytesIO(data), "zstd") as reader:
         assert len(reader.read(1000)) == 1000
