@@ -193,6 +193,14 @@ def _header(name: str, size: int) -> bytes:
     return write.header(write.Entry(name, "file", 0o644, size=size), 0)
 
 
+def _sync_dir(directory: Path, what: str) -> None:
+    """Make the renames into ``directory`` durable (:func:`ocibuild.files.fsync_dir`)."""
+    try:
+        fsync_dir(directory)
+    except OSError as err:
+        raise StoreError(f"{what}: fsync {directory}: {_reason(err)}") from err
+
+
 def _jobs() -> int:
     """Threads copying blobs: a few, as disks and page-cache copies gain little beyond."""
     return min(4, max(2, os.cpu_count() or 2))
@@ -307,10 +315,7 @@ def _write_tar(items: Sequence[_Item], path: Path, *, sync: bool, what: str) -> 
         tmp.unlink(missing_ok=True)
         raise
     if sync:
-        try:
-            fsync_dir(directory)
-        except OSError as err:
-            raise StoreError(f"fsync {directory}: {_reason(err)}") from err
+        _sync_dir(directory, f"write {path}")
     return total
 
 
@@ -764,8 +769,5 @@ def _restore_inputs(store: Store, layers: Sequence[Descriptor]) -> int:
             raise StoreError(f"restore input {layer.digest} into {directory}: {_reason(err)}") from err
         restored += 1
     if restored:
-        try:
-            fsync_dir(directory)
-        except OSError as err:
-            raise StoreError(f"restore inputs into {directory}: fsync: {_reason(err)}") from err
+        _sync_dir(directory, "restore inputs")
     return restored
