@@ -257,3 +257,12 @@ def test_invalid_tag_name_is_refused_before_anything_is_written(archive: Path, t
     bad = _rewrite(archive, tmp_path / "name.tar", {"index.json": index.to_json()})
     _rejected(target, bad, FormatError, "not a valid tag name")
     assert list(target.blobs()) == []
+
+
+def test_scan_reads_from_the_start_whatever_the_fd_position(archive: Path) -> None:
+    fd = os.open(archive, os.O_RDONLY)
+    try:
+        first = oci_archive.scan_archive(fd, "archive")
+        assert "index.json" in first and oci_archive.scan_archive(fd, "archive") == first
+    finally:
+        os.close(fd)

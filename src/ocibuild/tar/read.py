@@ -55,6 +55,7 @@ WHITEOUT_OPAQUE: Final = ".wh..wh..opq"
 
 _BLOCK: Final = 512
 _READ: Final = 1 << 20
+_AFTER_SEEK: Final = 16 << 10  # what a seekable input reads after a seek; doubled by each read, up to _READ
 _ZERO_BLOCK: Final = bytes(_BLOCK)
 _ENC: Final = "surrogateescape"
 _HEADER_ONLY: Final = frozenset({b"1", b"2", b"3", b"4", b"5", b"6"})  # typeflags whose size is not content
@@ -166,7 +167,11 @@ def normalise_path(path: str, *, what: str = "archive") -> str | None:
 
 
 class _Input:
-    """Buffered reading of the (decompressed) tar stream, tracking the offset."""
+    """Buffered reading of the (decompressed) tar stream, tracking the offset.
+
+    A seekable input skips content with seek(); the read after a seek is small (the next header is what is
+    wanted), and reads grow again while the stream is read in order (many small members).
+    """
 
     def __init__(self, raw: Any, what: str, hint_corrupt: str, *, seekable: bool = False) -> None:
         self.raw = raw  # has readinto(); seek() too when seekable
@@ -176,10 +181,12 @@ class _Input:
         self.store = memoryview(bytearray(_READ))
         self.buf = self.store[:0]
         self.pos = 0
+        self.fill = _AFTER_SEEK if seekable else _READ
 
     def _fill(self) -> bool:
-        n = int(self.raw.readinto(self.store))
+        n = int(self.raw.readinto(self.store[: self.fill]))
         self.buf = self.store[:n]
+        self.fill = min(2 * self.fill, _READ)
         return n > 0
 
     def read(self, n: int) -> bytes:
@@ -223,6 +230,7 @@ class _Input:
         if n and self.seekable:
             self.raw.seek(n, io.SEEK_CUR)
             self.pos += n
+            self.fill = _AFTER_SEEK
             return
         while n:
             if not self._fill():
@@ -605,12 +613,13 @@ def iter_members(
 
 
 def iter_file_members(f: BinaryIO, *, what: str, policy: Policy) -> Iterator[tuple[Member, int]]:
-    """The members of the uncompressed tar file ``f``, each with the offset of its content in the file.
+    """The members of the uncompressed tar file ``f`` (from its start), each with the offset of its content.
 
     Only headers are read: content is skipped with ``seek``. A member whose content would end beyond the end of
     the file makes the archive truncated.
     """
     length = os.fstat(f.fileno()).st_size
+    f.seek(0)
     inp = _Input(f, what, policy.hint_corrupt, seekable=True)
     checker = _TreeChecker(what, policy)
     for raw, _data in _Parser(inp, what, policy):
