@@ -15,8 +15,8 @@ import stat
 import sys
 import time
 
-from ocibuild import tarlayer
-from ocibuild.tarlayer import Entry
+from ocibuild.tar import write
+from ocibuild.tar.write import Entry
 
 
 class NullSink:
@@ -43,7 +43,7 @@ def entries(root: str, to: str = "usr/local/go") -> list[Entry]:
             elif stat.S_ISREG(st.st_mode):
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
                 out.append(Entry(f"{base}/{name}", "file", mode, size=st.st_size, source=path))
-    return tarlayer.with_parents(out)
+    return write.with_parents(out)
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     start = time.perf_counter()
     if profiler:
         profiler.enable()
-    stats = tarlayer.write_layer(items, sink, compression, epoch=0)  # type: ignore[arg-type]
+    stats = write.write_layer(items, sink, compression, epoch=0)  # type: ignore[arg-type]
     if profiler:
         profiler.disable()
         profiler.dump_stats(sys.argv[sys.argv.index("--profile") + 1])

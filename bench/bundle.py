@@ -49,7 +49,8 @@ def make_image() -> int:
         log("making the ~1.2 GB bench image (once)")
         shutil.rmtree(SOURCE, ignore_errors=True)
         sys.path.insert(0, str(REPO / "src"))
-        from ocibuild import oci, tarlayer
+        from ocibuild import oci
+        from ocibuild.tar import write
         from ocibuild.oci import Descriptor, ImageConfig, Manifest
         from ocibuild.store import Store
 
@@ -70,10 +71,10 @@ def make_image() -> int:
                         out.write(line + b"\n" + str(rng.random()).encode() * 1000)
                     else:
                         out.write(os.urandom(8 << 20))
-                entries.append(tarlayer.Entry(f"data/{i}/{j}", "file", 0o644, size=path.stat().st_size,
+                entries.append(write.Entry(f"data/{i}/{j}", "file", 0o644, size=path.stat().st_size,
                                               source=str(path)))
             with store.writer() as blob:
-                stats = tarlayer.write_layer(tarlayer.with_parents(entries), blob, "zstd", epoch=0)  # type: ignore[arg-type]
+                stats = write.write_layer(write.with_parents(entries), blob, "zstd", epoch=0)  # type: ignore[arg-type]
             layers.append(Descriptor(oci.LAYER_ZSTD, blob.digest, blob.size))
             diff_ids.append(stats.diff_id)
         config = store.put(ImageConfig(diff_ids=tuple(diff_ids)).to_json(), oci.OCI_CONFIG)

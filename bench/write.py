@@ -3,7 +3,7 @@
 
 Cases, interleaved round by round (each case once per round, order reversed every other round):
 
-  zstd  ocibuild-writer    tarlayer.write_layer alone, in process, to a null sink (only the write is timed)
+  zstd  ocibuild-writer    write.write_layer alone, in process, to a null sink (only the write is timed)
         ocibuild-build     `ocibuild build` of a project holding only that copy layer, into a fresh store each
                            run whose stat cache is pre-seeded (inputs are walked and stat'ed but not re-hashed);
                            includes startup, the fsynced blob write, the cache entry and the image

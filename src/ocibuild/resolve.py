@@ -118,7 +118,7 @@ def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str |
 
 def read_oci_archive_index(path: Path, what: str) -> oci.Index:
     """The index.json of an oci-archive, read without unpacking the archive."""
-    from . import tarlayer  # only when an archive's ref is resolved: a build with a full lock never reads one
+    from .tar import read  # only when an archive's ref is resolved: a build with a full lock never reads one
 
     try:
         f = open(path, "rb")
@@ -126,7 +126,7 @@ def read_oci_archive_index(path: Path, what: str) -> oci.Index:
         raise RecipeError(f"{what}: cannot open {path}: {err.strerror}",
                           "fix ref in the layer.toml (paths are relative to the layer folder)") from None
     with f:
-        for member, reader in tarlayer.iter_members(f, "none", what=what):
+        for member, reader in read.iter_members(f, "none", what=what):
             if member.path == "index.json" and reader is not None:
                 return oci.Index.parse(reader.read(16 << 20), f"{what}: index.json")
     raise FormatError(f"{what}: no index.json inside; is it an oci-archive?",

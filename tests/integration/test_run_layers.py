@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import require, write
-from ocibuild import oci, tarlayer
+from ocibuild import oci
+from ocibuild.tar import read
 from ocibuild.store import Store
 
 pytestmark = pytest.mark.podman
@@ -62,7 +63,7 @@ def layer_listing(store: Store, image: str, index: int) -> dict[str, str]:
     manifest = store.get_manifest(store.resolve(image).digest)
     blob = manifest.layers[index]
     with store.open_blob(blob.digest) as f:
-        return tarlayer.list_layer(f, oci.layer_compression(blob.media_type), what="test")
+        return read.list_layer(f, oci.layer_compression(blob.media_type), what="test")
 
 
 def podman_run(store: Path, image: str, *command: str) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from ocibuild import tarlayer
+from ocibuild.tar import extract, read
 from ocibuild.errors import UnsafeArchive
 
 Member = tuple[tarfile.TarInfo, bytes | None]
@@ -103,7 +103,7 @@ class Jail:
 
     def extract(self, *layers: bytes, compression: str = "none", max_size: int | None = None) -> None:
         for i, data in enumerate(layers):
-            tarlayer.extract_layer(
+            extract.extract_layer(
                 io.BytesIO(data), compression, self.root, what=f"layer {i}", chown=False, max_size=max_size
             )
 
@@ -178,8 +178,8 @@ CASES: dict[str, tuple[Callable[[Jail], list[bytes]], str | None]] = {
         "not to a regular file earlier",
     ),
     "hardlink_to_directory": (lambda j: [layer(d("d"), link("h", "d"))], "not to a regular file earlier"),
-    "char_device": (lambda j: [layer(special("null", tarfile.CHRTYPE))], "is a device node"),
-    "block_device": (lambda j: [layer(special("sda", tarfile.BLKTYPE))], "is a device node"),
+    "char_device": (lambda j: [layer(special("null", tarfile.CHRTYPE))], "is a character device node"),
+    "block_device": (lambda j: [layer(special("sda", tarfile.BLKTYPE))], "is a block device node"),
     "fifo": (lambda j: [layer(special("pipe", tarfile.FIFOTYPE))], "is a fifo"),
     "root_replaced_by_symlink": (lambda j: [layer(sym(".", "/"))], "would replace the root"),
     "whiteout_of_dotdot": (lambda j: [layer(d("a"), f("a/.wh..."))], "whiteout of an invalid name"),
@@ -335,7 +335,7 @@ def test_decompression_bomb_is_refused_beyond_max_size(jail: Jail) -> None:
     try:
         with pytest.raises(UnsafeArchive, match="layer 0 expands to more than 8388608 bytes"):
             jail.extract(bomb, compression="gzip", max_size=8 << 20)
-        listing = tarlayer.list_layer(io.BytesIO(bomb), "gzip", what="bomb")  # no limit: streams in constant memory
+        listing = read.list_layer(io.BytesIO(bomb), "gzip", what="bomb")  # no limit: streams in constant memory
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

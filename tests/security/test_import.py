@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from ocibuild import bundle, oci
+from ocibuild import archive as oci_archive, oci
 from ocibuild.errors import OcibuildError
 from ocibuild.oci import Digest, ImageConfig, Manifest
 from ocibuild.store import Store
@@ -84,10 +84,17 @@ def _padded(data: bytes) -> bytes:
 BLOB = f"blobs/sha256/{LAYER_HEX}"
 
 
+def _typed(name: str, size: int, typeflag: bytes) -> bytes:
+    """A header of type ``typeflag`` (an extended header, a sparse file...), as a hostile writer makes it."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, typeflag
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
 def _huge_pax() -> bytes:
     body = b" comment=" + b"x" * (2 << 20) + b"\n"
     record = str(len(body) + 7).encode() + body
-    return bundle._header("PaxHeaders/x", len(record), b"x") + _padded(record) + bundle._header(BLOB, 0)
+    return _typed("PaxHeaders/x", len(record), b"x") + _padded(record) + oci_archive._header(BLOB, 0)
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -116,8 +123,8 @@ def _big_index() -> bytes:
 CASES: dict[str, Callable[[], bytes]] = {
     "dotdot": lambda: archive(entry("blobs/sha256/../../../escape", tarfile.REGTYPE, data=b"pwned")),
     "dotdot-in-pax-path": lambda: archive(raw_blocks(
-        bundle._header("PaxHeaders/p", len(r := _pax_record(b"path", b"../../escape")), b"x") + _padded(r)
-        + bundle._header("blobs/sha256/" + LAYER_HEX, 5) + _padded(b"pwned"))),
+        _typed("PaxHeaders/p", len(r := _pax_record(b"path", b"../../escape")), b"x") + _padded(r)
+        + oci_archive._header("blobs/sha256/" + LAYER_HEX, 5) + _padded(b"pwned"))),
     "absolute-path": lambda: archive(entry("/tmp/ocibuild-escape", tarfile.REGTYPE, data=b"pwned")),
     "absolute-blob-path": lambda: archive(entry("/" + BLOB, tarfile.REGTYPE, data=LAYER)),
     "outside-layout": lambda: archive(entry("etc/passwd", tarfile.REGTYPE, data=b"root::0:0::/:/bin/sh\n")),
@@ -129,14 +136,14 @@ CASES: dict[str, Callable[[], bytes]] = {
     "fifo": lambda: archive(entry(BLOB, tarfile.FIFOTYPE)),
     "oversize-pax-header": lambda: archive(raw_blocks(_huge_pax())),
     "global-pax-header": lambda: archive(raw_blocks(
-        bundle._header("pax_global_header", len(r := _pax_record(b"path", b"etc/passwd")), b"g") + _padded(r))),
+        _typed("pax_global_header", len(r := _pax_record(b"path", b"etc/passwd")), b"g") + _padded(r))),
     "gnu-long-link": lambda: archive(raw_blocks(
-        bundle._header("././@LongLink", 12, b"K") + _padded(b"/etc/shadow\0") + bundle._header(BLOB, 0))),
+        _typed("././@LongLink", 12, b"K") + _padded(b"/etc/shadow\0") + oci_archive._header(BLOB, 0))),
     "pax-linkpath": lambda: archive(raw_blocks(
-        bundle._header("PaxHeaders/p", len(r := _pax_record(b"linkpath", b"/etc/shadow")), b"x") + _padded(r)
-        + bundle._header(BLOB, 0))),
-    "sparse-file": lambda: archive(raw_blocks(bundle._header(BLOB, 0, b"S"))),
-    "size-beyond-the-end": lambda: archive(raw_blocks(bundle._header(BLOB, 8 << 30))),
+        _typed("PaxHeaders/p", len(r := _pax_record(b"linkpath", b"/etc/shadow")), b"x") + _padded(r)
+        + oci_archive._header(BLOB, 0))),
+    "sparse-file": lambda: archive(raw_blocks(_typed(BLOB, 0, tarfile.GNUTYPE_SPARSE))),
+    "size-beyond-the-end": lambda: archive(raw_blocks(oci_archive._header(BLOB, 8 << 30))),
     "duplicate-entry": lambda: archive(lambda tar: [tar.addfile(_file(BLOB, d), io.BytesIO(d))
                                                     for d in (LAYER, b"x" * len(LAYER))] and None),
     "gzip-bomb": lambda: _compressed(lambda data: gzip.compress(data, compresslevel=1)),
@@ -161,7 +168,7 @@ def test_hostile_archive_is_refused(name: str, tmp_path: Path) -> None:
     path = tmp_path / f"{name}.tar"
     path.write_bytes(CASES[name]())
     with pytest.raises(OcibuildError) as caught:
-        bundle.import_archive(store, path)
+        oci_archive.import_archive(store, path)
     assert str(caught.value) and caught.value.hint
     assert (store.root / "index.json").read_bytes() == before_index
     assert list(store.blobs()) == []  # refused before anything was written
@@ -178,6 +185,6 @@ def test_the_same_layout_without_the_hostile_entry_imports(tmp_path: Path) -> No
     store = Store.open(tmp_path / "store")
     path = tmp_path / "good.tar"
     path.write_bytes(archive(entry(BLOB, tarfile.REGTYPE, data=LAYER)))
-    assert bundle.import_archive(store, path).tags == ("evil",)
+    assert oci_archive.import_archive(store, path).tags == ("evil",)
     assert store.verify() == []
     assert json.loads((store.root / "index.json").read_bytes())["manifests"][0]["annotations"]

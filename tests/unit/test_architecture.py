@@ -22,16 +22,16 @@ ALLOWED: dict[str, set[str]] = {
     "oci": {"errors"},
     "config": {"errors"},
     "recipe": LEAVES | {"oci"},  # schema, project, lock, key: the recipe format, ocibuild.lock, cache keys
-    "tarlayer": LEAVES | {"oci"},
+    "tar": LEAVES | {"oci"},  # write, read (the one parser), extract, codecs
     "store": LEAVES | {"oci"},
     "inputs": LEAVES | {"oci"},
     "net": LEAVES | {"oci", "store"},
     "registry": LEAVES | {"oci", "store", "net"},
-    "bundle": LEAVES | {"oci", "store", "tarlayer"},
+    "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import
     "engine": LEAVES | {"oci"},
     "doctor": LEAVES | {"config", "engine"},
-    "resolve": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "net", "registry"},
-    "build": LEAVES | {"oci", "recipe", "tarlayer", "store", "inputs", "net", "registry", "bundle", "engine",
+    "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
+    "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
                        "resolve"},
     "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
@@ -45,7 +45,7 @@ INSIDE: dict[str, set[str]] = {
     "store.entries": {"store"},  # the cache-entry format, on the Store facade
 }
 # third-party library -> the one module that wraps it
-OWNERS = {"zstandard": "tarlayer", "isal": "tarlayer", "python_on_whales": "engine", "http": "net.http",
+OWNERS = {"zstandard": "tar.codecs", "isal": "tar.codecs", "python_on_whales": "engine", "http": "net.http",
           "ssl": "net.http", "requests": None, "urllib3": None, "oras": None, "h11": None}
 
 

@@ -227,7 +227,7 @@ def test_run_layer_without_needs_is_a_clear_error(make_project, store: Store) ->
 
 def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_path: Path, store: Store) -> None:
     """Copy layers record their listing from the tree walk's hashes; it must be what reading the blob gives."""
-    from ocibuild import tarlayer
+    from ocibuild.tar import read
     from ocibuild.build.listing import listing_path
 
     root = _project(make_project, tmp_path)
@@ -240,7 +240,7 @@ def test_copy_layer_listing_from_the_tree_matches_the_blob(make_project, tmp_pat
         recorded = listing_path(store, diff_id)
         if recorded.exists():
             with store.open_blob(layer.digest) as f:
-                assert json.loads(recorded.read_text()) == tarlayer.list_layer(f, "zstd", what="test")
+                assert json.loads(recorded.read_text()) == read.list_layer(f, "zstd", what="test")
             checked += 1
     assert checked == 3  # copy layers from the tree walk, the archive layer from its blob
 
@@ -309,7 +309,7 @@ def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """An image layer's oci-archive goes through the checks of `ocibuild import`: its blobs arrive verified,
     its own tags stay out of the store, and a hostile archive is refused with its name."""
-    from ocibuild import bundle
+    from ocibuild import archive as oci_archive
 
     source = Store.open(tmp_path / "source")
     base_root = make_project({"a": 'kind = "copy"\nfrom = "src"\nto = "/"\n'}, root=tmp_path / "base",
@@ -317,7 +317,7 @@ def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_
     _, base = _build(base_root, source)
     root = make_project({"base": 'kind = "image"\nref = "oci-archive:base.tar:v1"\n',
                          "app": 'kind = "copy"\nfrom = "src"\nto = "/app"\n'}, files={"src/f": "x"})
-    bundle.write_oci_archive(source, base.image, "v1", root / "layers/base/base.tar")
+    oci_archive.write_oci_archive(source, base.image, "v1", root / "layers/base/base.tar")
     assert cli.main(["build", "-C", str(root), "--store", str(store.root)]) == 0
     assert store.resolve("v1") is None, "the archive's tag means nothing in this store"
     assert store.resolve("dev") is not None and store.verify() == []
@@ -437,6 +437,6 @@ def test_a_no_op_build_imports_no_module_that_makes_layers(make_project, tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 env=env).stdout.split())
-    heavy = {"zstandard", "isal", "python_on_whales", "tempfile", "ocibuild.tarlayer", "ocibuild.bundle",
+    heavy = {"zstandard", "isal", "python_on_whales", "tempfile", "ocibuild.tar.codecs", "ocibuild.tar.write", "ocibuild.archive",
              "ocibuild.engine", "ocibuild.build", "ocibuild.doctor"}
     assert "ocibuild.planner" in loaded and not loaded & heavy, sorted(loaded & heavy)

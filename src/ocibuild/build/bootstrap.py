@@ -6,7 +6,7 @@ import os
 import subprocess
 from collections.abc import Sequence
 
-from .. import tarlayer
+from ..tar import write
 from ..errors import EngineError, LockError, OcibuildError, StepFailed
 from ..net.download import fetch_bytes
 from ..oci import LayerBlob, Digest
@@ -38,7 +38,7 @@ def build_bootstrap(ctx: BuildContext, layer: LayerRecipe, locked: Input) -> lis
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(ctx.epoch)}
         run_streaming(argv, env=env, output=ctx.output, what=f"layer '{layer.name}': mmdebstrap",
                       missing_hint="install mmdebstrap (apt-get install mmdebstrap), or run `ocibuild doctor`")
-        entries = [e for e in tarlayer.read_archive_members(out, what=f"layer '{layer.name}'", skip_devices=True)]
+        entries = [e for e in write.tarball_entries(out, what=f"layer '{layer.name}'", skip_devices=True)]
         return [write_entries(ctx, entries)]
 
 

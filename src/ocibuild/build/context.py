@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
-from .. import oci, registry, tarlayer
+from .. import oci, registry
+from ..tar import read, write
 from ..errors import RecipeError
 from ..oci import LayerBlob, Descriptor
 from ..recipe.project import LayerRecipe
 from ..store import Store
-from ..tarlayer import Entry
+from ..tar.write import Entry
 
 Output = Callable[[str], None]
 
@@ -39,7 +40,7 @@ class BuildContext:
 def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> LayerBlob:
     """Write ``entries`` as one reproducible, compressed layer blob into the store."""
     with ctx.store.writer() as blob:
-        stats = tarlayer.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
+        stats = write.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
     return LayerBlob(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
 
 
@@ -52,7 +53,7 @@ def owner(layer: LayerRecipe) -> tuple[int, int]:
 def under(dest: str, path: str) -> str:
     """``path`` placed below ``dest``, as a normalised layer path; the root itself is refused."""
     joined = str(PurePosixPath(dest) / path) if path else dest
-    normal = tarlayer.normalise_path(joined)
+    normal = read.normalise_path(joined)
     if normal is None:
         raise RecipeError(f"destination {joined!r} is the root itself")
     return normal

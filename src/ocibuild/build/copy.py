@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .. import tarlayer
+from ..tar import write
 from ..inputs import Tree
 from ..oci import LayerBlob
 from ..recipe.project import LayerRecipe
-from ..tarlayer import Entry
+from ..tar.write import Entry
 from .context import BuildContext, owner, under, write_entries
 from .listing import save_listing
 
@@ -28,7 +28,7 @@ def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[LayerB
         else:
             mode = 0o755 if item.mode & 0o111 else 0o644
             entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch))
-    entries = tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
+    entries = write.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
     built = write_entries(ctx, entries)
     # The tree walk already hashed every file: record the layer's listing now rather than re-reading the blob.
     content = {item.source: item.sha256 for item in tree.entries if item.type == "file"}

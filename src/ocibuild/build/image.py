@@ -3,7 +3,7 @@ copied into the store and verified on the way."""
 
 from __future__ import annotations
 
-from .. import bundle, oci, registry
+from .. import archive as oci_archive, oci, registry
 from ..errors import FormatError, OcibuildError, RecipeError
 from ..oci import LayerBlob, Digest
 from ..recipe.project import LayerRecipe
@@ -63,4 +63,4 @@ def _import_oci_archive(ctx: BuildContext, layer: LayerRecipe, ref: str) -> None
     archive = layer.dir / path
     if not archive.is_file():
         raise RecipeError(f"layer '{layer.name}': {ref}: {archive} is not a file", "fix ref in the layer.toml")
-    bundle.import_archive(ctx.store, archive, tag=False)
+    oci_archive.import_archive(ctx.store, archive, tag=False)

@@ -1,4 +1,4 @@
-"""A layer's listing: path → content fingerprint (as :func:`tarlayer.list_layer` makes it), cached by diff_id in
+"""A layer's listing: path → content fingerprint (as :func:`read.list_layer` makes it), cached by diff_id in
 the store's private area. Conflict detection and the bookkeeping merge read them; copy layers record theirs when
 they are built, from the hashes of the tree walk, so their blobs are never read back."""
 
@@ -8,7 +8,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from .. import oci, tarlayer
+from .. import oci
+from ..tar import read
 from ..files import atomic_write
 from ..oci import LayerBlob, Digest
 from ..store import Store
@@ -32,7 +33,7 @@ def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:
     except (OSError, ValueError):
         pass
     with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
-        listing = tarlayer.list_layer(f, oci.layer_compression(built.descriptor.media_type),
+        listing = read.list_layer(f, oci.layer_compression(built.descriptor.media_type),
                                       what=f"layer {built.descriptor.digest.short}")
     save_listing(store, built.diff_id, listing)
     return listing

@@ -19,7 +19,8 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from .. import oci, tarlayer
+from .. import oci
+from ..tar import read, write
 from ..engine import BindMount, Engine
 from ..oci import LayerBlob, Digest, Manifest
 from ..recipe.project import Project
@@ -144,7 +145,7 @@ def _read_files(store: Store, name: str, built: Sequence[LayerBlob], paths: set[
     found: dict[str, bytes] = {}
     for blob in built:
         with store.open_blob(blob.descriptor.digest, size=blob.descriptor.size) as f:
-            for member, reader in tarlayer.iter_members(f, oci.layer_compression(blob.descriptor.media_type),
+            for member, reader in read.iter_members(f, oci.layer_compression(blob.descriptor.media_type),
                                                         what=f"layer '{name}'"):
                 if member.path in paths and member.type == "file" and reader is not None:
                     found[member.path] = reader.read()
@@ -158,8 +159,8 @@ def _merge_files(ctx: BuildContext, merged: Mapping[str, str]) -> LayerBlob:
         for i, (path, content) in enumerate(sorted(merged.items())):
             file = directory / str(i)
             file.write_text(content)
-            entries.append(tarlayer.Entry(path, "file", 0o644, size=file.stat().st_size, source=str(file)))
-        return write_entries(ctx, tarlayer.with_parents(entries))
+            entries.append(write.Entry(path, "file", 0o644, size=file.stat().st_size, source=str(file)))
+        return write_entries(ctx, write.with_parents(entries))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

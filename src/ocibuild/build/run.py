@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .. import bundle, oci, tarlayer
+from .. import archive as oci_archive, oci
+from ..tar import read
 from ..engine import BindMount, Engine
 from ..errors import EngineError, OcibuildError
 from ..inputs import IgnoreRules
@@ -27,7 +28,7 @@ from ..net.download import fetch_file
 from ..oci import LayerBlob, Descriptor, Digest, Manifest
 from ..recipe.project import LayerRecipe
 from ..store import Store
-from ..tarlayer import Entry
+from ..tar.write import Entry
 from .context import BuildContext, write_entries
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def staged(store: Store, config_bytes: bytes, manifest: Manifest, key: Digest, e
     store.tag(tag, descriptor)
 
     def write_archive() -> Path:
-        bundle.write_oci_archive(store, descriptor, tag, archive)
+        oci_archive.write_oci_archive(store, descriptor, tag, archive)
         return archive
 
     try:
@@ -178,7 +179,7 @@ def capture(root: Path, changes: Mapping[str, str], keep: Callable[[str], bool],
     mkdir d``), so it gets an opaque whiteout and its new content. Hard links are stored as separate files."""
     entries: dict[str, Entry] = {}
     for raw_path, kind in changes.items():
-        path = tarlayer.normalise_path(raw_path)
+        path = read.normalise_path(raw_path)
         if path is None or not keep(path):
             continue
         parent, _, name = path.rpartition("/")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .. import tarlayer
+from ..tar import codecs, write
 from ..net.download import fetch_file
 from ..oci import Digest, LayerBlob
 from ..recipe.project import LayerRecipe
@@ -31,11 +31,11 @@ def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[LayerBlob]:
     what = f"layer '{layer.name}': {layer.str_('url')}"
     with temp_file(ctx, ".tar") as plain:
         with open(source, "rb") as src, open(plain, "wb") as dst:
-            compression = tarlayer.sniff_compression(src.read(8))
+            compression = codecs.sniff_compression(src.read(8))
             src.seek(0)
-            tarlayer.decompress_to(src, dst, compression)
+            codecs.decompress_to(src, dst, compression)
         entries = []
-        for entry in tarlayer.read_archive_members(plain, what=what):
+        for entry in write.tarball_entries(plain, what=what):
             parts = entry.path.split("/")
             if len(parts) <= strip:
                 continue
@@ -47,4 +47,4 @@ def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[LayerBlob]:
                     continue
                 linkname = under(dest, "/".join(link_parts[strip:]))
             entries.append(replace(entry, path=path, linkname=linkname, uid=uid, gid=gid))
-        return [write_entries(ctx, tarlayer.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]
+        return [write_entries(ctx, write.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]

@@ -9,8 +9,9 @@ An *archive* is an ``oci-archive``: a plain (uncompressed) tar holding ``oci-lay
   store's :class:`Inventory` it leaves out the blobs that store holds (a *delta*; its index still lists every
   manifest, so it imports only into a store holding the rest).
 - :func:`import_archive` brings an archive into the store. Nothing is written before the whole archive has been
-  scanned: every tar header is checked against the layout (only the three kinds of files above, and their
-  directories; no links, devices, absolute or ``..`` paths, oversized extended headers, compressed archives),
+  scanned: every tar header is read by :mod:`ocibuild.tar.read` with its :data:`~ocibuild.tar.read.LAYOUT`
+  policy (no links, devices, absolute or ``..`` paths, oversized extended headers; compressed archives are
+  refused before) and checked against the layout (only the three kinds of files above, and their directories),
   and every manifest, index and config reachable from ``index.json`` is read, digest-checked and parsed, media
   types checked against what refers to them. Then the blobs the store lacks are copied, each hashed as it is
   written and committed only whole (:meth:`Store.writer`, its writeback started at once on a spare thread),
@@ -20,7 +21,13 @@ An *archive* is an ``oci-archive``: a plain (uncompressed) tar holding ``oci-lay
 Both directions stream in constant memory: blobs are copied in 1 MiB chunks by a few threads, each blob hashed
 once by the thread copying it (hashing runs outside the GIL, so blobs are hashed on several cores at once).
 The archive's layout is known before the first byte is written — every header and blob has a fixed offset — so
-the threads write their blobs in place with ``pwrite``.
+the threads write their blobs in place with ``pwrite``. The archive is written to a temporary file and renamed;
+``write_oci_archive`` and ``export_archive(sync=True)`` also fsync it and its directory. Without ``sync`` an
+export is not fsynced, for speed (gigabytes to removable media): an importer verifies every byte and refuses a cut
+archive, and unmounting the disk flushes it.
+
+At ~770 lines this module is over the ~500 a room should have: selection and inventories, writing and the checked
+import are the two directions of one format; they could become ``archive/`` (export, import) if either grows.
 
 Errors: :class:`UnsafeArchive` for a tar that is hostile, truncated or not a layout; :class:`FormatError` for
 malformed OCI documents or mixed-up media types; :class:`DigestMismatch` for content that does not hash to its
@@ -37,17 +44,19 @@ import os
 import re
 import stat
 import tempfile
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oci, tarlayer
-from .errors import DigestMismatch, FormatError, OcibuildError, StoreError, UnsafeArchive
+from . import oci
+from .errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
+from .files import fsync_dir
 from .oci import Descriptor, Digest, Index, Manifest
 from .store import Store, check_ref_name
+from .tar import codecs, read, write
+from .threads import parallel_map
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +69,10 @@ EMPTY_JSON = b"{}"
 
 _CHUNK = 1 << 20
 _BLOCK = 512
-_ZERO = bytes(_BLOCK)
 _MAX_DOCUMENT = 16 << 20  # index.json, a manifest, an index or a config
-_MAX_EXTENDED = 64 << 10  # bytes of PAX / GNU long-name headers of one entry
-_MAX_ENTRIES = 1_000_000
 _MAX_DEPTH = 8  # of nested indexes
-_WORKERS = 4
-_HINT_HOSTILE = "the archive is damaged or was not written by ocibuild, skopeo or podman; export it again"
-_HINT_EXPORT = "export it again on the connected machine (`ocibuild export PATH`)"
+_HINT_HOSTILE = read.LAYOUT.hint_unsafe
+_HINT_EXPORT = read.LAYOUT.hint_corrupt
 _BLOB_NAME = re.compile(r"blobs/([a-z0-9]+)/([0-9a-f]+)")
 _IGNORED = frozenset({"manifest.json", "repositories"})  # docker-archive compatibility files some tools add
 
@@ -181,11 +186,24 @@ class _Item:
     digest: Digest | None = None  # checked while copying ``path``
 
 
-def _header(name: str, size: int, kind: bytes = b"0") -> bytes:
+def _header(name: str, size: int) -> bytes:
     """The tar header of a layout file or directory (name ending in '/'): owner 0:0, mtime 0."""
-    if kind == b"5":
-        return tarlayer.header(tarlayer.Entry(name.rstrip("/"), "dir", 0o755), 0)
-    return tarlayer.header(tarlayer.Entry(name, "file", 0o644, size=size), 0)
+    if name.endswith("/"):
+        return write.header(write.Entry(name.rstrip("/"), "dir", 0o755), 0)
+    return write.header(write.Entry(name, "file", 0o644, size=size), 0)
+
+
+def _sync_dir(directory: Path, what: str) -> None:
+    """Make the renames into ``directory`` durable (:func:`ocibuild.files.fsync_dir`)."""
+    try:
+        fsync_dir(directory)
+    except OSError as err:
+        raise StoreError(f"{what}: fsync {directory}: {_reason(err)}") from err
+
+
+def _jobs() -> int:
+    """Threads copying blobs: a few, as disks and page-cache copies gain little beyond."""
+    return min(4, max(2, os.cpu_count() or 2))
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -229,8 +247,42 @@ def _copy_blob(item: _Item, fd: int, offset: int, what: str) -> None:
                              "run `ocibuild verify`; delete the damaged blob and rebuild or import it again")
 
 
+def _placed(items: Sequence[_Item]) -> tuple[bytes, list[tuple[_Item, int, bytes]], int]:
+    """Where everything goes: the bytes of the layout files, directories and in-memory blobs (written first), each
+    blob file with its offset and header, and the size of the archive (two zero blocks end it)."""
+    small = bytearray()
+    for item in items:
+        if item.data is not None:
+            small += _header(item.name, item.size) + item.data + bytes(-item.size % _BLOCK)
+    offset = len(small)
+    placed: list[tuple[_Item, int, bytes]] = []
+    for item in items:
+        if item.data is None:
+            header = _header(item.name, item.size)
+            placed.append((item, offset, header))
+            offset += len(header) + item.size + (-item.size % _BLOCK)
+    return bytes(small), placed, offset + 2 * _BLOCK
+
+
+def _write_placed(fd: int, entry: tuple[_Item, int, bytes], path: Path, what: str) -> None:
+    item, start, header = entry
+    try:
+        _pwrite_all(fd, header, start)
+        _copy_blob(item, fd, start + len(header), what)
+        padding = -item.size % _BLOCK
+        if padding:
+            _pwrite_all(fd, bytes(padding), start + len(header) + item.size)
+    except OSError as err:
+        raise StoreError(f"write {path}: {_reason(err)}", "check free space and permissions") from err
+
+
 def _write_tar(items: Sequence[_Item], path: Path, *, sync: bool, what: str) -> int:
-    """Write ``items`` as a tar at ``path`` (temp file, then rename); returns its size."""
+    """Write ``items`` as a tar at ``path`` (temp file, then rename); returns its size.
+
+    The blobs are copied in place by a few threads (``pwrite`` at offsets known in advance), so this is not
+    :func:`ocibuild.files.atomic_write`, which takes the bytes in memory; with ``sync``, it makes the same promise
+    (file and directory fsynced)."""
+    small, placed, total = _placed(items)
     directory = path.resolve().parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -238,40 +290,14 @@ def _write_tar(items: Sequence[_Item], path: Path, *, sync: bool, what: str) -> 
         raise StoreError(f"{path}: cannot write: {_reason(err)}", "choose a writable path") from None
     tmp = Path(tmp_name)
     try:
-        # the layout files, directories and in-memory blobs first, then each blob file at its own offset
-        small = bytearray()
-        for item in items:
-            if item.data is not None:
-                kind = b"5" if item.name.endswith("/") else b"0"
-                small += _header(item.name, item.size, kind) + item.data + bytes(-item.size % _BLOCK)
-        offset = len(small)
-        placed: list[tuple[_Item, int, bytes]] = []
-        for item in items:
-            if item.data is None:
-                header = _header(item.name, item.size)
-                placed.append((item, offset, header))
-                offset += len(header) + item.size + (-item.size % _BLOCK)
-        total = offset + 2 * _BLOCK
         try:
             os.ftruncate(fd, total)  # not posix_fallocate: glibc emulates it by writing (exFAT sticks)
             os.fchmod(fd, 0o644)  # mkstemp made it private; an archive is meant to be carried elsewhere
-            _pwrite_all(fd, bytes(small), 0)
-            _pwrite_all(fd, bytes(2 * _BLOCK), offset)
+            _pwrite_all(fd, small, 0)
+            _pwrite_all(fd, bytes(2 * _BLOCK), total - 2 * _BLOCK)
         except OSError as err:
             raise StoreError(f"write {path}: {_reason(err)}", "check free space and permissions") from err
-
-        def copy(entry: tuple[_Item, int, bytes]) -> None:
-            item, start, header = entry
-            try:
-                _pwrite_all(fd, header, start)
-                _copy_blob(item, fd, start + len(header), what)
-                padding = -item.size % _BLOCK
-                if padding:
-                    _pwrite_all(fd, bytes(padding), start + len(header) + item.size)
-            except OSError as err:
-                raise StoreError(f"write {path}: {_reason(err)}", "check free space and permissions") from err
-
-        _run_parallel(copy, placed)
+        parallel_map(lambda entry: _write_placed(fd, entry, path, what), placed, jobs=_jobs(), name="ocibuild-archive")
         if sync:
             try:
                 os.fsync(fd)
@@ -279,39 +305,18 @@ def _write_tar(items: Sequence[_Item], path: Path, *, sync: bool, what: str) -> 
                 raise StoreError(f"fsync {path}: {_reason(err)}") from err
         os.close(fd)
         fd = -1
-        os.replace(tmp, path)
-        return total
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise StoreError(f"write {path}: {_reason(err)}", "check free space and permissions") from err
     except BaseException:
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _run_parallel(work: Callable[[Any], None], items: Sequence[Any]) -> None:
-    """``work(item)`` for every item on a few threads; the first failure is raised once all have stopped."""
-    if len(items) <= 1:
-        for item in items:
-            work(item)
-        return
-    failed = threading.Event()
-
-    def guarded(item: Any) -> None:
-        if not failed.is_set():
-            try:
-                work(item)
-            except BaseException:
-                failed.set()
-                raise
-
-    with ThreadPoolExecutor(max_workers=min(_WORKERS, max(2, os.cpu_count() or 2)),
-                            thread_name_prefix="ocibuild-bundle") as pool:
-        futures: list[Future[None]] = [pool.submit(guarded, item) for item in items]
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:
-        first = next((e for e in errors if isinstance(e, OcibuildError)), errors[0])
-        assert first is not None
-        raise first
+    if sync:
+        _sync_dir(directory, f"write {path}")
+    return total
 
 
 def _layout_items(store: Store, index: Index, blobs: Mapping[Digest, _Item]) -> list[_Item]:
@@ -429,141 +434,31 @@ def _unsafe(what: str, problem: str) -> UnsafeArchive:
     return UnsafeArchive(f"{what}: {problem}", _HINT_HOSTILE)
 
 
-def _number(field: bytes, what: str, offset: int) -> int:
-    if field[:1] == b"\x80":
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip(b" ")
-    if not digits:
-        return 0
-    if digits.strip(b"01234567"):
-        raise _unsafe(what, f"bad number in the tar header at offset {offset} (truncated or corrupt)")
-    return int(digits, 8)
+def _in_layout(member: read.Member) -> bool:
+    """Whether ``member`` is one of the files or directories of an OCI image layout (or a docker-archive file)."""
+    path = member.path
+    if member.type == "dir":
+        parts = path.split("/")
+        return path == "blobs" or (len(parts) == 2 and parts[0] == "blobs" and re.fullmatch(r"[a-z0-9]+", parts[1])
+                                   is not None)  # fmt: skip
+    return path in ("oci-layout", "index.json") or path in _IGNORED or _BLOB_NAME.fullmatch(path) is not None
 
 
-def _pax_path(data: bytes, what: str, offset: int) -> tuple[str | None, int | None]:
-    """The ``path`` and ``size`` records of a PAX header; any link record is refused."""
-    path = size = None
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos, pos + 20)
-        length = int(data[pos:space]) if space > pos and data[pos:space].isdigit() else 0
-        record = data[pos:pos + length]
-        if length <= space - pos + 1 or len(record) != length or not record.endswith(b"\n") or b"=" not in record:
-            raise _unsafe(what, f"malformed PAX header at offset {offset}")
-        key, _, value = record[space - pos + 1:-1].partition(b"=")
-        if key == b"path":
-            path = value.decode("utf-8", "surrogateescape")
-        elif key == b"size":
-            if not value.isdigit():
-                raise _unsafe(what, f"bad PAX size at offset {offset}")
-            size = int(value)
-        elif key in (b"linkpath", b"GNU.sparse.map", b"GNU.sparse.size", b"GNU.sparse.name") or \
-                key.startswith(b"GNU.sparse."):
-            raise _unsafe(what, f"PAX record '{key.decode(errors='replace')}' at offset {offset} is not allowed")
-        pos += length
-    return path, size
+def scan_archive(fd: int, what: str) -> dict[str, _Entry]:
+    """Every file of the layout archive open at ``fd``, by path, read from headers only.
 
-
-def _check_name(name: str, what: str, is_dir: bool) -> str | None:
-    """The layout path of an entry (None for the root); UnsafeArchive for anything outside the layout."""
-    if "\0" in name or name.startswith("/"):
-        raise _unsafe(what, f"entry {name[:200]!r} is an absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in name.split("/"):
-        raise _unsafe(what, f"entry {name[:200]!r} has a '..' component")
-    path = "/".join(parts)
-    if not path:
-        if not is_dir:
-            raise _unsafe(what, f"entry {name[:200]!r} would replace the root")
-        return None
-    if is_dir:
-        if path == "blobs" or (len(parts) == 2 and parts[0] == "blobs" and re.fullmatch(r"[a-z0-9]+", parts[1])):
-            return path
-    elif path in ("oci-layout", "index.json") or path in _IGNORED or _BLOB_NAME.fullmatch(path):
-        return path
-    raise _unsafe(what, f"entry {name[:200]!r} is not part of an OCI image layout")
-
-
-def scan_archive(fd: int, length: int, what: str) -> dict[str, _Entry]:
-    """Every file of the layout archive open at ``fd`` (``length`` bytes), by path, read from headers only.
-
-    Only regular files and directories of the layout are allowed (see the module docstring); the archive must
-    end with an end-of-archive block within ``length``."""
+    The tar is read by :mod:`ocibuild.tar.read` with the :data:`~ocibuild.tar.read.LAYOUT` policy (only regular
+    files and directories, no absolute or '..' paths, small extended headers, two zero blocks at the end, within
+    the file); here each entry must belong to the layout, and a file may appear only once."""
     entries: dict[str, _Entry] = {}
-    offset = 0
-    long_name: str | None = None
-    pax_name: str | None = None
-    pax_size: int | None = None
-    extended = 0
-    count = 0
-    while True:
-        block = os.pread(fd, _BLOCK, offset)
-        if len(block) < _BLOCK:
-            problem = "it is empty" if offset == 0 and not block else "no end-of-archive block"
-            raise UnsafeArchive(f"{what} is truncated or not a tar archive ({problem})", _HINT_EXPORT)
-        if block == _ZERO:
-            if long_name is not None or pax_name is not None:
-                raise _unsafe(what, "extended header without an entry")
-            if os.pread(fd, _BLOCK, offset + _BLOCK) != _ZERO:  # every writer ends with two zero blocks
-                raise UnsafeArchive(f"{what} is truncated (the end-of-archive marker is cut)", _HINT_EXPORT)
-            break
-        count += 1
-        if count > _MAX_ENTRIES:
-            raise _unsafe(what, f"more than {_MAX_ENTRIES} entries")
-        stored = _number(block[148:156], what, offset)
-        unsigned = sum(block[:148]) + 256 + sum(block[156:])
-        if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in block[:148] + block[156:]):
-            raise UnsafeArchive(f"{what} is truncated or corrupt (bad tar header checksum at offset {offset})",
-                                _HINT_EXPORT)
-        typeflag = block[156:157]
-        size = _number(block[124:136], what, offset)
-        data_offset = offset + _BLOCK
-        if typeflag in (b"x", b"L"):
-            extended += size
-            if extended > _MAX_EXTENDED:
-                raise _unsafe(what, f"extended header at offset {offset} is {size} bytes (the limit is "
-                                    f"{_MAX_EXTENDED})")
-            data = os.pread(fd, size, data_offset)
-            if len(data) < size:
-                raise UnsafeArchive(f"{what} is truncated (ends inside a header)", _HINT_EXPORT)
-            if typeflag == b"x":
-                pax_path, pax_size = _pax_path(data, what, offset)
-                pax_name = pax_path if pax_path is not None else pax_name
-            else:
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            offset = data_offset + size + (-size % _BLOCK)
-            continue
-        raw_name = block[0:100].split(b"\0", 1)[0]
-        if block[257:263] == b"ustar\x00":
-            prefix = block[345:500].split(b"\0", 1)[0]
-            if prefix:
-                raw_name = prefix + b"/" + raw_name
-        text = pax_name if pax_name is not None else long_name if long_name is not None else \
-            raw_name.decode("utf-8", "surrogateescape")
-        if pax_size is not None:
-            size = pax_size
-        pax_name = long_name = pax_size = None
-        extended = 0
-        if typeflag in (b"0", b"\0", b"7") and not text.endswith("/"):
-            kind = "file"
-        elif typeflag == b"5" or (typeflag in (b"0", b"\0") and text.endswith("/")):
-            kind = "dir"
-        else:
-            described = {b"1": "a hardlink", b"2": "a symlink", b"3": "a character device", b"4": "a block device",
-                         b"6": "a fifo", b"g": "a global PAX header", b"K": "a GNU long link name",
-                         b"S": "a sparse file"}.get(typeflag, f"of unsupported type {typeflag!r}")
-            raise _unsafe(what, f"entry {text[:200]!r} is {described}: an OCI layout holds only files and "
-                                "directories")
-        path = _check_name(text, what, kind == "dir")
-        if kind == "dir":
-            size = 0
-        if data_offset + size > length:
-            raise UnsafeArchive(f"{what} is truncated (ends inside {text[:200]!r})", _HINT_EXPORT)
-        if path is not None and kind == "file":
-            if path in entries:
-                raise _unsafe(what, f"entry {text[:200]!r} appears twice")
-            entries[path] = _Entry(path, data_offset, size)
-        offset = data_offset + size + (-size % _BLOCK)
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        for member, offset in read.iter_file_members(f, what=what, policy=read.LAYOUT):
+            if not _in_layout(member):
+                raise _unsafe(what, f"entry {read.quoted(member.path)} is not part of an OCI image layout")
+            if member.type == "file":
+                if member.path in entries:
+                    raise _unsafe(what, f"entry {read.quoted(member.path)} appears twice")
+                entries[member.path] = _Entry(member.path, offset, member.size)
     return entries
 
 
@@ -646,8 +541,9 @@ def _declared_type(data: bytes) -> str | None:
     return media_type if isinstance(media_type, str) else None
 
 
-class _Checker:
-    """Walks index.json: every reachable document read, verified and parsed; every blob located."""
+class _IndexGraphChecker:
+    """Walks the graph of index.json: every reachable manifest, index and config read, verified and parsed, media
+    types checked against what refers to them; every blob located in the archive or the store."""
 
     def __init__(self, archive: _Archive) -> None:
         self.archive = archive
@@ -679,6 +575,7 @@ class _Checker:
         self.present += 1
 
     def node(self, descriptor: Descriptor, where: str, depth: int = 0) -> None:
+        """A manifest or index of index.json (or of an index), and everything below it."""
         media_type = descriptor.media_type
         if media_type not in oci.MANIFEST_TYPES and media_type not in oci.INDEX_TYPES:
             raise FormatError(f"{self.what}: {where} has media type '{media_type}': index.json and indexes may "
@@ -699,8 +596,23 @@ class _Checker:
             nested = Index.parse(data, f"{self.what}: {where}")
             for i, child in enumerate(nested.manifests):
                 self.node(child, f"{where} > manifest {i}", depth + 1)
-            return
-        manifest = Manifest.parse(data, f"{self.what}: {where}")
+        else:
+            self._manifest(Manifest.parse(data, f"{self.what}: {where}"), where)
+
+    def _manifest(self, manifest: Manifest, where: str) -> None:
+        self._config(manifest, where)
+        self.blob(manifest.config, f"{where} > config")
+        for i, layer in enumerate(manifest.layers):
+            if layer.media_type in oci.MANIFEST_TYPES | oci.INDEX_TYPES | oci.CONFIG_TYPES:
+                raise FormatError(f"{self.what}: {where} > layer {i} has media type '{layer.media_type}', not a layer")
+            self.blob(layer, f"{where} > layer {i}")
+        if manifest.artifact_type == INPUT_ARTIFACT:
+            if len(manifest.layers) != 1 or manifest.layers[0].digest.algorithm != "sha256":
+                raise FormatError(f"{self.what}: {where}: an input artifact holds exactly one sha256 blob")
+            self.inputs.append(manifest.layers[0])
+
+    def _config(self, manifest: Manifest, where: str) -> None:
+        """An image's config read and matched with its layers; an artifact's config only checked by media type."""
         config = manifest.config
         if config.media_type in oci.CONFIG_TYPES:
             config_data = self.archive.document(config, f"{where} > config")
@@ -716,15 +628,6 @@ class _Checker:
             raise FormatError(f"{self.what}: {where} > config has media type '{config.media_type}', not a config")
         elif manifest.artifact_type is None and config.media_type == oci.OCI_EMPTY:
             raise FormatError(f"{self.what}: {where}: an empty config without artifactType")
-        self.blob(config, f"{where} > config")
-        for i, layer in enumerate(manifest.layers):
-            if layer.media_type in oci.MANIFEST_TYPES | oci.INDEX_TYPES | oci.CONFIG_TYPES:
-                raise FormatError(f"{self.what}: {where} > layer {i} has media type '{layer.media_type}', not a layer")
-            self.blob(layer, f"{where} > layer {i}")
-        if manifest.artifact_type == INPUT_ARTIFACT:
-            if len(manifest.layers) != 1 or manifest.layers[0].digest.algorithm != "sha256":
-                raise FormatError(f"{self.what}: {where}: an input artifact holds exactly one sha256 blob")
-            self.inputs.append(manifest.layers[0])
 
 
 def _start_writeback(path: Path) -> None:
@@ -761,51 +664,71 @@ def _copy_into_store(archive: _Archive, digest: Digest, entry: _Entry,
         writeback(store.blob_path(digest))
 
 
-def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResult:
-    """Bring the oci-archive at ``path`` into ``store``: see the module docstring for what is checked when.
-    ``tag=False``: only its blobs, not its tags and downloaded inputs (an ``image`` layer's base, whose tags mean
-    nothing in this store: the layer is pinned by manifest digest)."""
-    what = f"archive {path}"
+def _open_archive(path: Path, what: str) -> int:
+    """An fd of the archive at ``path``: a regular file, not compressed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as err:
         raise StoreError(f"{what}: cannot open: {_reason(err)}", "check the path") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UnsafeArchive(f"{what} is not a regular file", "import an archive file, not a pipe or device")
-        head = os.pread(fd, 8, 0)
-        for magic, compression in ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"),
-                                   (b"BZh", "bzip2")):
-            if head.startswith(magic):
-                raise UnsafeArchive(f"{what} is {compression}-compressed; only a plain tar (oci-archive) is imported",
-                                    f"decompress it first, checking the result's size (e.g. `{compression} -d`)")
-        entries = scan_archive(fd, info.st_size, what)
-        archive = _Archive(fd, entries, store, what)
-        layout = archive.read_file("oci-layout", 4096)
-        try:
-            version = json.loads(layout).get("imageLayoutVersion")
-        except (ValueError, AttributeError):
-            version = None
-        if version != oci.OCI_LAYOUT_VERSION:
-            raise FormatError(f"{what}: oci-layout is not imageLayoutVersion {oci.OCI_LAYOUT_VERSION}")
-        index = Index.parse(archive.read_file("index.json", _MAX_DOCUMENT), f"{what}: index.json")
-        checker = _Checker(archive)
-        tags: dict[str, Descriptor] = {}
-        untagged = 0
-        for i, descriptor in enumerate(index.manifests):
-            name = descriptor.ref_name
-            checker.node(descriptor, f"tag '{name}'" if name else f"index.json manifest {i}")
-            if name:
-                check_ref_name(name)
-                tags[name] = descriptor
-            else:
-                untagged += 1
+        compression = codecs.sniff_compression(os.pread(fd, 8, 0))
+        if compression != "none":
+            raise UnsafeArchive(f"{what} is {compression}-compressed; only a plain tar (oci-archive) is imported",
+                                f"decompress it first, checking the result's size (e.g. `{compression} -d`)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_index(archive: _Archive) -> tuple[_IndexGraphChecker, dict[str, Descriptor], int]:
+    """The checked graph of the archive's index.json, its tags, and the number of its untagged manifests."""
+    what = archive.what
+    layout = archive.read_file("oci-layout", 4096)
+    try:
+        version = json.loads(layout).get("imageLayoutVersion")
+    except (ValueError, AttributeError):
+        version = None
+    if version != oci.OCI_LAYOUT_VERSION:
+        raise FormatError(f"{what}: oci-layout is not imageLayoutVersion {oci.OCI_LAYOUT_VERSION}")
+    index = Index.parse(archive.read_file("index.json", _MAX_DOCUMENT), f"{what}: index.json")
+    checker = _IndexGraphChecker(archive)
+    tags: dict[str, Descriptor] = {}
+    untagged = 0
+    for i, descriptor in enumerate(index.manifests):
+        name = descriptor.ref_name
+        checker.node(descriptor, f"tag '{name}'" if name else f"index.json manifest {i}")
+        if name:
+            check_ref_name(name)
+            tags[name] = descriptor
+        else:
+            untagged += 1
+    return checker, tags, untagged
+
+
+def _copy_all(archive: _Archive, work: Sequence[tuple[Digest, _Entry]]) -> None:
+    """Copy the blobs of ``work`` into the store on a few threads; each committed blob's writeback is started on
+    one more thread (a queue of fsyncs beside the copies, not a map: it stays outside parallel_map)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocibuild-writeback") as syncer:
+        parallel_map(lambda item: _copy_into_store(archive, item[0], item[1],
+                                                   lambda p: syncer.submit(_start_writeback, p)),
+                     work, jobs=_jobs(), name="ocibuild-archive")  # fmt: skip
+
+
+def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResult:
+    """Bring the oci-archive at ``path`` into ``store``: see the module docstring for what is checked when.
+    ``tag=False``: only its blobs, not its tags and downloaded inputs (an ``image`` layer's base, whose tags mean
+    nothing in this store: the layer is pinned by manifest digest)."""
+    what = f"archive {path}"
+    fd = _open_archive(path, what)
+    try:
+        archive = _Archive(fd, scan_archive(fd, what), store, what)
+        checker, tags, untagged = _check_index(archive)
         with store.lease():  # gc waits: the blobs are unreachable until tagged
             work = sorted(checker.copy.items(), key=lambda item: -item[1].size)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocibuild-writeback") as syncer:
-                _run_parallel(lambda item: _copy_into_store(
-                    archive, item[0], item[1], lambda p: syncer.submit(_start_writeback, p)), work)
+            _copy_all(archive, work)
             store.sync()
             restored = _restore_inputs(store, checker.inputs) if tag else 0
             if tag:
@@ -818,7 +741,9 @@ def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResul
 
 
 def _restore_inputs(store: Store, layers: Sequence[Descriptor]) -> int:
-    """Put each imported input into the download cache (a hard link to its blob, else a copy)."""
+    """Put each imported input into the download cache (a hard link to its blob, else a copy), durably: a copy is
+    fsynced before its rename, the directory once after them (not :func:`ocibuild.files.atomic_write`: the content
+    is a link or a streamed copy, never bytes in memory)."""
     directory = downloads_dir(store)
     restored = 0
     for layer in layers:
@@ -843,4 +768,6 @@ def _restore_inputs(store: Store, layers: Sequence[Descriptor]) -> int:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"restore input {layer.digest} into {directory}: {_reason(err)}") from err
         restored += 1
+    if restored:
+        _sync_dir(directory, "restore inputs")
     return restored

@@ -19,6 +19,7 @@ import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +96,19 @@ def tar_names(path: Path) -> set[str]:
         return {m.name for m in tar.getmembers() if m.isfile()}
 
 
+@pytest.fixture
+def host_images(tmp_path: Path) -> Iterator[None]:
+    """Run layers and `ocibuild run` load images into the host's podman storage, named after the store
+    (``localhost/<store path>``): the test removes those it loaded."""
+    yield
+    listed = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    ours = sorted({name for name in listed.stdout.split() if name.startswith(f"localhost{tmp_path}/")})
+    if ours:
+        subprocess.run(["podman", "rmi", *ours], capture_output=True, timeout=300)
+
+
+@pytest.mark.usefixtures("host_images")
 def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman: Podman) -> None:
     require("skopeo")
     base_url, www = server
@@ -107,8 +121,14 @@ def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman:
     ocibuild("export", str(archive), "-C", str(root), "--store", str(connected))
     names = tar_names(archive)
     assert f"blobs/sha256/{sha}" in names  # the downloaded input travels as an artifact
+    _air_gapped(tmp_path, root, archive, www, sha, first)
+    _peers(tmp_path, root, archive, connected, first, podman)
+    _delta(tmp_path, root, connected, airgapped)
 
-    # --- the air-gapped machine: no server, nothing to fetch
+
+def _air_gapped(tmp_path: Path, root: Path, archive: Path, www: Path, sha: str, first: dict[str, Any]) -> None:
+    """The air-gapped machine: no server, nothing to fetch."""
+    airgapped = tmp_path / "airgapped"
     assert ocibuild("build", "--offline", "-C", str(root), "--store", str(tmp_path / "empty"), ok=False).returncode == 1
     www.joinpath("tool.tar.gz").unlink()
     imported = json.loads(ocibuild("import", str(archive), "--json", "--store", str(airgapped)).stdout)
@@ -130,7 +150,9 @@ def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman:
     run = ocibuild("run", "--offline", "-C", str(root), "--store", str(airgapped), "--", "cat", "/opt/a", "/opt/b")
     assert run.stdout.split() == ["1.2.3", "1.2.3"]
 
-    # --- peers: skopeo reads our archive, we import skopeo's; podman loads --image-only
+
+def _peers(tmp_path: Path, root: Path, archive: Path, connected: Path, first: dict[str, Any], podman: Podman) -> None:
+    """skopeo reads our archive, we import skopeo's; podman loads --image-only."""
     skopeo_dir = tmp_path / "skopeo-layout"
     subprocess.run(["skopeo", "--insecure-policy", "copy", "-q", f"oci-archive:{archive}:devenv",
                     f"oci:{skopeo_dir}:devenv"], check=True, timeout=300)
@@ -149,7 +171,9 @@ def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman:
     out = podman("run", "--rm", "--network=none", image_id, "cat", "/opt/a", "/src/main.c").stdout
     assert out.splitlines() == ["1.2.3", "int main(void) { return 0; }"]
 
-    # --- delta: a source change on the connected side; the export carries only the missing blobs
+
+def _delta(tmp_path: Path, root: Path, connected: Path, airgapped: Path) -> None:
+    """A source change on the connected side: the export carries only the blobs the air-gapped store lacks."""
     write(root / "src/main.c", "int main(void) { return 1; }\n")
     changed, _ = build(root, connected)
     assert [l["status"] for l in changed["layers"]] == ["cached"] * 4 + ["built"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ocibuild import bundle, oci
+from ocibuild import archive as oci_archive, oci
 from ocibuild.errors import DigestMismatch, FormatError, OcibuildError, UnsafeArchive
 from ocibuild.oci import Descriptor, Digest, ImageConfig, Manifest
 from ocibuild.store import Store
@@ -29,7 +29,7 @@ def put_image(store: Store, tag: str, layers: list[bytes]) -> Descriptor:
 
 def add_download(store: Store, data: bytes) -> Digest:
     digest = Digest.of(data)
-    (bundle.downloads_dir(store) / digest.hex).write_bytes(data)
+    (oci_archive.downloads_dir(store) / digest.hex).write_bytes(data)
     return digest
 
 
@@ -56,62 +56,62 @@ def target(tmp_path: Path) -> Store:
 
 def test_round_trip_carries_tags_blobs_and_inputs(source: Store, target: Store, tmp_path: Path) -> None:
     tarball = add_download(source, b"release tarball " * 1000)
-    inputs = bundle.downloaded_inputs(source)
+    inputs = oci_archive.downloaded_inputs(source)
     archive = tmp_path / "all.tar"
-    result = bundle.export_archive(source, archive, ["base-" + "a" * 64, "dev"], inputs=inputs)
+    result = oci_archive.export_archive(source, archive, ["base-" + "a" * 64, "dev"], inputs=inputs)
     assert result.tags == ("base-" + "a" * 64, "dev", f"ocibuild-input-{tarball.hex}")
     # a plain layout: every blob under its digest
     for name, data in members(archive).items():
         if name.startswith("blobs/"):
             assert hashlib.sha256(data).hexdigest() == name.rsplit("/", 1)[1]
-    imported = bundle.import_archive(target, archive)
+    imported = oci_archive.import_archive(target, archive)
     assert set(imported.tags) == set(result.tags) and imported.inputs == 1
     for tag in ("dev", "base-" + "a" * 64):
         assert target.resolve(tag).digest == source.resolve(tag).digest  # type: ignore[union-attr]
     artifact = target.get_manifest(target.resolve(f"ocibuild-input-{tarball.hex}").digest)  # type: ignore[union-attr]
-    assert artifact.artifact_type == bundle.INPUT_ARTIFACT
-    assert (bundle.downloads_dir(target) / tarball.hex).read_bytes() == b"release tarball " * 1000
-    again = bundle.import_archive(target, archive)  # a second import writes nothing
+    assert artifact.artifact_type == oci_archive.INPUT_ARTIFACT
+    assert (oci_archive.downloads_dir(target) / tarball.hex).read_bytes() == b"release tarball " * 1000
+    again = oci_archive.import_archive(target, archive)  # a second import writes nothing
     assert again.blobs == 0 and again.present > 0
 
 
 def test_inventory_and_delta_export(source: Store, target: Store, tmp_path: Path) -> None:
-    bundle.import_archive(target, _export(source, tmp_path / "base.tar", ["base-" + "a" * 64]))
-    inventory = bundle.Inventory.parse(bundle.inventory(target).to_json())
+    oci_archive.import_archive(target, _export(source, tmp_path / "base.tar", ["base-" + "a" * 64]))
+    inventory = oci_archive.Inventory.parse(oci_archive.inventory(target).to_json())
     assert inventory.tags["base-" + "a" * 64] == source.resolve("base-" + "a" * 64).digest  # type: ignore[union-attr]
     put_image(source, "dev2", [os.urandom(2 << 20), b"small layer"])  # shares a layer with base
     delta = tmp_path / "delta.tar"
-    result = bundle.export_archive(source, delta, ["base-" + "a" * 64, "dev2"], since=inventory)
+    result = oci_archive.export_archive(source, delta, ["base-" + "a" * 64, "dev2"], since=inventory)
     blobs = {name.rsplit("/", 1)[1] for name in members(delta) if name.startswith("blobs/")}
     missing = {d.digest.hex for tag in ("base-" + "a" * 64, "dev2")
-               for d in bundle.manifest_closure(source, source.resolve(tag))  # type: ignore[arg-type]
+               for d in oci_archive.manifest_closure(source, source.resolve(tag))  # type: ignore[arg-type]
                if not target.has(d.digest)}
     assert blobs == missing and result.skipped > 0
     index = oci.Index.parse(members(delta)["index.json"])
     assert [d.ref_name for d in index.manifests] == ["base-" + "a" * 64, "dev2"]  # the index lists every manifest
-    imported = bundle.import_archive(target, delta)
+    imported = oci_archive.import_archive(target, delta)
     assert imported.blobs == len(missing)
     assert target.resolve("dev2").digest == source.resolve("dev2").digest  # type: ignore[union-attr]
     # a delta imports only where the rest already is
     with pytest.raises(FormatError, match="in neither the archive nor the store"):
-        bundle.import_archive(Store.open(tmp_path / "empty"), delta)
+        oci_archive.import_archive(Store.open(tmp_path / "empty"), delta)
     assert Store.open(tmp_path / "empty").index().manifests == ()
 
 
 def _export(store: Store, path: Path, tags: list[str]) -> Path:
-    bundle.export_archive(store, path, tags)
+    oci_archive.export_archive(store, path, tags)
     return path
 
 
 def test_write_oci_archive_holds_one_manifest(source: Store, tmp_path: Path) -> None:
     path = tmp_path / "image.tar"
-    bundle.write_oci_archive(source, source.resolve("dev"), "dev", path)  # type: ignore[arg-type]
+    oci_archive.write_oci_archive(source, source.resolve("dev"), "dev", path)  # type: ignore[arg-type]
     index = oci.Index.parse(members(path)["index.json"])
     assert [d.ref_name for d in index.manifests] == ["dev"]
 
 
 def test_long_blob_names_use_pax(tmp_path: Path) -> None:
-    header = bundle._header("blobs/sha512/" + "a" * 128, 3)
+    header = oci_archive._header("blobs/sha512/" + "a" * 128, 3)
     with tarfile.open(fileobj=io.BytesIO(header + b"abc" + bytes(509) + bytes(1024))) as tar:
         assert tar.getnames() == ["blobs/sha512/" + "a" * 128]
 
@@ -127,7 +127,7 @@ def archive(source: Store, tmp_path: Path) -> Path:
 def _rejected(target: Store, path: Path, error: type[OcibuildError], match: str) -> None:
     before = (target.root / "index.json").read_bytes()
     with pytest.raises(error, match=match):
-        bundle.import_archive(target, path)
+        oci_archive.import_archive(target, path)
     assert (target.root / "index.json").read_bytes() == before
     assert target.verify() == []
 
@@ -246,7 +246,7 @@ def test_an_archive_written_by_tarfile_imports(archive: Path, target: Store, tmp
             info = tarfile.TarInfo("./" + name)
             info.size, info.uname, info.mtime = len(data), "someone", 1700000000
             tar.addfile(info, io.BytesIO(data))
-    assert set(bundle.import_archive(target, out).tags) == {"base-" + "a" * 64, "dev"}
+    assert set(oci_archive.import_archive(target, out).tags) == {"base-" + "a" * 64, "dev"}
 
 
 def test_invalid_tag_name_is_refused_before_anything_is_written(archive: Path, target: Store,
@@ -257,3 +257,12 @@ def test_invalid_tag_name_is_refused_before_anything_is_written(archive: Path, t
     bad = _rewrite(archive, tmp_path / "name.tar", {"index.json": index.to_json()})
     _rejected(target, bad, FormatError, "not a valid tag name")
     assert list(target.blobs()) == []
+
+
+def test_scan_reads_from_the_start_whatever_the_fd_position(archive: Path) -> None:
+    fd = os.open(archive, os.O_RDONLY)
+    try:
+        first = oci_archive.scan_archive(fd, "archive")
+        assert "index.json" in first and oci_archive.scan_archive(fd, "archive") == first
+    finally:
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""tarlayer: reproducible layer writing, reading back (ours, GNU tar, Python tarfile), archives, extraction."""
+"""ocibuild.tar: reproducible layer writing, reading back (ours, GNU tar, Python tarfile), archives, extraction."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from ocibuild import tarlayer
+from ocibuild.tar import codecs, extract, read, write
 from ocibuild.errors import FormatError, OcibuildError, UnsafeArchive
-from ocibuild.tarlayer import Entry
+from ocibuild.tar.write import Entry
 
 EPOCH = 1_700_000_000
 LONG_DIR = "usr/share/" + "d" * 120  # > 100 bytes, no ustar split possible
@@ -37,7 +37,7 @@ def _file(tmp_path: Path, name: str, data: bytes) -> str:
 def _sample(tmp_path: Path) -> list[Entry]:
     hello = _file(tmp_path, "hello", b"hello\n" * 100)
     binary = _file(tmp_path, "binary", bytes(range(256)) * 41)
-    return tarlayer.with_parents(
+    return write.with_parents(
         [
             Entry("usr/bin/hello", "file", 0o755, size=600, source=hello, mtime=EPOCH - 5),
             Entry("usr/bin/hello-again", "hardlink", 0o755, linkname="usr/bin/hello"),
@@ -58,15 +58,15 @@ def _sample(tmp_path: Path) -> list[Entry]:
 
 def _write(
     entries: list[Entry], compression: str = "none", *, epoch: int = EPOCH, threads: int | None = None
-) -> tuple[bytes, tarlayer.LayerStats]:
+) -> tuple[bytes, write.LayerStats]:
     out = io.BytesIO()
-    stats = tarlayer.write_layer(entries, out, compression, epoch=epoch, threads=threads)
+    stats = write.write_layer(entries, out, compression, epoch=epoch, threads=threads)
     return out.getvalue(), stats
 
 
 def _plain(data: bytes, compression: str) -> bytes:
     out = io.BytesIO()
-    tarlayer.decompress_to(io.BytesIO(data), out, compression)
+    codecs.decompress_to(io.BytesIO(data), out, compression)
     return out.getvalue()
 
 
@@ -79,7 +79,7 @@ def test_round_trip(tmp_path: Path, compression: str) -> None:
     assert len(plain) == stats.uncompressed_size and len(plain) % 512 == 0
     assert hashlib.sha256(plain).hexdigest() == stats.diff_id.hex
     members = {}
-    for member, reader in tarlayer.iter_members(io.BytesIO(data), compression, what="layer"):
+    for member, reader in read.iter_members(io.BytesIO(data), compression, what="layer"):
         members[member.path] = (member, reader.read() if reader else None)
     assert set(members) == {e.path for e in entries}
     hello, content = members["usr/bin/hello"]
@@ -103,7 +103,7 @@ def test_round_trip(tmp_path: Path, compression: str) -> None:
 
 def test_list_layer_fingerprints(tmp_path: Path) -> None:
     data, _ = _write(_sample(tmp_path), "zstd")
-    listing = tarlayer.list_layer(io.BytesIO(data), "zstd", what="layer")
+    listing = read.list_layer(io.BytesIO(data), "zstd", what="layer")
     assert listing["usr/bin/hello"] == "file:0755:" + hashlib.sha256(b"hello\n" * 100).hexdigest()
     assert listing["usr/bin/hello-again"] == "hardlink:usr/bin/hello"
     assert listing["usr/bin/sh"] == "symlink:/bin/bash"
@@ -176,7 +176,7 @@ def test_stream_length_is_never_a_multiple_of_the_zstd_job_size(tmp_path: Path) 
     entry = Entry("f", "file", 0o644, size=size, source=_file(tmp_path, "f", b"x" * size))
     data, stats = _write([entry])
     assert stats.uncompressed_size == (1 << 20) + 512 and data.endswith(bytes(1536))
-    assert tarlayer.list_layer(io.BytesIO(data), "none", what="layer")["f"].startswith("file:0644:")
+    assert read.list_layer(io.BytesIO(data), "none", what="layer")["f"].startswith("file:0644:")
 
 
 def test_gzip_is_deterministic_and_valid(tmp_path: Path) -> None:
@@ -188,7 +188,7 @@ def test_gzip_is_deterministic_and_valid(tmp_path: Path) -> None:
 
 
 def test_with_parents() -> None:
-    entries = tarlayer.with_parents(
+    entries = write.with_parents(
         [Entry("a/b/c", "file", 0o644), Entry("a", "dir", 0o700), Entry("x/y", "symlink", 0o777, linkname="z")],
         uid=5, gid=6, mode=0o750, mtime=9,
     )  # fmt: skip
@@ -200,9 +200,9 @@ def test_with_parents() -> None:
 
 def test_sort_order_is_tar_sort_name(tmp_path: Path) -> None:
     names = ["lib-x", "lib/a", "lib", "lib.d", "Z", "a b"]
-    entries = tarlayer.with_parents([Entry(n, "file", 0o644) for n in names if n != "lib"])
+    entries = write.with_parents([Entry(n, "file", 0o644) for n in names if n != "lib"])
     data, _ = _write(entries)
-    order = [m.path for m, _ in tarlayer.iter_members(io.BytesIO(data), "none", what="layer")]
+    order = [m.path for m, _ in read.iter_members(io.BytesIO(data), "none", what="layer")]
     assert order == ["Z", "a b", "lib", "lib/a", "lib-x", "lib.d"]
     tree = tmp_path / "tree"
     for name in order:
@@ -211,7 +211,7 @@ def test_sort_order_is_tar_sort_name(tmp_path: Path) -> None:
             (tree / name).write_bytes(b"")
     gnu = subprocess.run(["tar", "--sort=name", "-cf", "-", "-C", str(tree), *sorted(os.listdir(tree))],
                          capture_output=True, check=True).stdout  # fmt: skip
-    assert [m.path for m, _ in tarlayer.iter_members(io.BytesIO(gnu), "none", what="gnu")] == order
+    assert [m.path for m, _ in read.iter_members(io.BytesIO(gnu), "none", what="gnu")] == order
 
 
 def test_hardlinked_content_goes_under_the_first_path(tmp_path: Path) -> None:
@@ -221,9 +221,9 @@ def test_hardlinked_content_goes_under_the_first_path(tmp_path: Path) -> None:
         Entry("m/link", "hardlink", 0o644, linkname="z/content"),
         Entry("a/link", "hardlink", 0o644, linkname="m/link"),  # a chain
     ]
-    data, _ = _write(tarlayer.with_parents(entries))
-    read = tarlayer.iter_members(io.BytesIO(data), "none", what="layer")
-    members = {m.path: (m, r.read() if r else None) for m, r in read}
+    data, _ = _write(write.with_parents(entries))
+    stream = read.iter_members(io.BytesIO(data), "none", what="layer")
+    members = {m.path: (m, r.read() if r else None) for m, r in stream}
     assert members["a/link"][0].type == "file" and members["a/link"][1] == b"shared"
     assert members["a/link"][0].mode == 0o700 and members["a/link"][0].mtime == 3
     assert members["m/link"][0].linkname == "a/link" and members["z/content"][0].linkname == "a/link"
@@ -292,7 +292,7 @@ def _tar(path: Path, members: list[tuple[str, str, bytes]], fmt: int = tarfile.P
             tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
 
 
-def test_read_archive_members_re_emits_an_archive(tmp_path: Path) -> None:
+def test_tarball_entries_re_emit_an_archive(tmp_path: Path) -> None:
     archive = tmp_path / "go.tar"
     _tar(
         archive,
@@ -308,7 +308,7 @@ def test_read_archive_members_re_emits_an_archive(tmp_path: Path) -> None:
             ("go/" + "x" * 150, "file", b"long"),
         ],
     )
-    entries = tarlayer.read_archive_members(archive, what=str(archive))
+    entries = write.tarball_entries(archive, what=str(archive))
     by_path = {e.path: e for e in entries}
     assert set(by_path) == {"go", "go/bin", "go/bin/go", "go/bin/gofmt", "go/VERSION", "go/lib", "go/" + "x" * 150}
     go = by_path["go/bin/go"]
@@ -322,28 +322,51 @@ def test_read_archive_members_re_emits_an_archive(tmp_path: Path) -> None:
 
     stripped = [strip(e) for e in entries if e.path != "go"]
     data, _ = _write(stripped)
-    listing = tarlayer.list_layer(io.BytesIO(data), "none", what="layer")
+    listing = read.list_layer(io.BytesIO(data), "none", what="layer")
     assert listing["VERSION"] == "file:0755:" + hashlib.sha256(b"go1.23").hexdigest()
     assert listing["bin/gofmt"] == "hardlink:bin/go" and listing["lib"] == "symlink:../lib"
 
 
-def test_read_archive_members_devices(tmp_path: Path) -> None:
+def test_tarball_entries_devices(tmp_path: Path) -> None:
     archive = tmp_path / "rootfs.tar"
     _tar(archive, [("dev/", "dir", b""), ("dev/null", "chr", b""), ("etc/", "dir", b"")])
-    with pytest.raises(UnsafeArchive, match=r"rootfs.tar: entry 'dev/null' is a device node"):
-        tarlayer.read_archive_members(archive, what=str(archive))
-    assert [e.path for e in tarlayer.read_archive_members(archive, what="x", skip_devices=True)] == ["dev", "etc"]
+    with pytest.raises(UnsafeArchive, match=r"rootfs.tar: entry 'dev/null' is a character device node"):
+        write.tarball_entries(archive, what=str(archive))
+    assert [e.path for e in write.tarball_entries(archive, what="x", skip_devices=True)] == ["dev", "etc"]
 
 
-def test_read_archive_members_refuses_whiteouts_and_truncation(tmp_path: Path) -> None:
+def test_tarball_entries_refuse_whiteouts_and_truncation(tmp_path: Path) -> None:
     archive = tmp_path / "a.tar"
     _tar(archive, [("etc/.wh.passwd", "file", b"")])
     with pytest.raises(UnsafeArchive, match="whiteout"):
-        tarlayer.read_archive_members(archive, what="a.tar")
+        write.tarball_entries(archive, what="a.tar")
     _tar(archive, [("big", "file", b"x" * 5000)])
     archive.write_bytes(archive.read_bytes()[:3000])
     with pytest.raises(UnsafeArchive, match="a.tar is truncated or corrupt"):
-        tarlayer.read_archive_members(archive, what="a.tar")
+        write.tarball_entries(archive, what="a.tar")
+
+
+def _file_members(path: Path, policy: read.Policy) -> list[str]:
+    with open(path, "rb") as f:
+        return [f"{m.type}:{m.path}@{offset}" for m, offset in read.iter_file_members(f, what="a.tar", policy=policy)]
+
+
+def test_one_parser_a_policy_per_use(tmp_path: Path) -> None:
+    """The same stream, read for a tarball layer and for an oci-archive: the policy decides what passes."""
+    archive = tmp_path / "a.tar"
+    _tar(archive, [("blobs/", "dir", b""), ("blobs/f", "file", b"data"), ("blobs/l", "symlink", b"f")])
+    assert _file_members(archive, read.TARBALL) == ["dir:blobs@512", "file:blobs/f@1024", "symlink:blobs/l@2048"]
+    with pytest.raises(UnsafeArchive, match="'blobs/l' is a symlink: an OCI layout holds only files and dir"):
+        _file_members(archive, read.LAYOUT)
+    _tar(archive, [("/abs", "file", b"x")])
+    assert _file_members(archive, read.TARBALL) == ["file:abs@512"]
+    with pytest.raises(UnsafeArchive, match="'/abs' is an absolute path"):
+        _file_members(archive, read.LAYOUT)
+    one_zero_block = write.header(Entry("f", "file", 0o644), 0) + bytes(512)
+    archive.write_bytes(one_zero_block)
+    assert _file_members(archive, read.TARBALL) == ["file:f@512"]
+    with pytest.raises(UnsafeArchive, match="the end-of-archive marker is cut"):
+        _file_members(archive, read.LAYOUT)
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "oldgnu", "posix", "ustar", "v7"])
@@ -356,7 +379,7 @@ def test_reads_gnu_tar_formats(tmp_path: Path, fmt: str) -> None:
     os.link(tree / "dir" / long / "file", tree / "dir" / "z-hard")
     plain = subprocess.run(["tar", f"--format={fmt}", "--sort=name", "-cf", "-", "-C", str(tree), "dir"],
                            capture_output=True, check=True).stdout  # fmt: skip
-    listing = tarlayer.list_layer(io.BytesIO(plain), "none", what=fmt)
+    listing = read.list_layer(io.BytesIO(plain), "none", what=fmt)
     digest = hashlib.sha256(b"content").hexdigest()
     assert listing[f"dir/{long}/file"].endswith(digest)
     assert listing["dir/sym"] == "symlink:target"
@@ -373,19 +396,19 @@ def test_sniff_and_decompress_to() -> None:
         "none": payload,
     }
     for compression, data in compressed.items():
-        assert tarlayer.sniff_compression(data[:8]) == compression
+        assert codecs.sniff_compression(data[:8]) == compression
         out = io.BytesIO()
-        tarlayer.decompress_to(io.BytesIO(data), out, compression)
+        codecs.decompress_to(io.BytesIO(data), out, compression)
         assert out.getvalue() == payload
     with pytest.raises(UnsafeArchive, match="archive x is truncated or corrupt"):
-        tarlayer.decompress_to(io.BytesIO(compressed["xz"][:-20]), io.BytesIO(), "xz", what="archive x")
+        codecs.decompress_to(io.BytesIO(compressed["xz"][:-20]), io.BytesIO(), "xz", what="archive x")
     with pytest.raises(UnsafeArchive, match="truncated or corrupt"):
-        tarlayer.decompress_to(io.BytesIO(b"not gzip at all"), io.BytesIO(), "gzip")
+        codecs.decompress_to(io.BytesIO(b"not gzip at all"), io.BytesIO(), "gzip")
 
 
-def test_open_layer_is_a_buffered_reader(tmp_path: Path) -> None:
+def test_open_decompressed_is_a_buffered_reader(tmp_path: Path) -> None:
     data, _ = _write(_sample(tmp_path), "zstd")
-    with tarlayer.open_layer(io.BytesIO(data), "zstd") as reader:
+    with codecs.open_decompressed(io.BytesIO(data), "zstd") as reader:
         assert len(reader.read(1000)) == 1000
 
 
@@ -394,12 +417,12 @@ def test_open_layer_is_a_buffered_reader(tmp_path: Path) -> None:
     [("./a/b", "a/b"), ("/abs//x/./y/", "abs/x/y"), ("./", None), ("/", None), ("a", "a"), ("..x/y..", "..x/y..")],
 )
 def test_normalise_path(path: str, expected: str | None) -> None:
-    assert tarlayer.normalise_path(path) == expected
+    assert read.normalise_path(path) == expected
 
 
 def test_normalise_path_refuses_dotdot() -> None:
     with pytest.raises(UnsafeArchive, match="'a/../b' has a '..' component"):
-        tarlayer.normalise_path("a/../b")
+        read.normalise_path("a/../b")
 
 
 def _layer(tmp_path: Path, name: str, members: list[tuple[str, str, bytes]]) -> bytes:
@@ -423,8 +446,8 @@ def test_extract_layers_with_whiteouts(tmp_path: Path) -> None:
         ("var/cache/", "dir", b""), ("var/cache/.wh..wh..opq", "file", b""), ("var/cache/b", "file", b"b"),
         ("etc/link", "symlink", b"keep"), ("etc/hard", "hardlink", b"var/cache/b"),
     ])  # fmt: skip
-    tarlayer.extract_layer(io.BytesIO(lower), "none", root, what="lower", chown=False)
-    tarlayer.extract_layer(io.BytesIO(upper), "none", root, what="upper", chown=False)
+    extract.extract_layer(io.BytesIO(lower), "none", root, what="lower", chown=False)
+    extract.extract_layer(io.BytesIO(upper), "none", root, what="upper", chown=False)
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
         "etc", "etc/hard", "etc/keep", "etc/link", "opt", "opt/-x", "opt/old", "opt/old/x", "var", "var/cache",
         "var/cache/b",
@@ -448,7 +471,7 @@ def test_extract_replaces_and_sets_metadata(tmp_path: Path) -> None:
         Entry("ro/file", "file", 0o444, size=3, source=str(tmp_path / "src/c"), mtime=1000),
     ]
     data, _ = _write(entries, "gzip", epoch=5000)
-    tarlayer.extract_layer(io.BytesIO(data), "gzip", root, what="layer", chown=False)
+    extract.extract_layer(io.BytesIO(data), "gzip", root, what="layer", chown=False)
     assert (root / "d").read_bytes() == b"new" and (root / "d").stat().st_mode & 0o7777 == 0o640
     assert os.readlink(root / "f") == "d" and os.lstat(root / "f").st_mtime == 1000
     assert (root / "ro").stat().st_mode & 0o7777 == 0o555 and (root / "ro").stat().st_mtime == 1000
@@ -460,7 +483,7 @@ def test_extract_sets_owners_as_root(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     data, _ = _write([Entry("f", "file", 0o4755, uid=123, gid=456), Entry("d", "dir", 0o700, uid=7, gid=8)])
-    tarlayer.extract_layer(io.BytesIO(data), "none", root, what="layer", chown=True)
+    extract.extract_layer(io.BytesIO(data), "none", root, what="layer", chown=True)
     st = (root / "f").stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (123, 456, 0o4755)
     assert ((root / "d").stat().st_uid, (root / "d").stat().st_gid) == (7, 8)
@@ -477,7 +500,7 @@ def test_extract_sets_only_capability_and_user_xattrs(tmp_path: Path) -> None:
         "trusted.overlay.opaque": "y",
     }
     data, _ = _write([Entry("ping", "file", 0o755, xattrs=xattrs)])
-    tarlayer.extract_layer(io.BytesIO(data), "none", root, what="layer", chown=True)
+    extract.extract_layer(io.BytesIO(data), "none", root, what="layer", chown=True)
     assert os.getxattr(root / "ping", "security.capability") == cap_net_raw
     assert os.getxattr(root / "ping", "user.note") == b"hello"
     assert "trusted.overlay.opaque" not in os.listxattr(root / "ping")
@@ -486,6 +509,6 @@ def test_extract_sets_only_capability_and_user_xattrs(tmp_path: Path) -> None:
 def test_reader_read_returns_whole_member(tmp_path: Path) -> None:
     payload = os.urandom(3 << 20)
     data, _ = _write([Entry("big", "file", 0o644, size=len(payload), source=_file(tmp_path, "big", payload))], "zstd")
-    for member, reader in tarlayer.iter_members(io.BytesIO(data), "zstd", what="layer"):
+    for member, reader in read.iter_members(io.BytesIO(data), "zstd", what="layer"):
         assert reader is not None and reader.read(len(payload) + 5) == payload
     shutil.rmtree(tmp_path / "src")
