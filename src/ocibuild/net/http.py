@@ -25,7 +25,6 @@ to split off.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import select
@@ -523,10 +522,11 @@ def connect(scheme: str, netloc: str, *, proxy: str | None, context: TLSContext 
 
 def _proxy_authorization(username: str | None, password: str | None) -> str | None:
     """Basic credentials for a proxy URL's user:password (percent-decoded), or None."""
+    from .auth import basic
+
     if not username:
         return None
-    pair = f"{unquote(username)}:{unquote(password or '')}".encode()
-    return "Basic " + base64.b64encode(pair).decode()
+    return "Basic " + basic(unquote(username), unquote(password or ""))
 
 
 def reusable(connection: Connection) -> bool:
