@@ -50,13 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oci
-from .errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
-from .files import fsync_dir
-from .oci import Descriptor, Digest, Index, Manifest
-from .store import Store, check_ref_name
-from .tar import codecs, read, write
-from .threads import parallel_map
+from .. import oci
+from ..errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
+from ..files import fsync_dir
+from ..oci import Descriptor, Digest, Index, Manifest
+from ..store import Store, check_ref_name
+from ..tar import codecs, read, write
+from ..threads import parallel_map
 
 log = logging.getLogger(__name__)
 
