@@ -20,7 +20,7 @@ import pytest
 import zstandard
 
 from ocibuild import archive as oci_archive, oci
-from ocibuild.archive.importing import _header
+from ocibuild.archive.export import _header
 from ocibuild.errors import OcibuildError
 from ocibuild.oci import Digest, ImageConfig, Manifest
 from ocibuild.store import Store

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ocibuild import archive as oci_archive, oci
-from ocibuild.archive.importing import _header
+from ocibuild.archive.export import _header
 from ocibuild.errors import DigestMismatch, FormatError, OcibuildError, UnsafeArchive
 from ocibuild.oci import Descriptor, Digest, ImageConfig, Manifest
 from ocibuild.store import Store
