@@ -19,7 +19,6 @@ are untouched.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ from typing import Any
 
 from .. import oci
 from ..errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
+from ..files import link_or_copy
 from ..oci import Descriptor, Digest, Index, Manifest
 from ..store import Store, check_ref_name
 from ..tar import codecs, read
@@ -371,31 +371,17 @@ def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResul
 
 
 def _restore_inputs(store: Store, layers: Sequence[Descriptor]) -> int:
-    """Put each imported input into the download cache (a hard link to its blob, else a copy), durably: a copy is
-    fsynced before its rename, the directory once after them (not :func:`ocibuild.files.atomic_write`: the content
-    is a link or a streamed copy, never bytes in memory)."""
+    """Put each imported input into the download cache (:func:`ocibuild.files.link_or_copy` of its blob: a hard
+    link, else a fsynced copy), the directory fsynced once after them."""
     directory = downloads_dir(store)
     restored = 0
     for layer in layers:
         target = directory / layer.digest.hex
         if target.exists():
             continue
-        tmp = directory / f".{layer.digest.hex}.import-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
         try:
-            try:
-                os.link(store.blob_path(layer.digest), tmp)
-            except OSError as err:
-                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                    raise
-                with store.open_blob(layer.digest, size=layer.size) as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(CHUNK):
-                        dst.write(chunk)
-                    dst.flush()
-                    os.fsync(dst.fileno())
-            os.replace(tmp, target)
+            link_or_copy(store.blob_path(layer.digest), target, sync_directory=False)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"restore input {layer.digest} into {directory}: {reason(err)}") from err
         restored += 1
     if restored:
