@@ -1,13 +1,17 @@
-"""Durable file replacement: the one atomic write.
+"""Durable file replacement: the one atomic write, and the one "hard link, else copy".
 
 ``atomic_write`` writes a temporary file beside the target, fsyncs it, renames it over the target and fsyncs the
 directory, as umoci and containerd commit content: a reader sees the old file or the new one, never a prefix, and
 after a crash the new one is either wholly there or not at all. Errors are ``OSError``s; the caller, which knows
 what the file is, translates them.
+
+``link_or_copy`` puts a file of the store (a blob) under another name in the same store (the download cache) the
+same way: through a temporary name and a rename, a copy fsynced when a hard link is not possible.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -43,3 +47,30 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def link_or_copy(source: Path, target: Path, *, sync_directory: bool = True) -> None:
+    """Put ``source`` at ``target`` (replacing it): a hard link, else (another filesystem, one without hard links,
+    a file we may not link) a copy, fsynced before its rename. ``sync_directory=False`` leaves the directory's fsync
+    to a caller placing several files, once after the last. Nothing is left behind when a step fails."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            import shutil  # (here: it imports the bz2 and lzma modules, start-up time of every command)
+
+            shutil.copyfile(source, tmp)
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_directory:
+        fsync_dir(target.parent)

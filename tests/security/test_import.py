@@ -20,6 +20,7 @@ import pytest
 import zstandard
 
 from ocibuild import archive as oci_archive, oci
+from ocibuild.archive.export import _header
 from ocibuild.errors import OcibuildError
 from ocibuild.oci import Digest, ImageConfig, Manifest
 from ocibuild.store import Store
@@ -94,7 +95,7 @@ def _typed(name: str, size: int, typeflag: bytes) -> bytes:
 def _huge_pax() -> bytes:
     body = b" comment=" + b"x" * (2 << 20) + b"\n"
     record = str(len(body) + 7).encode() + body
-    return _typed("PaxHeaders/x", len(record), b"x") + _padded(record) + oci_archive._header(BLOB, 0)
+    return _typed("PaxHeaders/x", len(record), b"x") + _padded(record) + _header(BLOB, 0)
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -124,7 +125,7 @@ CASES: dict[str, Callable[[], bytes]] = {
     "dotdot": lambda: archive(entry("blobs/sha256/../../../escape", tarfile.REGTYPE, data=b"pwned")),
     "dotdot-in-pax-path": lambda: archive(raw_blocks(
         _typed("PaxHeaders/p", len(r := _pax_record(b"path", b"../../escape")), b"x") + _padded(r)
-        + oci_archive._header("blobs/sha256/" + LAYER_HEX, 5) + _padded(b"pwned"))),
+        + _header("blobs/sha256/" + LAYER_HEX, 5) + _padded(b"pwned"))),
     "absolute-path": lambda: archive(entry("/tmp/ocibuild-escape", tarfile.REGTYPE, data=b"pwned")),
     "absolute-blob-path": lambda: archive(entry("/" + BLOB, tarfile.REGTYPE, data=LAYER)),
     "outside-layout": lambda: archive(entry("etc/passwd", tarfile.REGTYPE, data=b"root::0:0::/:/bin/sh\n")),
@@ -138,12 +139,12 @@ CASES: dict[str, Callable[[], bytes]] = {
     "global-pax-header": lambda: archive(raw_blocks(
         _typed("pax_global_header", len(r := _pax_record(b"path", b"etc/passwd")), b"g") + _padded(r))),
     "gnu-long-link": lambda: archive(raw_blocks(
-        _typed("././@LongLink", 12, b"K") + _padded(b"/etc/shadow\0") + oci_archive._header(BLOB, 0))),
+        _typed("././@LongLink", 12, b"K") + _padded(b"/etc/shadow\0") + _header(BLOB, 0))),
     "pax-linkpath": lambda: archive(raw_blocks(
         _typed("PaxHeaders/p", len(r := _pax_record(b"linkpath", b"/etc/shadow")), b"x") + _padded(r)
-        + oci_archive._header(BLOB, 0))),
+        + _header(BLOB, 0))),
     "sparse-file": lambda: archive(raw_blocks(_typed(BLOB, 0, tarfile.GNUTYPE_SPARSE))),
-    "size-beyond-the-end": lambda: archive(raw_blocks(oci_archive._header(BLOB, 8 << 30))),
+    "size-beyond-the-end": lambda: archive(raw_blocks(_header(BLOB, 8 << 30))),
     "duplicate-entry": lambda: archive(lambda tar: [tar.addfile(_file(BLOB, d), io.BytesIO(d))
                                                     for d in (LAYER, b"x" * len(LAYER))] and None),
     "gzip-bomb": lambda: _compressed(lambda data: gzip.compress(data, compresslevel=1)),

@@ -43,6 +43,9 @@ INSIDE: dict[str, set[str]] = {
     "store.content": {"store.layout"},  # blobs in and out
     "store.maintenance": {"store.layout", "store.content"},  # verify, gc
     "store.entries": {"store"},  # the cache-entry format, on the Store facade
+    "archive.contents": set(),  # input artifacts, the download cache, inventories, a manifest's closure
+    "archive.export": {"archive.contents"},  # writing
+    "archive.importing": {"archive.contents"},  # reading, checked
 }
 # third-party library -> the one module that wraps it
 OWNERS = {"zstandard": "tar.codecs", "isal": "tar.codecs", "python_on_whales": "engine", "http": "net.http",

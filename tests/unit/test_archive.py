@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ocibuild import archive as oci_archive, oci
+from ocibuild.archive.export import _header
 from ocibuild.errors import DigestMismatch, FormatError, OcibuildError, UnsafeArchive
 from ocibuild.oci import Descriptor, Digest, ImageConfig, Manifest
 from ocibuild.store import Store
@@ -111,7 +112,7 @@ def test_write_oci_archive_holds_one_manifest(source: Store, tmp_path: Path) -> 
 
 
 def test_long_blob_names_use_pax(tmp_path: Path) -> None:
-    header = oci_archive._header("blobs/sha512/" + "a" * 128, 3)
+    header = _header("blobs/sha512/" + "a" * 128, 3)
     with tarfile.open(fileobj=io.BytesIO(header + b"abc" + bytes(509) + bytes(1024))) as tar:
         assert tar.getnames() == ["blobs/sha512/" + "a" * 128]
 

@@ -3,7 +3,8 @@ copied into the store and verified on the way."""
 
 from __future__ import annotations
 
-from .. import archive as oci_archive, oci, registry
+from .. import oci, registry
+from ..archive import import_archive
 from ..errors import FormatError, OcibuildError, RecipeError
 from ..oci import LayerBlob, Digest
 from ..recipe.project import LayerRecipe
@@ -63,4 +64,4 @@ def _import_oci_archive(ctx: BuildContext, layer: LayerRecipe, ref: str) -> None
     archive = layer.dir / path
     if not archive.is_file():
         raise RecipeError(f"layer '{layer.name}': {ref}: {archive} is not a file", "fix ref in the layer.toml")
-    oci_archive.import_archive(ctx.store, archive, tag=False)
+    import_archive(ctx.store, archive, tag=False)

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .. import archive as oci_archive, oci
+from .. import oci
+from ..archive import write_oci_archive
 from ..tar import read
 from ..engine import BindMount, Engine
 from ..errors import EngineError, OcibuildError
@@ -46,7 +47,7 @@ def staged(store: Store, config_bytes: bytes, manifest: Manifest, key: Digest, e
     store.tag(tag, descriptor)
 
     def write_archive() -> Path:
-        oci_archive.write_oci_archive(store, descriptor, tag, archive)
+        write_oci_archive(store, descriptor, tag, archive)
         return archive
 
     try:

@@ -1,5 +1,5 @@
 """`export`, `import` and `inventory`: archives that carry a project's layers to air-gapped machines (see
-:mod:`ocibuild.bundle`)."""
+:mod:`ocibuild.archive`)."""
 
 from __future__ import annotations
 
@@ -16,24 +16,24 @@ from .build import load_plan
 from .common import open_store, print_json, project_of
 
 if TYPE_CHECKING:
-    from .. import archive as oci_archive
+    from ..archive import InputFile, Inventory
     from ..planner import Plan
 
 
 def inventory_command(args: argparse.Namespace) -> int:
-    from .. import archive as oci_archive
+    from ..archive import inventory
 
     _, store = open_store(args)
-    sys.stdout.buffer.write(oci_archive.inventory(store).to_json() + b"\n")
+    sys.stdout.buffer.write(inventory(store).to_json() + b"\n")
     return 0
 
 
 def import_command(args: argparse.Namespace) -> int:
-    from .. import archive as oci_archive
+    from ..archive import import_archive
 
     _, store = open_store(args)
     path = Path(args.path)
-    imported = oci_archive.import_archive(store, path)
+    imported = import_archive(store, path)
     summary = (f"imported {imported.blobs} blobs ({imported.bytes / 1e6:.1f} MB; {imported.present} already "
                f"present), {len(imported.tags)} tags, {imported.inputs} inputs into the download cache")
     if imported.untagged:
@@ -46,22 +46,22 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from .. import archive as oci_archive
+    from ..archive import downloaded_inputs, export_archive
 
     _, store = open_store(args)
     path = Path(args.path)
     since = _since(args.since) if args.since else None
-    inputs: list[oci_archive.InputFile] = []
+    inputs: list[InputFile] = []
     if args.all:
         if args.image_only:
             raise OcibuildError("--all and --image-only exclude each other", "choose one")
         tags = [d.ref_name for d in store.index().manifests if d.ref_name]
-        inputs = oci_archive.downloaded_inputs(store)
+        inputs = downloaded_inputs(store)
     elif args.image_only:
         tags = [project_of(args).image.name]
     else:
         tags, inputs = export_selection(load_plan(args, store, offline=True), store)
-    exported = oci_archive.export_archive(store, path, tags, inputs=inputs, since=since, sync=args.sync)
+    exported = export_archive(store, path, tags, inputs=inputs, since=since, sync=args.sync)
     if args.json:
         print_json(exported.to_dict())
     else:
@@ -70,21 +70,21 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _since(text: str) -> oci_archive.Inventory:
-    from .. import archive as oci_archive
+def _since(text: str) -> Inventory:
+    from ..archive import Inventory
 
     try:
-        return oci_archive.Inventory.parse(Path(text).read_bytes(), text)
+        return Inventory.parse(Path(text).read_bytes(), text)
     except OSError as err:
         raise OcibuildError(f"--since {text}: {err.strerror}", "run `ocibuild inventory > FILE` "
                             "on the machine the archive is for") from None
 
 
-def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[oci_archive.InputFile]]:
+def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[InputFile]]:
     """What another machine needs to build ``plan`` with nothing rebuilt and nothing fetched: the tags of every
     layer's cache entry (and of the merge layer's, when there is one) and of the image, and the downloaded inputs
     (archive tarballs, run layers' url inputs) that a missing key would need."""
-    from .. import archive as oci_archive
+    from ..archive import downloaded_inputs
     from ..planner import MERGE_LAYER, merge_key
     from ..store.entries import cache_tag
 
@@ -112,5 +112,5 @@ def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[oci_arch
             for ref in recipe.inputs:
                 if ref.url is not None and ref.sha256 is not None:
                     urls[Digest.from_hex(ref.sha256)] = ref.url
-    inputs = [replace(item, url=urls[item.digest]) for item in oci_archive.downloaded_inputs(store, urls)]
+    inputs = [replace(item, url=urls[item.digest]) for item in downloaded_inputs(store, urls)]
     return tags, inputs

@@ -108,11 +108,11 @@ def build_command(args: argparse.Namespace) -> int:
 
 
 def _write_output(store: Store, image: Descriptor, name: str, target: str) -> None:
-    from .. import archive as oci_archive
+    from ..archive import write_oci_archive
 
     if not target.startswith("oci-archive:"):
         raise OcibuildError(f"--output {target}: only oci-archive:PATH is supported", "write --output oci-archive:out.tar")
-    oci_archive.write_oci_archive(store, image, name, Path(target.split(":", 1)[1]))
+    write_oci_archive(store, image, name, Path(target.split(":", 1)[1]))
 
 
 def lock_command(args: argparse.Namespace) -> int:

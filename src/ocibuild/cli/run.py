@@ -17,7 +17,7 @@ from .common import engine_factory, open_store, report
 def run_command(args: argparse.Namespace) -> int:
     """`ocibuild run`: build (a no-op when cached), hand the image to the engine, run the command. Exits with the
     command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
-    from .. import archive as oci_archive
+    from ..archive import write_oci_archive
     from ..engine import BindMount
 
     try:
@@ -43,7 +43,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         def archive() -> Path:
             path = store.private_dir("tmp") / f"{project.image.name}-{os.getpid()}.tar"
-            oci_archive.write_oci_archive(store, result.image, project.image.name, path)
+            write_oci_archive(store, result.image, project.image.name, path)
             return path
 
         image = engine.load_from_layout(store.root, project.image.name, config_digest.hex, archive)

@@ -15,10 +15,8 @@ TLS settings and retry loop.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 from ..errors import DigestMismatch, FetchError, OcibuildError, StoreError
-from ..files import fsync_dir
+from ..files import link_or_copy
 from ..oci import Digest
 from ..store import Store
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
@@ -256,26 +254,8 @@ def _verified_local(url: str, digest: Digest, what: str) -> Path:
 
 def _link(store: Store, digest: Digest, target: Path) -> None:
     """The blob ``digest`` into the download cache as ``target``: a hard link, else a copy (durable either way)."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    source = store.blob_path(digest)
     try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except OSError as err:
-            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            import shutil  # (here: it imports the bz2 and lzma modules, start-up time of every command)
-
-            shutil.copyfile(source, tmp)
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        link_or_copy(store.blob_path(digest), target)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise StoreError(f"put download {digest} into {target.parent}: {err.strerror or err}",
                          "check the permissions and free space of the store") from err
