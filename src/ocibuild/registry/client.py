@@ -49,13 +49,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
-from .errors import DigestMismatch, FormatError, OcibuildError, RegistryError
-from .net import download
-from .net.auth import DOCKER_HUB, DOCKER_HUB_API, Authenticator, Credentials, find_credentials
-from .net.retry import RETRY_STATUS, Retrier, RetryableFailure, RetryPolicy, parse_retry_after
-from .net.session import (CAFileError, ProxyError, RedirectRefused, Session, is_loopback, one_line,
-                          printable_url)
-from .oci import (
+from ..errors import DigestMismatch, FormatError, OcibuildError, RegistryError
+from ..net import download
+from ..net.auth import DOCKER_HUB, DOCKER_HUB_API, Authenticator, Credentials, find_credentials
+from ..net.retry import RETRY_STATUS, Retrier, RetryableFailure, RetryPolicy, parse_retry_after
+from ..net.session import (CAFileError, ProxyError, RedirectRefused, Session, is_loopback, one_line,
+                           printable_url)
+from ..oci import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     INDEX_TYPES,
@@ -69,11 +69,11 @@ from .oci import (
     Platform,
     Reference,
 )
-from .store import Store
-from .threads import parallel_map
+from ..store import Store
+from ..threads import parallel_map
 
 if TYPE_CHECKING:  # imported on first contact with a registry: see ocibuild.net.session
-    from .net.http import Response
+    from ..net.http import Response
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -207,7 +207,7 @@ class Client:
         """``call()`` (the session at work), its failures made the registry's: a connection error is worth another
         try, a refused certificate is not. ``probe``: the first contact, where any TLS failure propagates (the
         caller may fall back to plain HTTP)."""
-        from .net.http import InvalidRequest, TLSError
+        from ..net.http import InvalidRequest, TLSError
 
         try:
             return call()
@@ -244,7 +244,7 @@ class Client:
 
     def _ping(self) -> None:
         """GET /v2/ once: picks the scheme and learns the auth challenge."""
-        from .net.http import TLSError
+        from ..net.http import TLSError
 
         def probe(url: str) -> Response:
             return self._call("", "GET", url, lambda: self._session.exchange("GET", url, {}), probe=True)
