@@ -46,6 +46,10 @@ INSIDE: dict[str, set[str]] = {
     "archive.contents": set(),  # input artifacts, the download cache, inventories, a manifest's closure
     "archive.export": {"archive.contents"},  # writing
     "archive.importing": {"archive.contents"},  # reading, checked
+    "registry.transport": set(),  # one registry's HTTP side: scheme, auth, retries, errors of responses
+    "registry.upload": {"registry.transport"},  # a blob going up: one PUT, or PATCH chunks that resume
+    "registry.client": {"registry.transport", "registry.upload"},  # the distribution API calls; Registries
+    "registry.images": set(),  # whole images, on any Distribution
 }
 # third-party library -> the one module that wraps it
 OWNERS = {"zstandard": "tar.codecs", "isal": "tar.codecs", "python_on_whales": "engine", "http": "net.http",
