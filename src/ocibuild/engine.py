@@ -225,15 +225,23 @@ class Engine:
             raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
 
     def run_attached(self, image: str, command: Sequence[str], *, mounts: Sequence[BindMount],
-                     env: Mapping[str, str], workdir: str | None, interactive: bool, network: bool = True) -> int:
-        """The compile step: the container's output straight on our terminal; returns its exit code."""
+                     env: Mapping[str, str | None], workdir: str | None, interactive: bool, network: bool = True,
+                     privileged: bool = False, tty: bool | None = None) -> int:
+        """The compile step (and ``ocibuild shell``): the container's output straight on our terminal; returns
+        its exit code. ``interactive`` passes our stdin (``-i``); ``tty`` allocates a terminal (``-t``; None:
+        when interactive and both stdin and stdout are terminals). An ``env`` value of None passes the variable
+        by name (``-e NAME``): the engine reads it from our environment, so a secret is not on its command line."""
+        if privileged:
+            self.check_privileged()
+        if tty is None:
+            tty = interactive and os.isatty(0) and os.isatty(1)
         argv = ["run", "--rm", "--pull=never"] + ([] if network else ["--network=none"])
-        if interactive:
-            argv += ["-i"] + (["-t"] if os.isatty(0) and os.isatty(1) else [])
+        argv += ["--privileged"] if privileged else []
+        argv += (["-i"] if interactive else []) + (["-t"] if tty else [])
         for m in mounts:
             argv += ["-v", m.to_arg()]
         for key, value in env.items():
-            argv += ["-e", f"{key}={value}"]
+            argv += ["-e", key if value is None else f"{key}={value}"]
         if workdir:
             argv += ["-w", workdir]
         argv += [image, *command]
@@ -270,6 +278,19 @@ class Engine:
                 self._call("unmount", container, what=f"unmount {container}")
             except EngineError as err:
                 log.warning("%s", err)
+
+    @property
+    def rootless(self) -> bool:
+        """Containers run in a user namespace of an ordinary user (rootless podman or nerdctl, or already
+        inside ``podman unshare``): their root has no more rights than that user."""
+        return os.geteuid() != 0 or "_CONTAINERS_USERNS_CONFIGURED" in os.environ
+
+    def check_privileged(self) -> None:
+        """Raise :class:`EngineError` when ``--privileged`` cannot give what it promises: rootless."""
+        if self.rootless:
+            raise EngineError(f"--privileged cannot work with rootless {self.name}: the container gets no more "
+                              "rights than your own user",
+                              "run this step as root (sudo ocibuild …), or drop --privileged / [run] privileged")
 
     def needs_unshare(self) -> bool:
         """Rootless podman: container files are readable only inside its user namespace."""

@@ -101,3 +101,43 @@ def test_rootless_build_and_run(user: pwd.struct_passwd, python_path: str) -> No
         subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "unshare", "rm", "-rf", store], cwd="/tmp",
                        capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_rootless_privileged_is_refused_and_caches_are_writable_and_removable(user: pwd.struct_passwd,
+                                                                               python_path: str) -> None:
+    """The container's root is the user: a cache directory of the store is writable for it; what the container
+    writes there as another user (a subordinate id) is removed by `gc --caches` through podman unshare."""
+    base = Path(f"/tmp/ocibuild-rootless-caches-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    project = base / "project"
+    busybox_rootfs(project / "rootfs")
+    (project / "layers/base").mkdir(parents=True)
+    (project / "layers/base/layer.toml").write_text('kind = "copy"\nfrom = "rootfs"\nto = "/"\n')
+    (project / "ocibuild.toml").write_text(
+        '[image]\nname = "rlc"\nlayers = ["base"]\n'
+        '[run]\ncommand = ["sh", "-c", "cat /cache/stamp 2>/dev/null || echo cold; echo warm > /cache/stamp; '
+        'mkdir -p /cache/other && echo x > /cache/other/f && chown -R 1000:1000 /cache/other && chmod 700 /cache/other"]\n'
+        'caches = ["/cache"]\nnetwork = false\n')
+    base.chmod(0o755)
+    subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
+    store = str(base / "store")
+    try:
+        refused = as_user(user, project, python_path, "run", "--store", store, "--privileged", "--", "true")
+        assert refused.returncode == 125
+        assert "error: --privileged cannot work with rootless podman" in refused.stderr and "hint:" in refused.stderr
+        first = as_user(user, project, python_path, "run", "--store", store)
+        assert first.returncode == 0 and first.stdout.strip() == "cold", first.stderr
+        second = as_user(user, project, python_path, "run", "--store", store)
+        assert second.returncode == 0 and second.stdout.strip() == "warm", second.stderr
+        [cache] = (base / "store/ocibuild/caches").glob("*/podman/*/")
+        assert cache.stat().st_uid == user.pw_uid and (cache / "other").stat().st_uid != user.pw_uid
+        removed = as_user(user, project, python_path, "gc", "--store", store, "--caches")
+        assert removed.returncode == 0, removed.stderr
+        assert f"removed the cache /cache of {project} (podman)" in removed.stdout
+        assert not any((base / "store/ocibuild/caches").iterdir())
+    finally:
+        subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "rmi", "--force", f"localhost{store}"],
+                       cwd="/tmp", capture_output=True)  # the image podman named after the store it came from
+        subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "unshare", "rm", "-rf", store], cwd="/tmp",
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

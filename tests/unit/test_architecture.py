@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LEAVES | {"oci", "store", "net"},
     "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import
     "engine": LEAVES | {"oci"},
+    "runcache": LEAVES | {"store"},  # the compile step's cache directories under the store
     "doctor": LEAVES | {"config", "engine"},
     "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",

@@ -44,6 +44,34 @@ def test_compile_step_command_line(tmp_path: Path, name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["nerdctl", "podman"])
+def test_compile_step_privileged_terminal_and_variables_by_name(tmp_path: Path, name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable passed by name is on the command line as -e NAME only: the engine reads it from its environment
+    (a secret stays off the command line)."""
+    monkeypatch.setattr(Engine, "rootless", property(lambda self: False))
+    tool, log = stand_in(tmp_path, name)
+    engine = Engine(name, executable=str(tool))
+    code = engine.run_attached("img", ["bash"], mounts=[], env={"A": "1", "TOKEN": None}, workdir=None,
+                               interactive=True, tty=True, privileged=True)
+    assert code == 0
+    assert log.read_text().splitlines()[-1] == "run --rm --pull=never --privileged -i -t -e A=1 -e TOKEN img bash"
+
+
+def test_rootless_is_an_ordinary_user_or_podman_unshare(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tool, _ = stand_in(tmp_path, "podman")
+    engine = Engine("podman", executable=str(tool))
+    monkeypatch.delenv("_CONTAINERS_USERNS_CONFIGURED", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert not engine.rootless
+    engine.check_privileged()
+    monkeypatch.setenv("_CONTAINERS_USERNS_CONFIGURED", "1")
+    assert engine.rootless
+    monkeypatch.delenv("_CONTAINERS_USERNS_CONFIGURED")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert engine.rootless
+
+
 def test_nerdctl_loads_an_archive_and_podman_copies_from_the_layout(tmp_path: Path) -> None:
     tool, log = stand_in(tmp_path, "nerdctl")
     made = []

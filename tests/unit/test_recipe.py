@@ -46,6 +46,15 @@ def test_loads_defaults_and_order(make_project) -> None:
         ({"a": COPY}, 'compression = "lz4"\n', "compression must be"),
         ({"a": COPY}, "[run]\nmounts = [\"../out:/out\"]\n", "leaves the project directory"),
         ({"a": COPY, "b": 'kind = "image"\nref = "oci:x"\n'}, "", "must come first"),
+        ({"a": COPY}, "[run]\npass_envs = [\"X\"]\n", "unknown key 'pass_envs' (did you mean 'pass_env'?)"),
+        ({"a": COPY}, "[run]\npass_env = \"BUILDFLAGS\"\n", "'pass_env' must be a list of strings"),
+        ({"a": COPY}, "[run]\npass_env = [\"A=1\"]\n", "pass_env 'A=1' is not a variable name"),
+        ({"a": COPY}, "[run]\nprivileged = \"yes\"\n", "'privileged' must be a boolean"),
+        ({"a": COPY}, "[run]\ncaches = [\"go-build\"]\n", "must be an absolute path in the container"),
+        ({"a": COPY}, "[run]\ncaches = [\"/\"]\n", "must be an absolute path in the container, not /"),
+        ({"a": COPY}, "[run]\ncaches = [\"/c/../etc\"]\n", "must be an absolute path"),
+        ({"a": COPY}, "[run]\ncaches = [\"/c\", \"/c/\"]\n", "cache '/c' is also a mount or listed twice"),
+        ({"a": COPY}, "[run]\nmounts = [\"out:/c\"]\ncaches = [\"/c\"]\n", "cache '/c' is also a mount"),
     ],
 )
 def test_bad_recipes_name_the_file(make_project, layers, image, message) -> None:
@@ -54,6 +63,17 @@ def test_bad_recipes_name_the_file(make_project, layers, image, message) -> None
         load_project(root)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_run_section_defaults_and_values(make_project) -> None:
+    root = make_project({"a": COPY})
+    run = load_project(root).run
+    assert (run.pass_env, run.privileged, run.caches) == ((), False, ())
+    root = make_project({"a": COPY}, image='[run]\npass_env = ["BUILDFLAGS", "TESTFLAGS"]\nprivileged = true\n'
+                                          'caches = ["/root/.cache/go-build/", "/go/pkg"]\n')
+    run = load_project(root).run
+    assert run.pass_env == ("BUILDFLAGS", "TESTFLAGS") and run.privileged
+    assert run.caches == ("/root/.cache/go-build", "/go/pkg")
 
 
 def test_missing_layer_file(make_project, tmp_path: Path) -> None:

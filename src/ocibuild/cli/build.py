@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import registry
+from .. import registry, runcache
 from ..config import Config
 from ..errors import OcibuildError
 from ..recipe.lock import load_lock
@@ -139,10 +139,33 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def gc_command(args: argparse.Namespace) -> int:
-    _, store = open_store(args)
+    config, store = open_store(args)
     removed, freed = store.gc()
+    caches = _remove_caches(config, store) if args.caches else None
     if args.json:
-        print_json({"removed": removed, "bytes": freed})
-    else:
-        print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
+        doc: dict[str, object] = {"removed": removed, "bytes": freed}
+        if caches is not None:
+            doc["caches"] = [{"project": c.project, "engine": c.engine, "path": c.path, "bytes": c.bytes}
+                             for c in caches]
+        print_json(doc)
+        return 0
+    print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
+    if caches is not None:
+        for c in caches:
+            print(f"removed the cache {c.path} of {c.project} ({c.engine}), {c.bytes / 1e6:.1f} MB")
+        if not caches:
+            print("no compile caches to remove")
     return 0
+
+
+def _remove_caches(config: Config, store: Store) -> list[runcache.CacheDir]:
+    """`gc --caches`. Rootless, what a container wrote as another user is removed inside podman's namespace."""
+    def fallback(path: Path) -> None:
+        from ..engine import Engine
+
+        engine = Engine.detect("podman", config.engine_args)
+        if not engine.needs_unshare():
+            raise OcibuildError(f"cannot remove the compile caches {path}", "check the store's permissions")
+        engine.unshare(["rm", "-rf", str(path)], b"", what=f"removing {path}")
+
+    return runcache.remove(store, fallback=fallback)

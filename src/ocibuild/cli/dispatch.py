@@ -15,7 +15,7 @@ DESCRIPTION = "The command line: subcommands, progress, exit codes. The only mod
 COMMANDS: dict[str, Command] = {
     "plan": build.plan_command, "build": build.build_command, "lock": build.lock_command,
     "verify": build.verify_command, "gc": build.gc_command,
-    "run": run.run_command, "doctor": run.doctor_command,
+    "run": run.run_command, "shell": run.shell_command, "doctor": run.doctor_command,
     "push": transfer.push_command, "push-cache": transfer.push_cache_command,
     "pull-cache": transfer.pull_cache_command, "login": transfer.login_command,
     "export": airgap.export_command, "import": airgap.import_command, "inventory": airgap.inventory_command,
@@ -53,7 +53,7 @@ Subparsers = Any  # argparse._SubParsersAction, which typeshed keeps private
 
 def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: argparse.ArgumentParser,
                     transfer: argparse.ArgumentParser) -> None:
-    """plan, build, run, doctor, lock."""
+    """plan, build, run, shell, doctor, lock."""
     p = sub.add_parser("plan", parents=[common, cache, transfer],
                        help="show each layer's key and whether it is cached (or can be pulled)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -68,11 +68,11 @@ def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: arg
 
     p = sub.add_parser("run", parents=[common, cache, transfer],
                        help="run the compile step (or COMMAND) in the assembled image")
-    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine (default: [run] engine)")
-    p.add_argument("--offline", action="store_true", help="never touch the network")
-    p.add_argument("--source-mount", action="store_true",
-                   help="bind-mount the live trees of copy layers (except one copied to /) over their baked layers")
+    run.add_options(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command instead of [run] command")
+    p = sub.add_parser("shell", parents=[common, cache, transfer],
+                       help="an interactive shell in the assembled image, set up as for the compile step")
+    run.add_options(p)
 
     p = sub.add_parser("doctor", parents=[common], help="check the engine, runtime, cgroups, ulimits, subuid, mmdebstrap")
     p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), default="auto")
@@ -121,6 +121,7 @@ def _store_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     sub.add_parser("verify", parents=[common], help="check every blob and reference in the store")
     p = sub.add_parser("gc", parents=[common], help="remove blobs no tag or cache entry reaches")
+    p.add_argument("--caches", action="store_true", help="also remove the compile step's caches ([run] caches)")
     p.add_argument("--json", action="store_true")
 
 

@@ -1,58 +1,158 @@
-"""`run` and `doctor`: the container engine's side, the compile step in the assembled image and the checks of
-the host that runs it."""
+"""`run`, `shell` and `doctor`: the container engine's side, the compile step (or a shell) in the assembled image
+and the checks of the host that runs it.
+
+The compile step's container: the image's workdir; mounts from ``[run] mounts`` (inside the project, checked when
+the recipe is read), the copy layers' trees with ``--source-mount``, the ``[run] caches`` directories of the store,
+then the user's own ``-v`` (any host path: the user typed it, a cloned recipe did not), which replaces a mount of
+the same container path; environment ``[run] env``, then ``[run] pass_env`` and ``-e`` (later wins).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import load_config
 from ..errors import OcibuildError
+from ..recipe.project import ENV_NAME, RunSpec
 from .build import build_project
 from .common import engine_factory, open_store, report
+
+if TYPE_CHECKING:
+    from ..engine import BindMount, Engine
+    from ..planner import BuildResult, Plan
+    from ..store import Store
+
+#: `ocibuild shell`: bash where the image has it (as Docker's `make shell`), else sh; commands from stdin when
+#: it is not a terminal.
+SHELL = ("/bin/sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash; else exec sh; fi")
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The options `run` and `shell` share."""
+    p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine (default: [run] engine)")
+    p.add_argument("--offline", action="store_true", help="never touch the network")
+    p.add_argument("--source-mount", action="store_true",
+                   help="bind-mount the live trees of copy layers (except one copied to /) over their baked layers")
+    p.add_argument("-e", "--env", action="append", type=env_option, default=[], metavar="NAME[=VALUE]",
+                   help="set NAME, or pass the host's NAME (skipped when unset); repeatable")
+    p.add_argument("-v", "--volume", action="append", type=volume_option, default=[],
+                   metavar="HOST:CONTAINER[:ro]", help="bind-mount a host path (any path); repeatable")
+    p.add_argument("--privileged", action="store_true",
+                   help="give the container every privilege, as `make test` needs (not rootless)")
+
+
+def env_option(text: str) -> tuple[str, str | None]:
+    """``-e NAME[=VALUE]``: (NAME, VALUE), or (NAME, None) for the host's value."""
+    name, sep, value = text.partition("=")
+    if not ENV_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME or NAME=VALUE")
+    return name, value if sep else None
+
+
+def volume_option(text: str) -> tuple[Path, str, bool]:
+    """``-v HOST:CONTAINER[:ro|rw]``: (absolute host path, container path, read-only). A relative HOST is relative
+    to the current directory, as for every path on the command line."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or \
+            len(parts) == 3 and parts[2] not in ("ro", "rw"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:CONTAINER[:ro] (CONTAINER an absolute path)")
+    return Path(parts[0]).expanduser().absolute(), parts[1], len(parts) == 3 and parts[2] == "ro"
+
+
+def compile_env(run: RunSpec, options: Sequence[tuple[str, str | None]],
+                host: Mapping[str, str]) -> dict[str, str | None]:
+    """The compile step's environment: ``[run] env``, then ``[run] pass_env``, then ``-e`` (a later one wins). A
+    value of None is passed by name from the host (the engine reads it; it is not on its command line); a name
+    the host does not set is skipped."""
+    env: dict[str, str | None] = dict(run.env)
+    for name, value in [(name, None) for name in run.pass_env] + list(options):
+        if value is not None:
+            env[name] = value
+        elif name in host:
+            env[name] = None
+    return env
 
 
 def run_command(args: argparse.Namespace) -> int:
     """`ocibuild run`: build (a no-op when cached), hand the image to the engine, run the command. Exits with the
     command's exit code; 125 when ocibuild fails before the command starts, as podman does."""
-    from ..archive import write_oci_archive
-    from ..engine import BindMount
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else list(args.cmd)
+    return _in_container(args, command, shell=False)
 
+
+def shell_command(args: argparse.Namespace) -> int:
+    """`ocibuild shell`: as `run`, with an interactive shell for the command (``-it`` on a terminal)."""
+    return _in_container(args, list(SHELL), shell=True)
+
+
+def _in_container(args: argparse.Namespace, command: list[str], *, shell: bool) -> int:
     try:
         config, store = open_store(args)
         plan, result = build_project(args, config, store)
         project = plan.project
-        factory = engine_factory(config, project, args.engine)
-        command = [c for c in args.cmd if c != "--"] if args.cmd and args.cmd[0] == "--" else list(args.cmd)
+        engine = engine_factory(config, project, args.engine)()
+        privileged = args.privileged or project.run.privileged
+        if privileged:
+            engine.check_privileged()
         command = command or list(project.run.command)
         if not command:
             raise OcibuildError("nothing to run: [run] command is empty and no command was given",
                                 "add [run] command = [...] to ocibuild.toml, or run `ocibuild run -- COMMAND`")
-        engine = factory()
-        mounts = [BindMount(project.root / m.host, m.container, m.read_only) for m in project.run.mounts]
-        if args.source_mount:
-            # the trees of copy layers, except a root filesystem copied to / (mounting over / is not a source)
-            mounts += [BindMount(project.root / l.recipe.str_("from"), l.recipe.str_("to"))
-                       for l in plan.layers if l.recipe.kind == "copy" and l.recipe.str_("to").rstrip("/")]
-        for mount in mounts:
-            if not mount.host.exists():
-                mount.host.mkdir(parents=True)
-        config_digest = store.get_manifest(result.image.digest).config.digest
-
-        def archive() -> Path:
-            path = store.private_dir("tmp") / f"{project.image.name}-{os.getpid()}.tar"
-            write_oci_archive(store, result.image, project.image.name, path)
-            return path
-
-        image = engine.load_from_layout(store.root, project.image.name, config_digest.hex, archive)
-        image_config = store.get_config(config_digest)
+        mounts = _mounts(args, plan, store, engine.name)
+        env = compile_env(project.run, args.env, os.environ)
+        image, workdir = _load_image(store, result, plan, engine)
+        stdin_tty = sys.stdin.isatty()
+        return engine.run_attached(image, command, mounts=mounts, env=env, workdir=workdir,
+                                   interactive=shell or stdin_tty, tty=stdin_tty if shell else None,
+                                   network=project.run.network and not args.offline, privileged=privileged)
     except OcibuildError as err:
         report(err, args.debug)
         return 125
-    return engine.run_attached(image, command, mounts=mounts, env=project.run.env, workdir=image_config.workdir,
-                               interactive=sys.stdin.isatty(), network=project.run.network and not args.offline)
+
+
+def _mounts(args: argparse.Namespace, plan: Plan, store: Store, engine: str) -> list[BindMount]:
+    from .. import runcache
+    from ..engine import BindMount
+
+    project = plan.project
+    mounts = [BindMount(project.root / m.host, m.container, m.read_only) for m in project.run.mounts]
+    if args.source_mount:
+        # the trees of copy layers, except a root filesystem copied to / (mounting over / is not a source)
+        mounts += [BindMount(project.root / l.recipe.str_("from"), l.recipe.str_("to"))
+                   for l in plan.layers if l.recipe.kind == "copy" and l.recipe.str_("to").rstrip("/")]
+    for mount in mounts:
+        if not mount.host.exists():
+            mount.host.mkdir(parents=True)
+    mounts += [BindMount(host, path) for host, path in runcache.prepare(store, project.root, engine,
+                                                                         project.run.caches)]
+    own = [BindMount(host, container, read_only) for host, container, read_only in args.volume]
+    for mount in own:
+        if not mount.host.exists():
+            raise OcibuildError(f"-v {mount.to_arg()}: {mount.host} does not exist",
+                                "create it first, or fix the path (ocibuild creates only [run] mounts)")
+    replaced = {m.container.rstrip("/") for m in own}
+    return [m for m in mounts if m.container.rstrip("/") not in replaced] + own
+
+
+def _load_image(store: Store, result: BuildResult, plan: Plan, engine: Engine) -> tuple[str, str | None]:
+    """The image handed to the engine (nothing moves when it has it already): its name there, and its workdir."""
+    from ..archive import write_oci_archive
+
+    name = plan.project.image.name
+    config_digest = store.get_manifest(result.image.digest).config.digest
+
+    def archive() -> Path:
+        path = store.private_dir("tmp") / f"{name}-{os.getpid()}.tar"
+        write_oci_archive(store, result.image, name, path)
+        return path
+
+    image = engine.load_from_layout(store.root, name, config_digest.hex, archive)
+    return image, store.get_config(config_digest).workdir
 
 
 def doctor_command(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import RecipeError
@@ -19,6 +19,7 @@ PROJECT_FILE = "ocibuild.toml"
 LAYER_FILE = "layer.toml"
 _SECTIONS = ("image", "run", "cache")
 _LAYER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,16 @@ class Mount:
 
 @dataclass(frozen=True)
 class RunSpec:
+    """The ``[run]`` section: the compile step (and ``ocibuild shell``)."""
+
     command: tuple[str, ...]
     mounts: tuple[Mount, ...]
     env: Mapping[str, str]
     engine: str
     network: bool = True
+    pass_env: tuple[str, ...] = ()  # host variables passed by name
+    privileged: bool = False
+    caches: tuple[str, ...] = ()  # absolute container paths, normalised
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,27 @@ def _run(root: Path, data: Mapping[str, Any]) -> RunSpec:
     if run_data["engine"] not in ("auto", "podman", "nerdctl"):
         raise RecipeError(f"{PROJECT_FILE}: [run] engine must be auto, podman or nerdctl")
     mounts = tuple(_mount(root, m) for m in run_data["mounts"])
-    return RunSpec(run_data["command"], mounts, run_data["env"], run_data["engine"], run_data["network"])
+    for name in run_data["pass_env"]:
+        if not ENV_NAME.fullmatch(name):
+            raise RecipeError(f"{PROJECT_FILE}: [run] pass_env {name!r} is not a variable name",
+                              "list names only (letters, digits, '_'); set values in [run] env")
+    caches = tuple(_cache_path(c) for c in run_data["caches"])
+    taken = [m.container.rstrip("/") or "/" for m in mounts]
+    for path in caches:
+        if path in taken:
+            raise RecipeError(f"{PROJECT_FILE}: [run] cache {path!r} is also a mount or listed twice",
+                              "give each container path one mount or one cache")
+        taken.append(path)
+    return RunSpec(run_data["command"], mounts, run_data["env"], run_data["engine"], run_data["network"],
+                   run_data["pass_env"], run_data["privileged"], caches)
+
+
+def _cache_path(text: str) -> str:
+    pure = PurePosixPath(text)
+    if not pure.is_absolute() or ".." in pure.parts or str(pure) == "/":
+        raise RecipeError(f"{PROJECT_FILE}: [run] cache {text!r} must be an absolute path in the container, not /",
+                          "write e.g. caches = [\"/root/.cache/go-build\"]")
+    return str(pure)
 
 
 def _mount(root: Path, text: str) -> Mount:

@@ -54,6 +54,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("env", "table of strings", False, {}, "extra environment of the compile step"),
         Key("engine", "string", False, "auto", "auto, podman or nerdctl"),
         Key("network", "boolean", False, True, "whether the compile step may reach the network"),
+        Key("pass_env", "list of strings", False, [],
+            "host variables passed to the compile step by name (unset ones skipped)"),
+        Key("privileged", "boolean", False, False,
+            "run the compile step with the engine's --privileged (refused when rootless)"),
+        Key("caches", "list of strings", False, [],
+            "absolute paths in the container kept between runs, under the store per project and engine"),
     ),
     "cache": (Key("ref", "string", False, "", "registry repository used as the shared layer cache"),),
     "bootstrap": _COMMON

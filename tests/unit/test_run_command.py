@@ -1,0 +1,187 @@
+"""`ocibuild run` and `ocibuild shell` end to end against a recording stand-in of the engine: the options
+(-e, -v, --privileged), the `[run]` section (env, pass_env, mounts, caches, privileged) and the command line the
+engine gets, for podman and nerdctl. nerdctl cannot be installed here (it is not packaged in Debian): its
+command lines are only checked this way; podman's also for real in tests/integration/test_compile_loop.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ocibuild.cli import main
+from ocibuild.cli.dispatch import parser
+from ocibuild.cli.run import SHELL, compile_env
+from ocibuild.engine import Engine
+from ocibuild.recipe.project import RunSpec
+from ocibuild.store import Store
+from test_engine import stand_in
+
+COPY = 'kind = "copy"\nfrom = "src"\nto = "/src"\n'
+RUN = """
+[run]
+command = ["make"]
+mounts = ["out:/out"]
+env = { A = "1", B = "from-recipe" }
+pass_env = ["BUILDFLAGS", "UNSET_ONE"]
+caches = ["/root/.cache/go-build"]
+"""
+
+
+@pytest.fixture
+def project(make_project, tmp_path: Path) -> Path:
+    return make_project({"src": COPY}, image='workdir = "/src"\n' + RUN, files={"src/main.c": "int main;\n"})
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The stand-ins first on PATH; a private runtime directory; the host variables the tests pass."""
+    for name in ("podman", "nerdctl"):
+        stand_in(tmp_path, name)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("OCIBUILD_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("BUILDFLAGS", "-tags secret")
+    monkeypatch.setenv("HOSTVAR", "h")
+    monkeypatch.delenv("UNSET_ONE", raising=False)
+    monkeypatch.delenv("ALSO_UNSET", raising=False)
+    return tmp_path
+
+
+def engine_lines(tmp_path: Path, name: str) -> list[str]:
+    log = tmp_path / f"{name}.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def cache_dir(store: Store, root: Path, engine: str, path: str) -> Path:
+    short = lambda text: hashlib.sha256(text.encode()).hexdigest()[:16]  # noqa: E731
+    return store.root / "ocibuild" / "caches" / short(str(root)) / engine / short(path)
+
+
+def image_id(store: Store) -> str:
+    return store.get_manifest(store.resolve("dev").digest).config.digest.hex
+
+
+@pytest.mark.parametrize("name", ["podman", "nerdctl"])
+def test_shell_command_line(env: Path, project: Path, store: Store, name: str) -> None:
+    outside = env / "elsewhere"
+    outside.mkdir()
+    code = main(["shell", "-C", str(project), "--store", str(store.root), "--engine", name, "-e", "B=2",
+                 "-e", "HOSTVAR", "-e", "ALSO_UNSET", "-v", f"{outside}:/data:ro"])
+    assert code == 0
+    cache = cache_dir(store, project, name, "/root/.cache/go-build")
+    assert cache.is_dir() and (project / "out").is_dir()
+    assert engine_lines(env, name)[-1] == (
+        f"run --rm --pull=never -i -v {project}/out:/out -v {cache}:/root/.cache/go-build -v {outside}:/data:ro "
+        f"-e A=1 -e B=2 -e BUILDFLAGS -e HOSTVAR -w /src {image_id(store)} {' '.join(SHELL)}")
+
+
+def test_shell_on_a_terminal_gets_one(env: Path, project: Path, store: Store,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    assert main(["shell", "-C", str(project), "--store", str(store.root), "--engine", "podman"]) == 0
+    assert " --pull=never -i -t -v " in engine_lines(env, "podman")[-1]
+
+
+@pytest.mark.parametrize("name", ["podman", "nerdctl"])
+def test_run_command_line_with_privileged_and_command(env: Path, project: Path, store: Store, name: str) -> None:
+    code = main(["run", "-C", str(project), "--store", str(store.root), "--engine", name, "--privileged",
+                 "--", "sh", "-c", "x", "--", "y"])
+    assert code == 0
+    line = engine_lines(env, name)[-1]
+    assert line.startswith("run --rm --pull=never --privileged -v ")
+    assert line.endswith(f"-w /src {image_id(store)} sh -c x -- y")  # only the first "--" is ocibuild's
+    assert " -i " not in line  # stdin is not a terminal
+
+
+def test_user_volume_replaces_a_recipe_mount_and_must_exist(env: Path, project: Path, store: Store,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    mine = env / "mine"
+    mine.mkdir()
+    assert main(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
+                 "-v", f"{mine}:/out/"]) == 0
+    line = engine_lines(env, "podman")[-1]
+    assert f"-v {mine}:/out/ " in line and f"{project}/out:/out" not in line
+    code = main(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
+                 "-v", f"{env / 'missing'}:/x"])
+    assert code == 125
+    err = capsys.readouterr().err
+    assert f"error: -v {env / 'missing'}:/x: {env / 'missing'} does not exist" in err and "hint: " in err
+    assert len(engine_lines(env, "podman")) == 3  # image exists, pull, run: nothing ran the second time
+
+
+@pytest.mark.parametrize("where", ["flag", "recipe"])
+def test_privileged_is_refused_when_rootless(env: Path, project: Path, store: Store, where: str,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(Engine, "rootless", property(lambda self: True))
+    if where == "recipe":
+        with (project / "ocibuild.toml").open("a") as f:
+            f.write("privileged = true\n")
+    code = main(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
+                 *(["--privileged"] if where == "flag" else [])])
+    assert code == 125
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == ("error: --privileged cannot work with rootless podman: the container gets no more rights "
+                       "than your own user")
+    assert err[-1].startswith("hint: run this step as root")
+    assert not any(" run " in f" {line}" for line in engine_lines(env, "podman"))
+
+
+def test_gc_caches_removes_and_names_them(env: Path, project: Path, store: Store,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shell", "-C", str(project), "--store", str(store.root), "--engine", "podman"]) == 0
+    cache = cache_dir(store, project, "podman", "/root/.cache/go-build")
+    (cache / "objects").mkdir()
+    (cache / "objects" / "a.o").write_bytes(b"x" * 1000)
+    capsys.readouterr()
+    assert main(["gc", "--store", str(store.root), "--json"]) == 0
+    assert "caches" not in json.loads(capsys.readouterr().out) and cache.is_dir()
+    assert main(["gc", "--store", str(store.root), "--caches", "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)["caches"]
+    assert entry["project"] == str(project) and entry["engine"] == "podman"
+    assert entry["path"] == "/root/.cache/go-build" and entry["bytes"] >= 1000
+    assert not cache.exists() and not any((store.root / "ocibuild" / "caches").iterdir())
+    assert main(["gc", "--store", str(store.root), "--caches"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "no compile caches to remove"
+
+
+def test_gc_caches_prints_what_it_removed(env: Path, project: Path, store: Store,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shell", "-C", str(project), "--store", str(store.root), "--engine", "nerdctl"]) == 0
+    capsys.readouterr()
+    assert main(["gc", "--store", str(store.root), "--caches"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"removed the cache /root/.cache/go-build of {project} (nerdctl), ")
+
+
+def test_environment_precedence() -> None:
+    run = RunSpec(("make",), (), {"A": "recipe", "B": "recipe", "C": "recipe"}, "auto",
+                  pass_env=("B", "C", "GONE"))
+    host = {"B": "host", "PATH": "/bin", "D": "host"}
+    env = compile_env(run, [("C", "flag"), ("D", None), ("E", None), ("A", "")], host)
+    # recipe env, then pass_env by name (C and GONE unset on the host: kept / skipped), then -e
+    assert env == {"A": "", "B": None, "C": "flag", "D": None}
+
+
+@pytest.mark.parametrize("argv", [["run", "-e", "1X"], ["run", "-e", "=v"], ["run", "-v", "/a"],
+                                  ["run", "-v", "/a:rel"], ["shell", "-v", "/a:/b:rw:x"], ["shell", "-v", "/a:/b:z"],
+                                  ["shell", "--", "true"]])
+def test_bad_options_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(argv)
+    assert info.value.code == 2
+
+
+def test_options_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = parser().parse_args(["run", "-e", "A", "--env", "B=x=y", "-v", "rel:/r", "--volume", "~/k:/k:ro",
+                                "--privileged", "make"])
+    assert args.env == [("A", None), ("B", "x=y")]
+    assert args.volume == [(tmp_path / "rel", "/r", False), (Path.home() / "k", "/k", True)]
+    assert args.privileged and args.cmd == ["make"]
