@@ -30,10 +30,9 @@ def dispatch(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ocibuild", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"ocibuild {__version__}")
+    _global_options(parser, top=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-C", "--project", default=".", help="project directory (default: .)")
-    common.add_argument("--store", help="local OCI layout store (default: $OCIBUILD_STORE or ~/.cache/ocibuild/store)")
-    common.add_argument("--debug", action="store_true", help="log details and show tracebacks")
+    _global_options(common, top=False)
     transfer_options = argparse.ArgumentParser(add_help=False)
     transfer_options.add_argument("--jobs", type=_jobs, default=registry.DEFAULT_JOBS,
                                   help=f"blobs transferred in parallel (default: {registry.DEFAULT_JOBS})")
@@ -49,6 +48,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 Subparsers = Any  # argparse._SubParsersAction, which typeshed keeps private
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-C, --store and --debug, before the command (``top``, as `git -C` and `podman --root`) and after it.
+    After the command they default to SUPPRESS: argparse then leaves out what was not given there, so a value
+    given before the command survives (one given after it wins)."""
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("-C", "--project", metavar="DIR", default=default("."), help="project directory (default: .)")
+    parser.add_argument("--store", metavar="DIR", default=default(None),
+                        help="local OCI layout store (default: $OCIBUILD_STORE or ~/.cache/ocibuild/store)")
+    parser.add_argument("--debug", action="store_true", default=default(False), help="log details and show tracebacks")
 
 
 def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: argparse.ArgumentParser,

@@ -1,0 +1,89 @@
+"""The command line's conventions, through ``ocibuild.cli.main``: global options on either side of the command,
+the cache reference of push-cache and pull-cache, help written for users, and `build LAYER…`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from conftest import ProjectFactory
+from ocibuild import cli
+from ocibuild.cli.dispatch import COMMANDS, parser
+from ocibuild.store import Store
+
+
+def _copy_project(make_project: ProjectFactory) -> Path:
+    return make_project({"base": 'kind = "copy"\nfrom = "base"\nto = "/"\n',
+                         "app": 'kind = "copy"\nfrom = "app"\nto = "/app"\nneeds = ["base"]\n'},
+                        files={"base/etc/motd": "hello\n", "app/main.c": "int main(void) { return 0; }\n"})
+
+
+# ---- global options: before the command (as `git -C`, `podman --root`) and after it, with the same meaning -------
+
+
+def _argv(position: str, options: list[str], command: list[str]) -> list[str]:
+    return [*options, *command] if position == "before" else [*command, *options]
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_project_directory_option_on_either_side(position: str, make_project: ProjectFactory, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    root = _copy_project(make_project)
+    monkeypatch.chdir(tmp_path)  # `.` is no project: only -C finds it
+    store = str(tmp_path / "store")
+    assert cli.main(_argv(position, ["-C", str(root)], ["plan", "--json", "--store", store])) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["image"] == "dev" and [l["name"] for l in plan["layers"]] == ["base", "app"]
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_store_option_on_either_side(position: str, make_project: ProjectFactory, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy_project(make_project)
+    monkeypatch.setenv("OCIBUILD_STORE", str(tmp_path / "not-this-one"))
+    store = tmp_path / "store"
+    assert cli.main(_argv(position, ["--store", str(store)], ["build", "-C", str(root)])) == 0
+    assert Store.open(store).resolve("dev") is not None
+    assert not (tmp_path / "not-this-one").exists()
+
+
+@pytest.mark.parametrize("position", ["before", "after", None])
+def test_debug_option_on_either_side(position: str | None, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """--debug shows the traceback of an error (logged before the error: and hint: lines)."""
+    command = ["plan", "-C", str(tmp_path / "no-project"), "--store", str(tmp_path / "s")]
+    argv = command if position is None else _argv(position, ["--debug"], command)
+    with caplog.at_level(logging.DEBUG):
+        assert cli.main(argv) == 1
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == (0 if position is None else 1)
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_all_global_options_before_the_command(make_project: ProjectFactory, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`ocibuild -C DIR --store S build` was a usage error."""
+    root = _copy_project(make_project)
+    store = tmp_path / "store"
+    assert cli.main(["-C", str(root), "--store", str(store), "--debug", "build", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] == str(Store.open(store).resolve("dev").digest)
+
+
+def test_global_option_after_the_command_wins_over_one_before() -> None:
+    args = parser().parse_args(["-C", "first", "--store", "s1", "build", "-C", "second"])
+    assert (args.project, args.store, args.debug) == ("second", "s1", False)
+    args = parser().parse_args(["build"])
+    assert (args.project, args.store, args.debug) == (".", None, False)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_takes_the_global_options_on_either_side(command: str) -> None:
+    needs = {"push": ["R"], "login": ["R"], "export": ["P"], "import": ["P"]}.get(command, [])
+    for argv in (["-C", "d", "--store", "s", "--debug", command, *needs],
+                 [command, *needs, "-C", "d", "--store", "s", "--debug"]):
+        args = parser().parse_args(argv)
+        assert (args.command, args.project, args.store, args.debug) == (command, "d", "s", True)
