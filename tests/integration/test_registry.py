@@ -106,6 +106,36 @@ def test_round_trip_push_cache_pull_cache_rebuilds_nothing(registry: RegistrySer
         verify_clean(Path(store))
 
 
+def test_push_cache_and_pull_cache_take_the_reference_alike(registry: RegistryServer, tmp_path: Path) -> None:
+    """REF as an argument of both; `--cache REF` still works (a contract); `[cache] ref` is the default of both."""
+    env = isolated_env(tmp_path)
+    project = small_project(tmp_path / "project")
+    cache = f"{registry.host}/positional/cache"
+    one, two, three, four = (str(tmp_path / name) for name in ("one", "two", "three", "four"))
+    ocibuild_json("build", "-C", str(project), "--store", one, env=env)
+    pushed = ocibuild_json("push-cache", cache, "-C", str(project), "--store", one, env=env)
+    assert pushed["cache"] == cache and set(statuses(pushed).values()) == {"pushed"}
+
+    dry = ocibuild_json("pull-cache", cache, "--plan", "-C", str(project), "--store", two, env=env)
+    assert dry["cache"] == cache and set(statuses(dry).values()) == {"pull"}
+    assert Store.open(Path(two)).index().manifests == ()
+    # the argument wins over --cache, which is never asked (nothing listens on port 1)
+    pulled = ocibuild_json("pull-cache", cache, "--cache", "127.0.0.1:1/nowhere", "-C", str(project), "--store",
+                           two, env=env)
+    assert pulled["cache"] == cache and set(statuses(pulled).values()) == {"pulled"}
+    by_option = ocibuild_json("pull-cache", "--cache", cache, "-C", str(project), "--store", three, env=env)
+    assert by_option["cache"] == cache and set(statuses(by_option).values()) == {"pulled"}
+
+    other = f"{registry.host}/positional/from-toml"
+    with_ref = small_project(tmp_path / "project", cache=other)  # the same trees: the same keys
+    by_default = ocibuild_json("push-cache", "-C", str(with_ref), "--store", one, env=env)
+    assert by_default["cache"] == other and set(statuses(by_default).values()) == {"pushed"}
+    from_toml = ocibuild_json("pull-cache", "-C", str(with_ref), "--store", four, env=env)
+    assert from_toml["cache"] == other and set(statuses(from_toml).values()) == {"pulled"}
+    for store in (one, two, three, four):
+        verify_clean(Path(store))
+
+
 def test_second_repository_push_uses_mounts_and_moves_no_layer_bytes(registry: RegistryServer,
                                                                       tmp_path: Path) -> None:
     env = isolated_env(tmp_path)

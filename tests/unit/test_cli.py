@@ -87,3 +87,25 @@ def test_every_command_takes_the_global_options_on_either_side(command: str) -> 
                  [command, *needs, "-C", "d", "--store", "s", "--debug"]):
         args = parser().parse_args(argv)
         assert (args.command, args.project, args.store, args.debug) == (command, "d", "s", True)
+
+
+# ---- push-cache REF and pull-cache REF --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["push-cache", "pull-cache"])
+def test_cache_commands_take_the_reference_as_an_argument(command: str) -> None:
+    assert parser().parse_args([command, "registry.example/team/cache"]).ref == "registry.example/team/cache"
+    args = parser().parse_args([command, "--cache", "registry.example/other"])  # --cache stays: a contract
+    assert args.ref is None and "registry.example/other" in (getattr(args, "cache", None),
+                                                            getattr(args, "cache_option", None))
+
+
+@pytest.mark.parametrize("command", ["push-cache", "pull-cache"])
+def test_cache_commands_without_a_reference_say_how_to_give_one(command: str, make_project: ProjectFactory,
+                                                                tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    root = _copy_project(make_project)
+    assert cli.main([command, "-C", str(root), "--store", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {command}: no cache repository given" in err
+    assert f"hint: run `ocibuild {command} REGISTRY/REPOSITORY`, or set [cache] ref" in err

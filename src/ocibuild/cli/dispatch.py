@@ -102,6 +102,7 @@ def _registry_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: 
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("pull-cache", parents=[common, cache, transfer],
                        help="fetch the missing layers whose keys match this project's recipes")
+    p.add_argument("ref", nargs="?", metavar="REF", help="registry repository (default: --cache or [cache] ref)")
     p.add_argument("--plan", action="store_true", help="show which layers and how many bytes would come; move nothing")
     p.add_argument("--offline", action="store_true",
                    help="never touch the network: only check that every layer is present, naming the missing ones")

@@ -61,7 +61,7 @@ def pull_cache_command(args: argparse.Namespace) -> int:
     if args.offline:
         return _check_offline(load_plan(args, store, offline=True))
     plan = load_plan(args, store, registries, offline=False)
-    client, repository, cache = _cache(args, plan, registries, args.cache)
+    client, repository, cache = _cache(args, plan, registries, args.ref or args.cache)
     remote_plan, remotes = teamcache.remote_status(plan, client, repository, jobs=args.jobs)
     layers: list[dict[str, Any]] = []
     for layer in remote_plan.layers:
