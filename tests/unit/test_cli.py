@@ -109,3 +109,27 @@ def test_cache_commands_without_a_reference_say_how_to_give_one(command: str, ma
     err = capsys.readouterr().err
     assert f"error: {command}: no cache repository given" in err
     assert f"hint: run `ocibuild {command} REGISTRY/REPOSITORY`, or set [cache] ref" in err
+
+
+# ---- help -------------------------------------------------------------------------------------------------------
+
+
+def test_help_describes_the_tool_and_its_common_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "only module that prints" not in out and "The command line:" not in out
+    assert "ocibuild builds a project's development environment as explicit OCI layers" in out
+    for common in ("ocibuild plan", "ocibuild build", "ocibuild run", "ocibuild push-cache REF",
+                   "ocibuild pull-cache REF"):
+        assert common in out
+    assert "before or after the command" in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_help_says_what_it_does(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert f"\nocibuild {command}: " in out, out

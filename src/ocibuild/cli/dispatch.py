@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__, registry
 from . import airgap, build, run, transfer
 from .common import Command
 
-# The first line `ocibuild --help` shows (once the docstring of the single cli module, kept word for word).
-DESCRIPTION = "The command line: subcommands, progress, exit codes. The only module that prints."
+# What `ocibuild --help` says about the tool, before and after the list of commands.
+DESCRIPTION = (
+    "ocibuild builds a project's development environment as explicit OCI layers, without a daemon. Each layer "
+    "(a Debian base, a toolchain, tools, the source) is a folder under layers/ with its own cache key, so a change "
+    "rebuilds only that layer and the layers that need it. Layers live in a local OCI image layout, the store, "
+    "that skopeo, umoci and podman read; they are shared through any OCI registry or an air-gapped archive, and "
+    "`ocibuild run` runs the compile step in the image with podman."
+)
+EPILOG = """\
+common commands:
+  ocibuild plan               each layer's key and status (cached, pull, build)
+  ocibuild build              build what changed, assemble the image
+  ocibuild run [-- CMD...]    build if needed, run the compile step (or CMD)
+  ocibuild shell              an interactive shell in the image, set up as for run
+  ocibuild push-cache REF     push the built layers to a registry cache
+  ocibuild pull-cache REF     fetch the layers this project needs from it
+
+Global options (-C, --store, --debug) go before or after the command. `ocibuild COMMAND --help` describes a \
+command; the README describes the recipes."""
 
 COMMANDS: dict[str, Command] = {
     "plan": build.plan_command, "build": build.build_command, "lock": build.lock_command,
@@ -28,7 +46,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ocibuild", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="ocibuild", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"ocibuild {__version__}")
     _global_options(parser, top=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -39,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument("--cache", metavar="REF", help="registry repository of the layer cache (default: [cache] ref)")
 
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = Subparsers(parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND"))
     # in the order `ocibuild --help` lists them
     _build_commands(sub, common, cache, transfer_options)
     _registry_commands(sub, common, cache, transfer_options)
@@ -47,7 +66,27 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-Subparsers = Any  # argparse._SubParsersAction, which typeshed keeps private
+class _Formatter(argparse.HelpFormatter):
+    """Wraps each paragraph of the description and epilog to the terminal, but keeps a block of indented lines
+    (the examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n\n".join(part if "\n " in part else super(_Formatter, self)._fill_text(part, width, indent)
+                           for part in text.split("\n\n"))
+
+
+class Subparsers:
+    """The subcommands: each one's line in `ocibuild --help` is also the description its own --help starts with."""
+
+    def __init__(self, action: Any) -> None:  # argparse._SubParsersAction, which typeshed keeps private
+        self.action = action
+
+    def add_parser(self, name: str, *, help: str, parents: Sequence[argparse.ArgumentParser] = ()
+                   ) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self.action.add_parser(
+            name, help=help, description=f"ocibuild {name}: {help}.", parents=list(parents))
+        return parser
+
 
 
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -135,7 +174,7 @@ def _store_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     sub.add_parser("verify", parents=[common], help="check every blob and reference in the store")
     p = sub.add_parser("gc", parents=[common], help="remove blobs no tag or cache entry reaches")
     p.add_argument("--caches", action="store_true", help="also remove the compile step's caches ([run] caches)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _jobs(text: str) -> int:
