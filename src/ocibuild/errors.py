@@ -4,6 +4,7 @@ Every error a user can see is an :class:`OcibuildError`; ``str(err)`` is the one
 reference or layer concerned, and ``err.hint`` says what to do next::
 
     OcibuildError               str() is the message; .hint says what to do next
+    ├── UsageError              the command line names what does not exist: exit 2, as argparse's own
     ├── RecipeError             layers/lvm2/layer.toml: unknown key 'ouput' (did you mean 'output'?)
     ├── LockError               ocibuild.lock is missing an entry or out of date
     ├── FetchError              an input (archive url, suite Release file) could not be downloaded
@@ -34,6 +35,11 @@ class OcibuildError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+
+class UsageError(OcibuildError):
+    """The command line asks for something that does not exist (an unknown layer name) or cannot go together;
+    found only once the project is read, so argparse cannot say it. The CLI exits 2, as for argparse's errors."""
 
 
 class RecipeError(OcibuildError):

@@ -96,10 +96,16 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         docs = {layer.name: layer.to_dict() for layer in self.layers}
         docs.update((layer.name, layer.to_dict()) for layer in self.unlocked)
-        return {"image": self.project.image.name, "layers": [docs[name] for name in self.project.layer_names]}
+        return {"image": self.project.image.name,
+                "layers": [docs[name] for name in self.project.layer_names if name in docs]}
 
     def layer(self, name: str) -> LayerPlan:
         return next(layer for layer in self.layers if layer.name == name)
+
+    @property
+    def complete(self) -> bool:
+        """Every layer of the project is planned (not only some, see ``make_plan(only=)``): an image can be made."""
+        return len(self.layers) + len(self.unlocked) == len(self.project.layers)
 
 
 @dataclass(frozen=True)
@@ -119,15 +125,21 @@ class BuildResult:
 # ---- planning -------------------------------------------------------------------------------------------------
 
 
-def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache) -> Plan:
-    """Keys and status of every layer, bottom first. Reads inputs (through the stat cache) and ``lock``, never the
-    network: a layer whose moving input ``lock`` lacks, and every layer above it, is :class:`Unlocked`."""
+def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache, *,
+              only: Sequence[str] = ()) -> Plan:
+    """Keys and status of every layer, bottom first (with ``only``: of those layers and the layers they need, an
+    image's worth of nothing: :func:`build_layers` builds such a plan). Reads inputs (through the stat cache) and
+    ``lock``, never the network: a layer whose moving input ``lock`` lacks, and every layer above it, is
+    :class:`Unlocked`."""
     keys: dict[str, Digest] = {}
     layers = []
     unlocked = []
     index = store.index()
     epoch = project.image.source_date_epoch
+    wanted = set(only).union(*(project.closure(name) for name in only)) if only else set(project.layer_names)
     for layer in project.layers:
+        if layer.name not in wanted:
+            continue
         source = lock_source(layer)
         tree = None
         if source is not None:
@@ -216,52 +228,78 @@ def _file_input(project: Project, layer: LayerRecipe, rel: str, cache: StatCache
 # ---- building -------------------------------------------------------------------------------------------------
 
 
+class _Builders:
+    """The build context and the container engine, each made when first asked for: a build that finds every layer
+    cached imports no module that makes layers, and one without a run layer starts no engine."""
+
+    def __init__(self, plan: Plan, store: Store, offline: bool, output: Output, engine: Callable[[], Engine] | None,
+                 registries: registry.Registries | None) -> None:
+        self._plan, self._store, self._offline, self.output = plan, store, offline, output
+        self._make_engine, self._registries = engine, registries
+        self._context: BuildContext | None = None
+        self._engine: Engine | None = None
+
+    def context(self) -> BuildContext:
+        if self._context is None:
+            from .build.context import BuildContext
+
+            image = self._plan.project.image
+            self._context = BuildContext(self._store, self._plan.project.root, image.compression,
+                                         image.source_date_epoch, self._offline, self.output, self._registries)
+        return self._context
+
+    def engine(self) -> Engine:
+        if self._engine is None:
+            from .engine import Engine
+
+            self._engine = self._make_engine() if self._make_engine is not None else \
+                Engine.detect(self._plan.project.run.engine)
+        return self._engine
+
+
 def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = False,
           output: Output = lambda line: None, engine: Callable[[], Engine] | None = None,
           registries: registry.Registries | None = None) -> BuildResult:
     """Build every layer whose entry is missing, then assemble and tag the image.
 
     ``engine`` makes the container engine, asked for only when a run layer must be built."""
+    if not plan.complete:
+        raise ValueError("a plan of some layers makes no image: build it with build_layers()")
+    builders = _Builders(plan, store, offline, output, engine, registries)
+    with store.lease():  # gc waits: blobs written here are unreachable until they are tagged
+        result_plan = _build_missing(plan, store, builders)
+        merge = _merge_layer(result_plan, store, builders.context, builders.engine)
+        image, warnings = assemble(result_plan, store, strict=strict, output=output, merge=merge)
+    return BuildResult(result_plan, image, tuple(warnings))
+
+
+def build_layers(plan: Plan, store: Store, *, offline: bool = False, output: Output = lambda line: None,
+                 engine: Callable[[], Engine] | None = None, registries: registry.Registries | None = None) -> Plan:
+    """Build every layer of ``plan`` whose entry is missing, and no image (`ocibuild build LAYER…`): ``plan`` with
+    status "built" for those. The layers are cache entries like any, for `push-cache` or a later build."""
+    with store.lease():
+        return _build_missing(plan, store, _Builders(plan, store, offline, output, engine, registries))
+
+
+def _build_missing(plan: Plan, store: Store, builders: _Builders) -> Plan:
+    """The layers of ``plan`` whose entries are missing, built bottom first (under the caller's store lease)."""
     missing = next((layer for layer in plan.unlocked if layer.source is not None), None)
     if missing is not None:
         raise LockError(f"ocibuild.lock has no entry for layer '{missing.name}' ({missing.source})",
                         "run `ocibuild lock` to resolve it")
-    project = plan.project
     done: list[LayerPlan] = []
-    contexts: list[BuildContext] = []
-    engines: list[Engine] = []
-
-    def get_context() -> BuildContext:
-        if not contexts:
-            from .build.context import BuildContext
-
-            contexts.append(BuildContext(store, project.root, project.image.compression,
-                                         project.image.source_date_epoch, offline, output, registries))
-        return contexts[0]
-
-    def get_engine() -> Engine:
-        if not engines:
-            from .engine import Engine
-
-            engines.append(engine() if engine is not None else Engine.detect(project.run.engine))
-        return engines[0]
-
-    with store.lease():  # gc waits: blobs written here are unreachable until they are tagged
-        for layer in plan.layers:
-            if layer.status in ("cached", "pulled") and store.resolve(cache_tag(layer.name, layer.key)) is not None:
-                done.append(layer)
-                continue
-            output(f"building layer '{layer.name}' ({layer.recipe.kind})")
-            if layer.recipe.kind == "run":
-                built = _build_run_layer(get_context(), plan, done, layer, get_engine)
-            else:
-                built = _build_layer(get_context(), plan, layer)
-            put_cache_entry(store, layer, built, architecture=project.image.architecture)
-            done.append(replace(layer, status="built"))
-        result_plan = replace(plan, layers=tuple(done))
-        merge = _merge_layer(result_plan, store, get_context, get_engine)
-        image, warnings = assemble(result_plan, store, strict=strict, output=output, merge=merge)
-    return BuildResult(result_plan, image, tuple(warnings))
+    for layer in plan.layers:
+        if layer.status in ("cached", "pulled") and store.resolve(cache_tag(layer.name, layer.key)) is not None:
+            done.append(layer)
+            continue
+        builders.output(f"building layer '{layer.name}' ({layer.recipe.kind})")
+        if layer.recipe.kind == "run":
+            built = _build_run_layer(builders.context(), plan, done, layer, builders.engine)
+        else:
+            built = _build_layer(builders.context(), plan, layer)
+        put_cache_entry(store, layer, built, architecture=plan.project.image.architecture)
+        done.append(replace(layer, status="built"))
+    return replace(plan, layers=tuple(done))
 
 
 def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[LayerBlob]:

@@ -151,29 +151,38 @@ def test_second_repository_push_uses_mounts_and_moves_no_layer_bytes(registry: R
     verify_clean(Path(store))
 
 
-def test_two_machines_push_at_once_and_a_third_assembles_without_building(registry: RegistryServer,
-                                                                          tmp_path: Path) -> None:
+def test_machines_build_a_layer_each_push_at_once_and_another_assembles_without_building(
+        registry: RegistryServer, tmp_path: Path) -> None:
+    """The README's CI recipe: each runner `build LAYER` of the same project, then `push-cache`; the last one
+    pulls everything."""
     env = isolated_env(tmp_path)
     cache = f"{registry.host}/parallel/cache"
-    full = small_project(tmp_path / "full", ("tools", "source", "docs"))
+    names = ("tools", "source", "docs")
+    full = small_project(tmp_path / "full", names)
     machines = []
-    for name in ("tools", "source", "docs"):
-        root = small_project(tmp_path / f"only-{name}", (name,))
-        ocibuild_json("build", "-C", str(root), "--store", str(tmp_path / f"store-{name}"), env=env)
-        machines.append((root, tmp_path / f"store-{name}"))
+    for name in names:
+        store = tmp_path / f"store-{name}"
+        built = ocibuild_json("build", name, "-C", str(full), "--store", str(store), env=env)
+        assert statuses(built) == {name: "built"} and built["digest"] is None
+        machines.append((name, store))
     processes = [subprocess.Popen([sys.executable, "-m", "ocibuild.cli", "push-cache", cache, "--json",
-                                   "-C", str(root), "--store", str(store)], stdout=subprocess.PIPE,
+                                   "-C", str(full), "--store", str(store)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-                 for root, store in machines]
-    for process in processes:
+                 for _, store in machines]
+    for process, (name, _) in zip(processes, machines):
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
-        assert set(statuses(json.loads(out)).values()) == {"pushed"}
-    result = ocibuild_json("build", "--cache", cache, "-C", str(full), "--store", str(tmp_path / "third"), env=env)
+        assert statuses(json.loads(out)) == {n: "pushed" if n == name else "missing" for n in names}
+    # `build LAYER` pulls from the team cache like a whole build
+    one = ocibuild_json("build", "source", "--cache", cache, "-C", str(full), "--store", str(tmp_path / "one"),
+                        env=env)
+    assert statuses(one) == {"source": "pulled"}
+    result = ocibuild_json("build", "--cache", cache, "-C", str(full), "--store", str(tmp_path / "last"), env=env)
     assert set(statuses(result).values()) == {"pulled"}
     for _, store in machines:
         verify_clean(store)
-    verify_clean(tmp_path / "third")
+    verify_clean(tmp_path / "one")
+    verify_clean(tmp_path / "last")
 
 
 # ---- interop: skopeo and podman --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from conftest import write
 from ocibuild import cli, oci
 from ocibuild.errors import LayerConflict, RecipeError
 from ocibuild.inputs import StatCache, hash_file
-from ocibuild.planner import build, make_plan
+from ocibuild.planner import build, build_layers, make_plan
 from ocibuild.recipe.lock import Lock
 from ocibuild.recipe.project import load_project
 from ocibuild.store import Store
@@ -165,6 +165,22 @@ def test_archive_strip_components_and_owner(make_project, tmp_path: Path, store:
     assert {"opt/go/bin/go", "opt/go/doc/README"} <= set(members)
     assert members["opt/go/bin/go"].uid == 10 and members["opt/go/bin/go"].gid == 20
     assert members["opt/go/bin/go"].uname == ""
+
+
+def test_a_plan_of_some_layers_builds_those_and_no_image(make_project, tmp_path: Path, store: Store) -> None:
+    root = _project(make_project, tmp_path)
+    project = load_project(root)
+    plan = make_plan(project, store, Lock(), StatCache(None), only=["tools"])
+    assert [l.name for l in plan.layers] == ["go", "tools"] and not plan.complete
+    assert [l["name"] for l in plan.to_dict()["layers"]] == ["go", "tools"]
+    with pytest.raises(ValueError, match="makes no image"):
+        build(plan, store)
+    built = build_layers(plan, store)
+    assert [(l.name, l.status) for l in built.layers] == [("go", "built"), ("tools", "built")]
+    assert store.resolve("dev") is None
+    whole = make_plan(project, store, Lock(), StatCache(None))
+    assert whole.complete and [l.status for l in whole.layers] == ["cached", "cached", "build"]
+    assert [l.key for l in whole.layers[:2]] == [l.key for l in built.layers]
 
 
 def test_cli_json_contract(make_project, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -133,3 +133,70 @@ def test_every_command_help_says_what_it_does(command: str, capsys: pytest.Captu
         cli.main([command, "--help"])
     out = capsys.readouterr().out
     assert f"\nocibuild {command}: " in out, out
+
+
+# ---- build LAYER…: those layers and what they need, no image ---------------------------------------------------
+
+
+def _chain_project(make_project: ProjectFactory) -> Path:
+    """base ← go ← tools (each needs the one before), and src on its own."""
+    return make_project({"base": 'kind = "copy"\nfrom = "base"\nto = "/"\n',
+                         "go": 'kind = "copy"\nfrom = "go"\nto = "/usr/local/go"\nneeds = ["base"]\n',
+                         "tools": 'kind = "copy"\nfrom = "tools"\nto = "/usr/local/bin"\nneeds = ["go"]\n',
+                         "src": 'kind = "copy"\nfrom = "src"\nto = "/src"\n'},
+                        files={"base/etc/motd": "hello\n", "go/VERSION": "go1.19\n", "tools/lint": "#!/bin/sh\n",
+                               "src/main.go": "package main\n"})
+
+
+def test_build_layers_builds_them_and_what_they_need_transitively_and_no_image(
+        make_project: ProjectFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _chain_project(make_project)
+    store_dir = tmp_path / "store"
+    assert cli.main(["build", "tools", "--json", "-C", str(root), "--store", str(store_dir)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    # the shape of `build --json`: only the selected layers (and their needs) are listed, and no image was made
+    assert sorted(doc) == ["digest", "image", "layers"] and doc["image"] == "dev" and doc["digest"] is None
+    assert [(l["name"], l["status"]) for l in doc["layers"]] == [("base", "built"), ("go", "built"),
+                                                                 ("tools", "built")]
+    assert [sorted(l) for l in doc["layers"]] == [["inputs", "key", "kind", "name", "needs", "status"]] * 3
+    store = Store.open(store_dir)
+    assert store.resolve("dev") is None
+    tags = sorted((d.ref_name or "").split("-")[0] for d in store.index().manifests)
+    assert tags == ["base", "go", "tools"]
+
+    # the whole build then finds them cached and builds only the rest
+    assert cli.main(["build", "--json", "-C", str(root), "--store", str(store_dir)]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert [(l["name"], l["status"]) for l in full["layers"]] == [("base", "cached"), ("go", "cached"),
+                                                                  ("tools", "cached"), ("src", "built")]
+    assert [l["key"] for l in full["layers"][:3]] == [l["key"] for l in doc["layers"]]
+    assert full["digest"] == str(store.resolve("dev").digest)
+    assert store.verify() == []
+
+
+def test_build_layers_lists_them_on_stdout(make_project: ProjectFactory, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    root = _chain_project(make_project)
+    assert cli.main(["-C", str(root), "--store", str(tmp_path / "s"), "build", "src", "go"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()] == ["base", "go", "src"]
+    assert all(line.split()[3] == "built" for line in out.splitlines())
+
+
+def test_build_unknown_layers_is_a_usage_error_naming_them(make_project: ProjectFactory, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    root = _chain_project(make_project)
+    store_dir = tmp_path / "store"
+    assert cli.main(["build", "tools", "nope", "lvm", "-C", str(root), "--store", str(store_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "error: build: no layer 'nope', 'lvm' in ocibuild.toml" in err
+    assert "hint: the layers are: base, go, tools, src" in err
+    assert Store.open(store_dir).index().manifests == ()  # nothing was built
+
+
+@pytest.mark.parametrize("option", [["--output", "oci-archive:out.tar"], ["--strict"]])
+def test_build_layers_refuses_the_options_of_the_image(option: list[str], make_project: ProjectFactory,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _chain_project(make_project)
+    assert cli.main(["build", "go", *option, "-C", str(root), "--store", str(tmp_path / "s")]) == 2
+    assert f"{option[0]} concerns the image" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import OcibuildError
+from ..errors import OcibuildError, UsageError
 from .common import report
 from .dispatch import dispatch, parser
 
@@ -28,6 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return dispatch(args)
+    except UsageError as err:
+        report(err, args.debug)
+        return 2
     except OcibuildError as err:
         report(err, args.debug)
         return 1

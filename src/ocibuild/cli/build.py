@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import registry, runcache
 from ..config import Config
-from ..errors import OcibuildError
+from ..errors import OcibuildError, UsageError
 from ..recipe.lock import load_lock
+from ..recipe.project import PROJECT_FILE
 from ..store import Store
 from .common import engine_factory, open_store, print_json, print_layers, progress, project_of, registries_of
 
@@ -25,13 +27,18 @@ if TYPE_CHECKING:
 
 
 def load_plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None, *,
-              offline: bool, resolve: bool = True) -> Plan:
-    """The plan of the project at ``-C``. With ``resolve``, moving inputs missing from ocibuild.lock are resolved
-    first (not ``offline``: only those that need no network) and the lock is written; without, it is only read."""
+              offline: bool, resolve: bool = True, only: Sequence[str] = ()) -> Plan:
+    """The plan of the project at ``-C`` (with ``only``: of those layers and the layers they need). With
+    ``resolve``, moving inputs missing from ocibuild.lock are resolved first (not ``offline``: only those that need
+    no network) and the lock is written; without, it is only read."""
     from .. import planner
     from ..inputs import StatCache
 
     project = project_of(args)
+    unknown = [name for name in only if name not in project.layer_names]
+    if unknown:
+        raise UsageError(f"{args.command}: no layer {', '.join(repr(n) for n in unknown)} in {PROJECT_FILE}",
+                         f"the layers are: {', '.join(project.layer_names)}")
     lock = load_lock(project.root)
     if resolve:
         from ..resolve import resolve_lock, write_lock
@@ -41,7 +48,7 @@ def load_plan(args: argparse.Namespace, store: Store, registries: registry.Regis
             write_lock(project, resolved)
         lock = resolved
     cache = StatCache(store.private_dir("statcache") / "files.json")
-    plan = planner.make_plan(project, store, lock, cache)
+    plan = planner.make_plan(project, store, lock, cache, only=only)
     cache.save()
     return plan
 
@@ -60,17 +67,26 @@ def remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Regis
     return plan, (client, reference.repository, remotes)
 
 
-def build_project(args: argparse.Namespace, config: Config, store: Store, *,
-                  strict: bool = False) -> tuple[Plan, BuildResult]:
-    """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
-    from .. import planner, teamcache
+def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Registries, *,
+                only: Sequence[str] = ()) -> Plan:
+    """The plan (of ``only`` and what they need, or of every layer), with what the team cache holds pulled."""
+    from .. import teamcache
 
-    registries = registries_of(config)
-    plan = load_plan(args, store, registries, offline=args.offline)
+    plan = load_plan(args, store, registries, offline=args.offline, only=only)
     plan, remote = remote_plan(args, plan, registries)
     if remote is not None:
         client, repository, remotes = remote
         plan = teamcache.pull_layers(plan, store, client, repository, remotes, jobs=args.jobs, output=progress)
+    return plan
+
+
+def build_project(args: argparse.Namespace, config: Config, store: Store, *,
+                  strict: bool = False) -> tuple[Plan, BuildResult]:
+    """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
+    from .. import planner
+
+    registries = registries_of(config)
+    plan = pulled_plan(args, store, registries)
     result = planner.build(plan, store, offline=args.offline, strict=strict, output=progress,
                            engine=engine_factory(config, plan.project, args.engine), registries=registries)
     return plan, result
@@ -96,6 +112,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def build_command(args: argparse.Namespace) -> int:
     config, store = open_store(args)
+    if args.layers:
+        return _build_layers(args, config, store)
     plan, result = build_project(args, config, store, strict=args.strict)
     if args.output:
         _write_output(store, result.image, plan.project.image.name, args.output)
@@ -104,6 +122,27 @@ def build_command(args: argparse.Namespace) -> int:
     else:
         print_layers(result.to_dict(), file=sys.stderr)
         print(f"{plan.project.image.name} {result.image.digest}")
+    return 0
+
+
+def _build_layers(args: argparse.Namespace, config: Config, store: Store) -> int:
+    """`build LAYER…`: those layers and the layers they need, pulled from the team cache or built; no image. With
+    --json the document of `build`, listing only those layers, its "digest" null."""
+    from .. import planner
+
+    for option, given in (("--output", args.output), ("--strict", args.strict)):
+        if given:
+            raise UsageError(f"build {' '.join(args.layers)}: {option} concerns the image, and building only some "
+                             "layers makes none", f"leave out {option}, or the layer names")
+    registries = registries_of(config)
+    plan = pulled_plan(args, store, registries, only=args.layers)
+    built = planner.build_layers(plan, store, offline=args.offline, output=progress,
+                                 engine=engine_factory(config, plan.project, args.engine), registries=registries)
+    doc = {**built.to_dict(), "digest": None}
+    if args.json:
+        print_json(doc)
+    else:
+        print_layers(doc)
     return 0
 
 

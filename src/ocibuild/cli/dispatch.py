@@ -22,6 +22,7 @@ EPILOG = """\
 common commands:
   ocibuild plan               each layer's key and status (cached, pull, build)
   ocibuild build              build what changed, assemble the image
+  ocibuild build LAYER...     only these layers and what they need, no image
   ocibuild run [-- CMD...]    build if needed, run the compile step (or CMD)
   ocibuild shell              an interactive shell in the image, set up as for run
   ocibuild push-cache REF     push the built layers to a registry cache
@@ -111,6 +112,8 @@ def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: arg
     p.add_argument("--offline", action="store_true", help="never touch the network")
 
     p = sub.add_parser("build", parents=[common, cache, transfer], help="build missing layers and assemble the image")
+    p.add_argument("layers", nargs="*", metavar="LAYER", help="only these layers and the layers they need (pulled "
+                   "from the team cache or built), and no image")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
     p.add_argument("--offline", action="store_true", help="never touch the network")
     p.add_argument("--strict", action="store_true", help="fail when independent layers write the same path")
