@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
 import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,33 +63,102 @@ def require(tool: str) -> str:
 Podman = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
+@dataclass(frozen=True)
+class PodmanStorage:
+    """A podman storage of the session's own: the global flags that name it, and an ocibuild config
+    (``OCIBUILD_CONFIG``) whose ``[engine] args`` are those flags."""
+
+    flags: tuple[str, ...]
+    config: Path
+
+
 @pytest.fixture(scope="session")
-def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
-    """``podman(*args)`` → the completed process (asserted to succeed), on an image storage of this session's
-    own: tests neither see the host's images nor leave any behind, and images pulled once are reused."""
+def podman_storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanStorage]:
     exe = require("podman")
-    base = tmp_path_factory.mktemp("podman")
-    argv = [exe, "--root", str(base / "root"), "--runroot", str(base / "runroot"), "--tmpdir", str(base / "tmp")]
+    base = tmp_path_factory.mktemp("podman")  # a short path: podman refuses a runroot over 50 characters
+    flags = ("--root", str(base / "root"), "--runroot", str(base / "runroot"), "--tmpdir", str(base / "tmp"))
+    config = base / "ocibuild.toml"
+    config.write_text(f"[engine]\nargs = {json.dumps(list(flags))}\n")
+    yield PodmanStorage(flags, config)
+    for args in (("rm", "--all", "--force"), ("rmi", "--all", "--force")):
+        subprocess.run([exe, *flags, *args], capture_output=True, timeout=300)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def podman(podman_storage: PodmanStorage) -> Podman:
+    """``podman(*args)`` → the completed process (asserted to succeed), on the session's own storage: tests
+    neither see the host's images nor leave any behind, and images pulled once are reused."""
+    argv = [require("podman"), *podman_storage.flags]
 
     def run(*args: str, timeout: float = 300) -> "subprocess.CompletedProcess[str]":
         result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout)
         assert result.returncode == 0, f"podman {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
         return result
 
-    yield run
-    shutil.rmtree(base, ignore_errors=True)  # containers ran with --rm: nothing is mounted there any more
+    return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def podman_leaves_nothing(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                          ) -> Iterator[None]:
+    """When the session runs tests marked ``podman``: every ocibuild they start (and the ``podman`` fixture)
+    works on the session's own storage (``OCIBUILD_CONFIG`` names it, unless a test gives a config of its own
+    with its own storage); at the end the host's podman storage must hold no image or container of this session.
+
+    Only what this session could have made counts, so images other processes make meanwhile do not: an image is
+    ours when a name of it holds pytest's base temporary directory (podman names an image pulled from
+    ``oci:PATH`` after PATH) or the alias ocibuild made for such a path (see ``engine.podman_layout_path``); a
+    container is ours when its image is. The session's own storage must hold no container either: ocibuild
+    removes every container it starts."""
+    if not any(item.get_closest_marker("podman") for item in request.session.items):
+        yield
+        return
+    storage: PodmanStorage = request.getfixturevalue("podman_storage")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OCIBUILD_CONFIG", str(storage.config))
+        yield
+    problems = host_leftovers(tmp_path_factory.getbasetemp())
+    left = subprocess.run([require("podman"), *storage.flags, "ps", "--all", "--format", "{{.Names}}"],
+                          capture_output=True, text=True, timeout=120).stdout.split()
+    problems += [f"container {name} in the session's own storage" for name in left]
+    if problems:
+        pytest.fail("the tests left these in podman's storage:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def host_leftovers(basetemp: Path) -> list[str]:
+    """The images and containers in the host's podman storage that a test of this session made."""
+    exe = require("podman")
+    ours = [f"{basetemp.resolve()}/"]  # with the slash: pytest-16 is not pytest-161
+    uid = os.getuid()
+    for private in {Path(os.environ.get("XDG_RUNTIME_DIR") or "/run"), Path("/run"), Path("/tmp")}:
+        for alias in (private / f"ocibuild-{uid}").glob("*"):
+            with contextlib.suppress(OSError):
+                if os.readlink(alias).startswith(ours[0]):
+                    ours.append(f"{alias}:")  # the image is named localhost<alias>:<tag>
+    listed = subprocess.run([exe, "images", "--format", "json"], capture_output=True, text=True, timeout=120)
+    containers = subprocess.run([exe, "ps", "--all", "--format", "json"], capture_output=True, text=True,
+                                timeout=120)
+    assert listed.returncode == 0 and containers.returncode == 0, listed.stderr + containers.stderr
+    found, ids = [], set()
+    for image in json.loads(listed.stdout or "[]"):
+        names = [name for name in image.get("Names") or () if any(path in name for path in ours)]
+        if names:
+            found.append(f"image {image['Id'][:12]} {' '.join(names)}")
+            ids.add(image["Id"])
+    for container in json.loads(containers.stdout or "[]"):
+        if container.get("ImageID") in ids or any(path in container.get("Image", "") for path in ours):
+            found.append(f"container {' '.join(container.get('Names') or ())} (image {container.get('Image')})")
+    return found
 
 
 # ---- a real registry (docker-registry on loopback) and a fault-injecting proxy in front of it ----------------------
 
-import contextlib  # noqa: E402
 import http.client  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import field  # noqa: E402
 from typing import Any  # noqa: E402
 
 

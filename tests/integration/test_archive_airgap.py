@@ -96,19 +96,6 @@ def tar_names(path: Path) -> set[str]:
         return {m.name for m in tar.getmembers() if m.isfile()}
 
 
-@pytest.fixture
-def host_images(tmp_path: Path) -> Iterator[None]:
-    """Run layers and `ocibuild run` load images into the host's podman storage, named after the store
-    (``localhost/<store path>``): the test removes those it loaded."""
-    yield
-    listed = subprocess.run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
-    ours = sorted({name for name in listed.stdout.split() if name.startswith(f"localhost{tmp_path}/")})
-    if ours:
-        subprocess.run(["podman", "rmi", *ours], capture_output=True, timeout=300)
-
-
-@pytest.mark.usefixtures("host_images")
 def test_air_gapped_round_trip(tmp_path: Path, server: tuple[str, Path], podman: Podman) -> None:
     require("skopeo")
     base_url, www = server

@@ -205,6 +205,7 @@ def skopeo(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.podman
 def test_skopeo_and_podman_read_what_ocibuild_pushed(registry: RegistryServer, busybox_project: Path,
                                                      tmp_path: Path, podman: Podman) -> None:
     env = isolated_env(tmp_path)

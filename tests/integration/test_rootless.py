@@ -3,6 +3,7 @@ a copy layer) with rootless podman, and runs the compile step; outputs belong to
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -52,11 +53,39 @@ def python_path(user: pwd.struct_passwd) -> str:
     shutil.rmtree(base, ignore_errors=True)
 
 
-def as_user(user: pwd.struct_passwd, cwd: Path, python_path: str, *args: str) -> subprocess.CompletedProcess[str]:
+def as_user(user: pwd.struct_passwd, cwd: Path, python_path: str, *args: str,
+            config: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {"HOME": user.pw_dir, "XDG_RUNTIME_DIR": f"/run/user/{user.pw_uid}", "PATH": os.environ["PATH"],
            "LANG": "C.UTF-8", "PYTHONPATH": python_path}
+    if config is not None:
+        env["OCIBUILD_CONFIG"] = str(config)
     return subprocess.run(["runuser", "-u", user.pw_name, "--", "/usr/bin/python3", "-m", "ocibuild.cli", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def storage_flags(base: Path) -> list[str]:
+    """A podman storage of the test's own under ``base`` (the user's own storage is left as it was)."""
+    return ["--root", str(base / "podman/root"), "--runroot", str(base / "podman/run"),
+            "--tmpdir", str(base / "podman/tmp")]
+
+
+def own_storage(base: Path) -> Path:
+    """An ocibuild config under ``base`` whose engine uses :func:`storage_flags`."""
+    config = base / "ocibuild-config.toml"
+    config.write_text(f"[engine]\nargs = {json.dumps(storage_flags(base))}\n")
+    return config
+
+
+def remove(user: pwd.struct_passwd, base: Path, store: str) -> None:
+    """The test's storage (with its containers and images) and store: files under subordinate ids are removed
+    inside the user's namespace."""
+    podman = ["runuser", "-u", user.pw_name, "--", "podman", *storage_flags(base)]
+    for args in (["rm", "--all", "--force"], ["rmi", "--all", "--force"],
+                 ["unshare", "rm", "-rf", store, str(base / "podman")]):
+        subprocess.run([*podman, *args], cwd="/tmp", capture_output=True, timeout=300,
+                       env={"HOME": user.pw_dir, "XDG_RUNTIME_DIR": f"/run/user/{user.pw_uid}",
+                            "PATH": os.environ["PATH"]})
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_rootless_build_and_run(user: pwd.struct_passwd, python_path: str) -> None:
@@ -78,29 +107,29 @@ def test_rootless_build_and_run(user: pwd.struct_passwd, python_path: str) -> No
         '[image]\nname = "rl"\nlayers = ["base", "app", "src"]\n'
         '[run]\ncommand = ["sh", "-c", "cat /opt/app/f /src/x; test ! -e /etc/motd; echo made > /out/result"]\n'
         'mounts = ["out:/out"]\nnetwork = false\n')
+    config = own_storage(base)
     base.chmod(0o755)
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
     store = str(base / "store")
     try:
-        built = as_user(user, project, python_path, "build", "--store", store)
+        built = as_user(user, project, python_path, "build", "--store", store, config=config)
         assert built.returncode == 0, built.stderr
-        ran = as_user(user, project, python_path, "run", "--store", store)
+        ran = as_user(user, project, python_path, "run", "--store", store, config=config)
         assert ran.returncode == 0, ran.stderr
         assert ran.stdout.split() == ["rootless", "source"]
         result = project / "out/result"
         assert result.read_text() == "made\n"
         assert result.stat().st_uid == user.pw_uid, "output files belong to the invoking user"
-        again = as_user(user, project, python_path, "build", "--json", "--store", store)
+        again = as_user(user, project, python_path, "build", "--json", "--store", store, config=config)
         assert again.returncode == 0 and again.stdout.count('"cached"') == 3
-        verify = as_user(user, project, python_path, "verify", "--store", store)
+        verify = as_user(user, project, python_path, "verify", "--store", store, config=config)
         assert verify.returncode == 0, verify.stdout + verify.stderr
         # the captured layer keeps the container's owners and modes, as seen inside the namespace
-        listing = as_user(user, project, python_path, "run", "--store", store, "--", "stat", "-c", "%u %a", "/opt/app", "/opt/app/f")
+        listing = as_user(user, project, python_path, "run", "--store", store, "--", "stat", "-c", "%u %a",
+                          "/opt/app", "/opt/app/f", config=config)
         assert listing.stdout.split("\n")[:2] == ["1000 755", "0 600"]
     finally:
-        subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "unshare", "rm", "-rf", store], cwd="/tmp",
-                       capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        remove(user, base, store)
 
 
 def test_rootless_privileged_is_refused_and_caches_are_writable_and_removable(user: pwd.struct_passwd,
@@ -118,26 +147,24 @@ def test_rootless_privileged_is_refused_and_caches_are_writable_and_removable(us
         '[run]\ncommand = ["sh", "-c", "cat /cache/stamp 2>/dev/null || echo cold; echo warm > /cache/stamp; '
         'mkdir -p /cache/other && echo x > /cache/other/f && chown -R 1000:1000 /cache/other && chmod 700 /cache/other"]\n'
         'caches = ["/cache"]\nnetwork = false\n')
+    config = own_storage(base)
     base.chmod(0o755)
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
     store = str(base / "store")
     try:
-        refused = as_user(user, project, python_path, "run", "--store", store, "--privileged", "--", "true")
+        refused = as_user(user, project, python_path, "run", "--store", store, "--privileged", "--", "true",
+                          config=config)
         assert refused.returncode == 125
         assert "error: --privileged cannot work with rootless podman" in refused.stderr and "hint:" in refused.stderr
-        first = as_user(user, project, python_path, "run", "--store", store)
+        first = as_user(user, project, python_path, "run", "--store", store, config=config)
         assert first.returncode == 0 and first.stdout.strip() == "cold", first.stderr
-        second = as_user(user, project, python_path, "run", "--store", store)
+        second = as_user(user, project, python_path, "run", "--store", store, config=config)
         assert second.returncode == 0 and second.stdout.strip() == "warm", second.stderr
         [cache] = (base / "store/ocibuild/caches").glob("*/podman/*/")
         assert cache.stat().st_uid == user.pw_uid and (cache / "other").stat().st_uid != user.pw_uid
-        removed = as_user(user, project, python_path, "gc", "--store", store, "--caches")
+        removed = as_user(user, project, python_path, "gc", "--store", store, "--caches", config=config)
         assert removed.returncode == 0, removed.stderr
         assert f"removed the cache /cache of {project} (podman)" in removed.stdout
         assert not any((base / "store/ocibuild/caches").iterdir())
     finally:
-        subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "rmi", "--force", f"localhost{store}"],
-                       cwd="/tmp", capture_output=True)  # the image podman named after the store it came from
-        subprocess.run(["runuser", "-u", user.pw_name, "--", "podman", "unshare", "rm", "-rf", store], cwd="/tmp",
-                       capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        remove(user, base, store)

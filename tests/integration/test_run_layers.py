@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require, write
+from conftest import Podman, require, write
 from ocibuild import oci
 from ocibuild.tar import read
 from ocibuild.store import Store
@@ -66,11 +66,9 @@ def layer_listing(store: Store, image: str, index: int) -> dict[str, str]:
         return read.list_layer(f, oci.layer_compression(blob.media_type), what="test")
 
 
-def podman_run(store: Path, image: str, *command: str) -> str:
-    result = subprocess.run(["podman", "run", "--rm", f"oci:{store}:{image}", *command], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def podman_run(podman: Podman, store: Path, image: str, *command: str) -> str:
+    """``command`` in the image of the store, on the session's own podman storage (see conftest)."""
+    return podman("run", "--rm", f"oci:{store}:{image}", *command).stdout
 
 
 CHANGES = """
@@ -86,7 +84,7 @@ echo "input: $(cat /ocibuild/inputs/data.txt)"
 """
 
 
-def test_run_layer_captures_changes_whiteouts_and_drops_volatile_paths(tmp_path: Path) -> None:
+def test_run_layer_captures_changes_whiteouts_and_drops_volatile_paths(tmp_path: Path, podman: Podman) -> None:
     root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\ninputs = ["data.txt"]\n'
                                       'exclude = ["opt/app/skip.me"]\nnetwork = false\n'},
                    {"layers/app/s.sh": CHANGES, "layers/app/data.txt": "42\n"})
@@ -103,7 +101,7 @@ def test_run_layer_captures_changes_whiteouts_and_drops_volatile_paths(tmp_path:
     for dropped in ("tmp/scratch", "var/log/x.log", "var/cache/apt/x.deb", "opt/app/__pycache__/m.pyc",
                     "opt/app/skip.me", "ocibuild", "ocibuild/script"):
         assert dropped not in listing, dropped
-    out = podman_run(store_dir, "bb", "sh", "-c",
+    out = podman_run(podman, store_dir, "bb", "sh", "-c",
                      "cat /opt/app/new /etc/motd; ls /srv/dir; test ! -e /etc/remove-me && echo gone")
     assert out.split() == ["new", "changed", "x", "gone"]
     log = next((store_dir / "ocibuild" / "logs").glob("app-*.log")).read_text()
@@ -121,7 +119,7 @@ def test_same_script_twice_gives_the_same_layer(tmp_path: Path) -> None:
     assert first["digest"] == second["digest"]
 
 
-def test_side_by_side_package_layers_are_merged_without_warnings(tmp_path: Path) -> None:
+def test_side_by_side_package_layers_are_merged_without_warnings(tmp_path: Path, podman: Podman) -> None:
     add = 'printf "\\nPackage: {0}\\nArchitecture: amd64\\nStatus: install ok installed\\n" >> /var/lib/dpkg/status\n'
     root = project(tmp_path,
                    {"a": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n',
@@ -130,7 +128,7 @@ def test_side_by_side_package_layers_are_merged_without_warnings(tmp_path: Path)
     store_dir = tmp_path / "store"
     result = build(root, store_dir, "--strict")
     assert "warnings" not in result
-    status = podman_run(store_dir, "bb", "cat", "/var/lib/dpkg/status")
+    status = podman_run(podman, store_dir, "bb", "cat", "/var/lib/dpkg/status")
     packages = [line.split(": ")[1] for line in status.splitlines() if line.startswith("Package: ")]
     assert sorted(packages) == ["base-files", "tool-a", "tool-b"]
     store = Store.open(store_dir)
@@ -140,17 +138,17 @@ def test_side_by_side_package_layers_are_merged_without_warnings(tmp_path: Path)
     assert build(root, store_dir)["digest"] == result["digest"]  # the merge layer is cached too
 
 
-def test_network_false_has_only_loopback(tmp_path: Path) -> None:
+def test_network_false_has_only_loopback(tmp_path: Path, podman: Podman) -> None:
     root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
                    {"layers/app/s.sh": "mkdir -p /proc-copy && cat /proc/net/dev > /proc-copy/dev\n"})
     store_dir = tmp_path / "store"
     build(root, store_dir)
-    devices = podman_run(store_dir, "bb", "cat", "/proc-copy/dev")
+    devices = podman_run(podman, store_dir, "bb", "cat", "/proc-copy/dev")
     interfaces = [line.split(":")[0].strip() for line in devices.splitlines()[2:]]
     assert interfaces == ["lo"]
 
 
-def test_failing_script_names_layer_exit_code_and_last_lines(tmp_path: Path) -> None:
+def test_failing_script_names_layer_exit_code_and_last_lines(tmp_path: Path, podman: Podman) -> None:
     root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
                    {"layers/app/s.sh": "echo step one\necho about to fail\nexit 3\n"})
     store_dir = tmp_path / "store"
@@ -163,7 +161,7 @@ def test_failing_script_names_layer_exit_code_and_last_lines(tmp_path: Path) -> 
     store = Store.open(store_dir)
     assert store.verify() == []
     assert not [d for d in store.index().manifests if (d.ref_name or "").startswith("app-")]
-    names = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
+    names = podman("ps", "-a", "--format", "{{.Names}}").stdout  # the storage ocibuild ran it on (see conftest)
     assert "ocibuild-app-" not in names
 
 
