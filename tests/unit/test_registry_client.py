@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from ocibuild import oci
-from ocibuild.errors import RegistryError
+from ocibuild.errors import FormatError, RegistryError
 from ocibuild.net.auth import Challenge, Credentials, find_credentials, parse_challenges, save_credentials
 from ocibuild.net.http import tls_context
 from ocibuild.net.retry import Retrier, RetryableFailure, RetryPolicy, parse_retry_after
 from ocibuild.net.session import is_loopback, proxy_for
 from ocibuild.oci import Descriptor, Digest
-from ocibuild.registry import fetch_image, fetch_manifests, find_manifests, missing_bytes, push_manifests
+from ocibuild.registry import fetch_image, fetch_manifests, find_manifests, missing_bytes, push_manifests, resolve_image
 from ocibuild.store import Store
 
 
@@ -269,6 +269,35 @@ def test_push_find_and_fetch_manifests_through_the_distribution_protocol(tmp_pat
     assert fetch_image(fake, Store.open(tmp_path / "image"), "team/cache", manifest.digest).layers == (layer,)
     for store in (source, target, fake.blobs):
         assert store.verify() == []
+
+
+def test_a_document_that_is_both_manifest_and_index_is_refused_on_every_registry_read(tmp_path: Path) -> None:
+    """CVE-2021-41190: a document with no mediaType inside and the fields of both kinds means one image to a reader
+    that takes it as a manifest and another to one that takes it as an index. Refused whichever the registry's
+    Content-Type claims: by cache lookup, image bases (through an index or directly) and whole-image fetches."""
+    source = Store.open(tmp_path / "source")
+    layer = source.put(b"layer bytes" * 1000, oci.LAYER_GZIP)
+    config = source.put(oci.ImageConfig(diff_ids=(layer.digest,)).to_json(), oci.OCI_CONFIG)
+    manifest = source.put_manifest(oci.Manifest(config, (layer,)))
+    other = dict(manifest.to_dict(), platform={"os": "linux", "architecture": "amd64"})
+    both = json.loads(source.read_blob(manifest.digest))
+    del both["mediaType"]
+    data = oci.canonical_json(dict(both, manifests=[other]))
+    fake = FakeRegistry(Store.open(tmp_path / "fake"))
+    fake.push_manifest("team/cache", "as-manifest", data, oci.OCI_MANIFEST)
+    fake.push_manifest("team/base", "as-index", data, oci.OCI_INDEX)
+    target = Store.open(tmp_path / "target")
+    platform = oci.Platform("linux", "amd64")
+    refusals = [
+        lambda: find_manifests(fake, "team/cache", ["as-manifest"]),
+        lambda: fetch_image(fake, target, "team/cache", Digest.of(data)),
+        lambda: resolve_image(fake, "team/base", "as-index", platform),
+    ]
+    for refused in refusals:
+        with pytest.raises(FormatError, match="ambiguous") as caught:
+            refused()
+        assert "CVE-2021-41190" in (caught.value.hint or "")
+    assert list(target.blobs()) == [] and target.verify() == []
 
 
 def test_a_request_that_cannot_be_sent_fails_at_once_without_retries() -> None:
