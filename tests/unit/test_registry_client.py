@@ -149,6 +149,57 @@ def test_save_credentials_keeps_other_entries_and_is_private(tmp_path: Path) -> 
     assert find_credentials("b.example.com:5000", env) == Credentials("me", "secret")
 
 
+def test_an_auth_file_that_cannot_be_parsed_is_never_written_and_never_read_as_empty(tmp_path: Path) -> None:
+    """One syntax error in Docker's config.json: `login` refuses to write it (that lost every other entry and the
+    proxies), naming the file and line, and a pull refuses to read it as empty, as podman and skopeo do."""
+    docker = tmp_path / "home/.docker/config.json"
+    docker.parent.mkdir(parents=True)
+    broken = ('{\n\t"auths": {\n\t\t"a.example.com": {"auth": "eDp5"},\n\t},\n'
+              '\t"proxies": {"default": {"httpProxy": "http://proxy:3128"}}\n}\n')
+    docker.write_text(broken)
+    env = _env(tmp_path)
+    for call in (lambda: save_credentials("b.example.com", Credentials("me", "secret"), env),
+                 lambda: find_credentials("a.example.com", env)):
+        with pytest.raises(RegistryError, match=rf"^{docker}, line 4: the auth file is not valid JSON") as caught:
+            call()
+        assert "fix the file" in (caught.value.hint or "")
+    assert docker.read_text() == broken
+    docker.write_text("[]")
+    with pytest.raises(RegistryError, match="not a JSON object"):
+        save_credentials("b.example.com", Credentials("me", "secret"), env)
+    assert docker.read_text() == "[]"
+
+
+def test_login_stores_the_password_where_lookup_finds_it_first(tmp_path: Path) -> None:
+    """podman's auth.json (read first) holds an old password: the new one replaces it there, so lookup returns
+    it; the other entries of both files and Docker's proxies section stay as they were."""
+    old = base64.b64encode(b"me:old").decode()
+    podman = tmp_path / "run/containers/auth.json"
+    podman.parent.mkdir(parents=True)
+    podman.write_text(json.dumps({"auths": {"https://reg.example.com/v2/": {"auth": old},
+                                            "p.example.com": {"auth": "eDp5"}}}))
+    docker = tmp_path / "home/.docker/config.json"
+    docker.parent.mkdir(parents=True)
+    docker_doc = {"auths": {"reg.example.com": {"auth": old}, "d.example.com": {"auth": "eDp6"}},
+                  "proxies": {"default": {"httpProxy": "http://proxy:3128", "noProxy": "*.local"}}}
+    docker.write_text(json.dumps(docker_doc))
+    env = _env(tmp_path, XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    assert find_credentials("reg.example.com", env) == Credentials("me", "old")
+    assert save_credentials("reg.example.com", Credentials("me", "new"), env) == podman
+    assert find_credentials("reg.example.com", env) == Credentials("me", "new")
+    assert json.loads(podman.read_text())["auths"] == {
+        "reg.example.com": {"auth": base64.b64encode(b"me:new").decode()}, "p.example.com": {"auth": "eDp5"}}
+    assert json.loads(docker.read_text()) == docker_doc
+
+    # a registry no file knows yet goes to Docker's config.json, as `docker login`; its proxies are kept
+    assert save_credentials("n.example.com", Credentials("you", "pw"), env) == docker
+    assert find_credentials("n.example.com", env) == Credentials("you", "pw")
+    written = json.loads(docker.read_text())
+    assert written["proxies"] == docker_doc["proxies"]
+    assert {k: v for k, v in written["auths"].items() if k != "n.example.com"} == docker_doc["auths"]
+    assert os.stat(docker).st_mode & 0o077 == 0
+
+
 # ---- the one retry loop -------------------------------------------------------------------------------------------
 
 
