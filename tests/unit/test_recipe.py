@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_ocibuild
 from ocibuild.errors import LockError, RecipeError
 from ocibuild.oci import Digest
 from ocibuild.recipe.key import Input, cache_key
@@ -109,3 +110,22 @@ def test_lock_round_trip(tmp_path: Path) -> None:
 def test_readme_carries_the_key_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert reference_table() in readme, "regenerate the README key table from recipe.schema.reference_table()"
+
+
+@pytest.mark.parametrize("line, shown", [("run = 1", "int 1"), ('cache = "x"', "str 'x'"), ("image = []", "list []")])
+def test_a_section_written_as_a_key_is_a_one_line_error_not_a_traceback(make_project, tmp_path: Path, line: str,
+                                                                        shown: str) -> None:
+    """`run = 1` in ocibuild.toml raised TypeError out of the schema check: now the CLI names the file and says what
+    to write instead."""
+    root = make_project({"src": 'kind = "copy"\nfrom = "src"\nto = "/src"\n'}, files={"src/a": "a\n"})
+    project_file = root / "ocibuild.toml"
+    text = project_file.read_text()
+    project_file.write_text(f"{line}\n{text}" if not line.startswith("image") else f"{line}\n")
+    section = line.split(" ")[0]
+    result = run_ocibuild("plan", "-C", str(root), "--store", str(tmp_path / "store"), ok=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: ocibuild.toml: '{section}' must be a section ([{section}] on a line of its own, its keys below it), "
+        f"not {shown}",
+        f"hint: replace '{section} = …' with a [{section}] header; see the key table in the README",
+    ]

@@ -138,6 +138,10 @@ def load_project(root: Path) -> Project:
                 f"{PROJECT_FILE}: unknown section [{section}]{did_you_mean(section, _SECTIONS)}",
                 "the sections are [image], [run] and [cache]",
             )
+        if not isinstance(data[section], dict):
+            raise RecipeError(f"{PROJECT_FILE}: '{section}' must be a section ([{section}] on a line of its own, its "
+                              f"keys below it), not {type(data[section]).__name__} {data[section]!r}"[:300],
+                              f"replace '{section} = …' with a [{section}] header; see the key table in the README")
     image = _image(data)
     layers = _layers(root, image)
     run = _run(root, data.get("run", {}))
