@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import RecipeError
+from ..oci import Platform
 from .schema import KINDS, SCHEMA, SCHEMA_OF_KIND, InputRef, check_sha256, did_you_mean, relative_path, validate
 
 PROJECT_FILE = "ocibuild.toml"
@@ -71,6 +72,11 @@ class ImageSpec:
     cmd: tuple[str, ...]
     source_date_epoch: int
     architecture: str
+
+    @property
+    def platform(self) -> Platform:
+        """The image's platform: linux on ``architecture`` (no variant: the recipe format has none)."""
+        return Platform("linux", self.architecture)
 
 
 @dataclass(frozen=True)
