@@ -181,10 +181,13 @@ class IgnoreRules:
     """``.containerignore`` / ``.dockerignore`` semantics: globs with ``*``, ``?``, ``**``, ``!`` re-includes;
     the last matching pattern wins and a pattern matching a directory covers everything below it."""
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    def __init__(self, patterns: Iterable[str], where: str | Sequence[str] = "exclude") -> None:
+        """``where`` names the patterns' origin in errors: one name for all (``layers/x/layer.toml: exclude``) or
+        one per pattern (``src/.containerignore, line 3``)."""
         self.patterns = tuple(patterns)
+        origins = [where] * len(self.patterns) if isinstance(where, str) else list(where)
         self._rules: list[tuple[bool, re.Pattern[str]]] = []
-        for raw in self.patterns:
+        for raw, origin in zip(self.patterns, origins, strict=True):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -194,7 +197,12 @@ class IgnoreRules:
             line = os.path.normpath(line.lstrip("/")).replace(os.sep, "/")
             if line in (".", ""):
                 continue
-            self._rules.append((negate, re.compile(_glob_to_regex(line))))
+            try:
+                self._rules.append((negate, re.compile(_glob_to_regex(line))))
+            except re.error as err:  # '[]', '[z-a]': refused, as Docker refuses a bad pattern
+                raise RecipeError(f"{origin}: {raw.strip()!r} is not a valid pattern ({err.msg})",
+                                  "fix or remove it: a [...] class must list at least one character and a range must "
+                                  "go upwards (a-z)") from None
         self.has_negations = any(negate for negate, _ in self._rules)
         self.active = bool(self._rules)
 
@@ -206,7 +214,8 @@ class IgnoreRules:
         return result
 
     @classmethod
-    def for_tree(cls, root: Path, extra: Sequence[str]) -> IgnoreRules:
+    def for_tree(cls, root: Path, extra: Sequence[str], where: str = "exclude") -> IgnoreRules:
+        """The rules of ``root``'s ignore file, then ``extra`` (named ``where`` in errors)."""
         patterns: list[str] = []
         for name in IGNORE_FILES:
             file = root / name
@@ -216,7 +225,8 @@ class IgnoreRules:
                 except (OSError, UnicodeDecodeError) as err:
                     raise RecipeError(f"{file}: cannot read: {err}", "fix or remove the ignore file") from None
                 break
-        return cls([*patterns, *extra])
+        origins = [f"{file}, line {n}" for n in range(1, len(patterns) + 1)]
+        return cls([*patterns, *extra], [*origins, *[where] * len(extra)])
 
 
 def _glob_to_regex(pattern: str) -> str:
@@ -292,11 +302,11 @@ def _scan(root: Path, exclude: Sequence[str], what: str) -> _Scan:
     single = not root.is_dir()
     records: list[tuple[Any, ...]] = []
     if single:
-        rules = IgnoreRules(exclude)
+        rules = IgnoreRules(exclude, f"{what}: exclude")
         st = root.stat()
         records.append((root.name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     else:
-        rules = IgnoreRules.for_tree(root, exclude)
+        rules = IgnoreRules.for_tree(root, exclude, f"{what}: exclude")
         try:
             fd = os.open(root, _OPEN_DIRECTORY)
         except OSError as err:

@@ -54,6 +54,17 @@ def canonical_json(value: Any) -> bytes:
     return _CANONICAL.encode(value).encode()
 
 
+def _refuse_ambiguous(value: Mapping[str, Any], what: str, kind: str, foreign: tuple[str, ...]) -> None:
+    """A document that carries the fields of both a manifest and an index could be read as either (the confusion
+    behind CVE-2021-41190): refused, as containerd does since that advisory."""
+    present = [key for key in foreign if key in value]
+    if present:
+        fields = " and ".join(f"'{key}'" for key in present)
+        raise FormatError(f"{what}: an {kind} that also carries {fields} is ambiguous (manifest or index?); refused",
+                          "the document was made by a broken or hostile tool: ask its publisher to fix it "
+                          "(see CVE-2021-41190)")
+
+
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
@@ -221,6 +232,7 @@ class Manifest:
         media_type = value.get("mediaType", OCI_MANIFEST)
         if media_type not in MANIFEST_TYPES:
             raise FormatError(f"{what}: mediaType '{media_type}' is not an image manifest")
+        _refuse_ambiguous(value, what, "image manifest", ("manifests",))
         layers = value.get("layers")
         if not isinstance(layers, list):
             raise FormatError(f"{what}: 'layers' must be a list")
@@ -260,6 +272,7 @@ class Index:
         media_type = value.get("mediaType", OCI_INDEX)
         if media_type not in INDEX_TYPES:
             raise FormatError(f"{what}: mediaType '{media_type}' is not an image index")
+        _refuse_ambiguous(value, what, "image index", ("layers", "config"))
         manifests = value.get("manifests")
         if not isinstance(manifests, list):
             raise FormatError(f"{what}: 'manifests' must be a list")

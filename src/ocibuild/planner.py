@@ -153,7 +153,7 @@ def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache,
         if any(need not in keys for need in layer.needs):
             unlocked.append(Unlocked(layer, None, tuple(inputs)))
             continue
-        key = cache_key(layer, epoch, inputs, [keys[n] for n in layer.needs])
+        key = cache_key(layer, epoch, inputs, [keys[n] for n in layer.needs], project.image.platform)
         keys[layer.name] = key
         status = "cached" if index.find(cache_tag(layer.name, key)) is not None else "build"
         layers.append(LayerPlan(layer, key, tuple(inputs), status, tree))
@@ -316,7 +316,7 @@ def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[LayerB
     if recipe.kind == "bootstrap":
         from .build.bootstrap import build_bootstrap
 
-        return build_bootstrap(ctx, recipe, layer.inputs[0])
+        return build_bootstrap(ctx, recipe, layer.inputs[0], plan.project.image.platform)
     from .build.image import build_image
 
     return build_image(ctx, recipe, layer.inputs[0].digest)[0]

@@ -15,7 +15,7 @@ from . import oci, registry
 from .errors import FormatError, LockError, RecipeError, StoreError
 from .files import atomic_write
 from .net.download import fetch_bytes
-from .oci import Digest, Platform, Reference
+from .oci import Digest, Reference
 from .recipe.lock import LOCK_FILE, Lock, LockEntry
 from .recipe.project import LayerRecipe, Project
 from .store import Store
@@ -64,8 +64,7 @@ def _resolve(project: Project, layer: LayerRecipe, source: str, registries: regi
         return _pick(store.index(), tag, layer, source)
     ref = Reference.parse(source)
     client = (registries or registry.Registries()).client(ref.registry)
-    platform = Platform("linux", project.image.architecture)
-    return registry.resolve_image(client, ref.repository, str(ref.digest or ref.tag), platform).digest
+    return registry.resolve_image(client, ref.repository, str(ref.digest or ref.tag), project.image.platform).digest
 
 
 def _pick(index: oci.Index, tag: str | None, layer: LayerRecipe, source: str) -> Digest:

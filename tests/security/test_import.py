@@ -121,6 +121,28 @@ def _big_index() -> bytes:
     return raw.getvalue()
 
 
+def _ambiguous(kind: str) -> bytes:
+    """A layout whose image is reached through a document that is both a manifest and an index (CVE-2021-41190):
+    no mediaType inside, the fields of both. ``kind`` says what the descriptor that points at it claims."""
+    files = _layout_files()
+    index = json.loads(files["index.json"])
+    manifest_d = index["manifests"][0]
+    manifest = json.loads(files[f"blobs/sha256/{manifest_d['digest'].split(':')[1]}"])
+    both = {k: v for k, v in manifest.items() if k != "mediaType"}
+    both["manifests"] = [{k: v for k, v in manifest_d.items() if k != "annotations"}]
+    data = oci.canonical_json(both)
+    media_type = oci.OCI_MANIFEST if kind == "manifest" else oci.OCI_INDEX
+    index["manifests"][0].update(mediaType=media_type, digest=str(Digest.of(data)), size=len(data))
+    files["index.json"] = oci.canonical_json(index)
+    files[f"blobs/sha256/{Digest.of(data).hex}"] = data
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, content in files.items():
+            tar.addfile(_file(name, content), io.BytesIO(content))
+        entry(BLOB, tarfile.REGTYPE, data=LAYER)(tar)
+    return raw.getvalue()
+
+
 CASES: dict[str, Callable[[], bytes]] = {
     "dotdot": lambda: archive(entry("blobs/sha256/../../../escape", tarfile.REGTYPE, data=b"pwned")),
     "dotdot-in-pax-path": lambda: archive(raw_blocks(
@@ -150,6 +172,8 @@ CASES: dict[str, Callable[[], bytes]] = {
     "gzip-bomb": lambda: _compressed(lambda data: gzip.compress(data, compresslevel=1)),
     "zstd-bomb": lambda: _compressed(lambda data: zstandard.ZstdCompressor().compress(data)),
     "index-json-too-large": lambda: _big_index(),
+    "manifest-that-is-also-an-index": lambda: _ambiguous("manifest"),
+    "index-that-is-also-a-manifest": lambda: _ambiguous("index"),
 }
 
 

@@ -456,3 +456,53 @@ def test_a_no_op_build_imports_no_module_that_makes_layers(make_project, tmp_pat
     heavy = {"zstandard", "isal", "python_on_whales", "tempfile", "ocibuild.tar.codecs", "ocibuild.tar.write", "ocibuild.archive",
              "ocibuild.engine", "ocibuild.build", "ocibuild.doctor"}
     assert "ocibuild.planner" in loaded and not loaded & heavy, sorted(loaded & heavy)
+
+
+def test_bootstrap_builds_the_recipes_architecture_or_refuses_clearly(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmdebstrap ran without --architectures, so it built the host's architecture whatever the recipe said. It
+    now gets the recipe's (as a Debian name); a foreign one the host cannot run (no qemu binfmt handler) is refused
+    before anything is downloaded."""
+    from ocibuild.build import bootstrap
+    from ocibuild.build.context import BuildContext
+    from ocibuild.errors import EngineError
+    from ocibuild.oci import Digest, Platform
+    from ocibuild.recipe.key import Input
+    from ocibuild.recipe.project import LayerRecipe
+
+    binfmt = tmp_path / "binfmt"
+    binfmt.mkdir()
+    arm64, arm = Platform("linux", "arm64"), Platform("linux", "arm")
+    assert bootstrap.debian_architecture(Platform("linux", "amd64"), "x", machine="x86_64", binfmt=binfmt) == "amd64"
+    assert bootstrap.debian_architecture(arm64, "x", machine="aarch64", binfmt=binfmt) == "arm64"
+    with pytest.raises(EngineError, match=r"^layer 'base': this x86_64 host cannot build arm64 \(architecture "
+                                          r"'arm64'\): no binfmt_misc handler qemu-aarch64 is registered") as caught:
+        bootstrap.debian_architecture(arm64, "layer 'base'", machine="x86_64", binfmt=binfmt)
+    assert "qemu-user-static" in (caught.value.hint or "")
+    (binfmt / "qemu-aarch64").write_text("disabled\ninterpreter /usr/bin/qemu-aarch64-static\n")
+    with pytest.raises(EngineError):
+        bootstrap.debian_architecture(arm64, "x", machine="x86_64", binfmt=binfmt)
+    (binfmt / "qemu-aarch64").write_text("enabled\ninterpreter /usr/bin/qemu-aarch64-static\n")
+    assert bootstrap.debian_architecture(arm64, "x", machine="x86_64", binfmt=binfmt) == "arm64"
+    (binfmt / "qemu-arm").write_text("enabled\n")
+    assert bootstrap.debian_architecture(arm, "x", machine="x86_64", binfmt=binfmt) == "armhf"
+    with pytest.raises(RecipeError, match="'sparc' has no Debian port"):
+        bootstrap.debian_architecture(Platform("linux", "sparc"), "x", machine="x86_64", binfmt=binfmt)
+
+    # the argv mmdebstrap gets: the recipe's architecture, whatever the host
+    seen: list[list[str]] = []
+
+    def fake_run(argv: list[str], **_: object) -> None:
+        seen.append(list(argv))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bootstrap, "check_release", lambda layer, locked: None)
+    monkeypatch.setattr(bootstrap, "run_streaming", fake_run)
+    monkeypatch.setattr(bootstrap, "debian_architecture", lambda platform, what: "arm64")
+    layer = LayerRecipe("base", "bootstrap", tmp_path / "layer.toml", (), "",
+                        {"suite": "bookworm", "mirror": "http://deb.debian.org/debian", "variant": "minbase",
+                         "components": ("main",), "packages": (), "deb_src": False})
+    ctx = BuildContext(Store.open(tmp_path / "store"), tmp_path, "zstd", 0, False, lambda line: None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        bootstrap.build_bootstrap(ctx, layer, Input("http://x/InRelease", Digest.of(b"r")), arm64)
+    assert "--architectures=arm64" in seen[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_ocibuild
 from ocibuild.errors import RecipeError
 from ocibuild.inputs import IgnoreRules, StatCache, hash_file, tree_digest, walk_tree
 from ocibuild.oci import Digest
@@ -295,3 +296,21 @@ def test_walk_refuses_special_files_and_does_not_follow_symlinked_directories(tm
     with pytest.raises(RecipeError, match=r"^layers/x/layer.toml: .*/t/sub/pipe is a device, socket or fifo"):
         tree_digest(root, [], StatCache(None), what="layers/x/layer.toml")
     assert tree_digest(root, ["sub/pipe"], StatCache(None), what="t")[0] == tree.digest
+
+
+@pytest.mark.parametrize("pattern, reason", [("[]", "unterminated character set"),
+                                             ("[z-a]", "bad character range z-a")])
+def test_a_bad_pattern_in_an_ignore_file_is_a_one_line_error_naming_file_and_line(make_project, tmp_path: Path,
+                                                                                 pattern: str, reason: str) -> None:
+    """`[]` or `[z-a]` in a .containerignore raised re.error out of the glob compiler: now the CLI names the file,
+    the line and the pattern (Docker refuses a bad pattern too)."""
+    root = make_project({"src": 'kind = "copy"\nfrom = "src"\nto = "/src"\n'},
+                        files={"src/a": "a\n", "src/.containerignore": f"# comment\n*.o\n{pattern}\n"})
+    result = run_ocibuild("plan", "-C", str(root), "--store", str(tmp_path / "store"), ok=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {root / 'src/.containerignore'}, line 3: '{pattern}' is not a valid pattern ({reason})",
+        "hint: fix or remove it: a [...] class must list at least one character and a range must go upwards (a-z)",
+    ]
+    with pytest.raises(RecipeError, match=r"^layers/src/layer.toml: exclude: '\[z-a\]' is not a valid pattern"):
+        IgnoreRules(["ok", "[z-a]"], "layers/src/layer.toml: exclude")

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from conftest import run_ocibuild
 from ocibuild.errors import LockError, RecipeError
-from ocibuild.oci import Digest
+from ocibuild.oci import Digest, Platform
 from ocibuild.recipe.key import Input, cache_key
 from ocibuild.recipe.lock import Lock, LockEntry, load_lock
 from ocibuild.recipe.project import load_project
@@ -90,10 +92,11 @@ def test_key_ignores_description_and_compression(make_project) -> None:
     (root / "ocibuild.toml").write_text('[image]\nname = "dev"\nlayers = ["a"]\ncompression = "gzip"\n')
     two = load_project(root).layer("a")
     inputs = [Input("src", Digest.of(b"x"))]
-    assert cache_key(one, 0, inputs, []) == cache_key(two, 0, inputs, [])
-    assert cache_key(one, 0, inputs, []) != cache_key(one, 1, inputs, [])
-    assert cache_key(one, 0, inputs, []) != cache_key(one, 0, [Input("src", Digest.of(b"y"))], [])
-    assert cache_key(one, 0, inputs, []) != cache_key(one, 0, inputs, [Digest.of(b"need")])
+    amd64 = Platform("linux", "amd64")
+    assert cache_key(one, 0, inputs, [], amd64) == cache_key(two, 0, inputs, [], amd64)
+    assert cache_key(one, 0, inputs, [], amd64) != cache_key(one, 1, inputs, [], amd64)
+    assert cache_key(one, 0, inputs, [], amd64) != cache_key(one, 0, [Input("src", Digest.of(b"y"))], [], amd64)
+    assert cache_key(one, 0, inputs, [], amd64) != cache_key(one, 0, inputs, [Digest.of(b"need")], amd64)
 
 
 def test_lock_round_trip(tmp_path: Path) -> None:
@@ -109,3 +112,51 @@ def test_lock_round_trip(tmp_path: Path) -> None:
 def test_readme_carries_the_key_table() -> None:
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert reference_table() in readme, "regenerate the README key table from recipe.schema.reference_table()"
+
+
+@pytest.mark.parametrize("line, shown", [("run = 1", "int 1"), ('cache = "x"', "str 'x'"), ("image = []", "list []")])
+def test_a_section_written_as_a_key_is_a_one_line_error_not_a_traceback(make_project, tmp_path: Path, line: str,
+                                                                        shown: str) -> None:
+    """`run = 1` in ocibuild.toml raised TypeError out of the schema check: now the CLI names the file and says what
+    to write instead."""
+    root = make_project({"src": 'kind = "copy"\nfrom = "src"\nto = "/src"\n'}, files={"src/a": "a\n"})
+    project_file = root / "ocibuild.toml"
+    text = project_file.read_text()
+    project_file.write_text(f"{line}\n{text}" if not line.startswith("image") else f"{line}\n")
+    section = line.split(" ")[0]
+    result = run_ocibuild("plan", "-C", str(root), "--store", str(tmp_path / "store"), ok=False)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: ocibuild.toml: '{section}' must be a section ([{section}] on a line of its own, its keys below it), "
+        f"not {shown}",
+        f"hint: replace '{section} = …' with a [{section}] header; see the key table in the README",
+    ]
+
+
+def test_plan_keys_cover_the_platform_where_the_bytes_depend_on_it(make_project, tmp_path: Path) -> None:
+    """`architecture = "amd64"` and `"arm64"` gave the same bootstrap and run keys: a cache shared by amd64 and
+    arm64 runners served the wrong architecture. Bootstrap, run and image keys now differ; copy and archive bytes
+    do not depend on the platform, so their keys stay the same (one entry serves both)."""
+    sha = "0" * 64
+    layers = {
+        "img": 'kind = "image"\nref = "docker.io/library/debian:bookworm"\n',
+        "base": 'kind = "bootstrap"\nsuite = "bookworm"\n',
+        "tree": 'kind = "copy"\nfrom = "src"\nto = "/src"\n',
+        "tarball": f'kind = "archive"\nurl = "https://example.com/a.tar.gz"\nsha256 = "{sha}"\ndest = "/opt"\n',
+        "step": 'kind = "run"\nscript = "build.sh"\nneeds = ["base", "tree"]\n',
+    }
+    keys = {}
+    for architecture in ("amd64", "arm64"):
+        root = make_project(layers, image=f'architecture = "{architecture}"\n', root=tmp_path / architecture,
+                            files={"src/a": "a\n", "layers/step/build.sh": "true\n"})
+        lock = Lock({"base": LockEntry("base", "http://deb.debian.org/debian/dists/bookworm/InRelease",
+                                       Digest.of(b"InRelease")),
+                     "img": LockEntry("img", "docker.io/library/debian:bookworm", Digest.of(b"manifest"))})
+        (root / "ocibuild.lock").write_text(lock.to_toml())
+        result = run_ocibuild("plan", "--json", "-C", str(root), "--store", str(tmp_path / "store"))
+        keys[architecture] = {layer["name"]: layer["key"] for layer in json.loads(result.stdout)["layers"]}
+    assert set(keys["amd64"]) == set(layers)
+    for name in ("base", "img", "step"):
+        assert keys["amd64"][name] != keys["arm64"][name], name
+    for name in ("tree", "tarball"):
+        assert keys["amd64"][name] == keys["arm64"][name], name

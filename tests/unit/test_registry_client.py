@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from ocibuild import oci
-from ocibuild.errors import RegistryError
+from ocibuild.errors import FormatError, RegistryError
 from ocibuild.net.auth import Challenge, Credentials, find_credentials, parse_challenges, save_credentials
 from ocibuild.net.http import tls_context
 from ocibuild.net.retry import Retrier, RetryableFailure, RetryPolicy, parse_retry_after
 from ocibuild.net.session import is_loopback, proxy_for
 from ocibuild.oci import Descriptor, Digest
-from ocibuild.registry import fetch_image, fetch_manifests, find_manifests, missing_bytes, push_manifests
+from ocibuild.registry import fetch_image, fetch_manifests, find_manifests, missing_bytes, push_manifests, resolve_image
 from ocibuild.store import Store
 
 
@@ -149,6 +149,57 @@ def test_save_credentials_keeps_other_entries_and_is_private(tmp_path: Path) -> 
     assert find_credentials("b.example.com:5000", env) == Credentials("me", "secret")
 
 
+def test_an_auth_file_that_cannot_be_parsed_is_never_written_and_never_read_as_empty(tmp_path: Path) -> None:
+    """One syntax error in Docker's config.json: `login` refuses to write it (that lost every other entry and the
+    proxies), naming the file and line, and a pull refuses to read it as empty, as podman and skopeo do."""
+    docker = tmp_path / "home/.docker/config.json"
+    docker.parent.mkdir(parents=True)
+    broken = ('{\n\t"auths": {\n\t\t"a.example.com": {"auth": "eDp5"},\n\t},\n'
+              '\t"proxies": {"default": {"httpProxy": "http://proxy:3128"}}\n}\n')
+    docker.write_text(broken)
+    env = _env(tmp_path)
+    for call in (lambda: save_credentials("b.example.com", Credentials("me", "secret"), env),
+                 lambda: find_credentials("a.example.com", env)):
+        with pytest.raises(RegistryError, match=rf"^{docker}, line 4: the auth file is not valid JSON") as caught:
+            call()
+        assert "fix the file" in (caught.value.hint or "")
+    assert docker.read_text() == broken
+    docker.write_text("[]")
+    with pytest.raises(RegistryError, match="not a JSON object"):
+        save_credentials("b.example.com", Credentials("me", "secret"), env)
+    assert docker.read_text() == "[]"
+
+
+def test_login_stores_the_password_where_lookup_finds_it_first(tmp_path: Path) -> None:
+    """podman's auth.json (read first) holds an old password: the new one replaces it there, so lookup returns
+    it; the other entries of both files and Docker's proxies section stay as they were."""
+    old = base64.b64encode(b"me:old").decode()
+    podman = tmp_path / "run/containers/auth.json"
+    podman.parent.mkdir(parents=True)
+    podman.write_text(json.dumps({"auths": {"https://reg.example.com/v2/": {"auth": old},
+                                            "p.example.com": {"auth": "eDp5"}}}))
+    docker = tmp_path / "home/.docker/config.json"
+    docker.parent.mkdir(parents=True)
+    docker_doc = {"auths": {"reg.example.com": {"auth": old}, "d.example.com": {"auth": "eDp6"}},
+                  "proxies": {"default": {"httpProxy": "http://proxy:3128", "noProxy": "*.local"}}}
+    docker.write_text(json.dumps(docker_doc))
+    env = _env(tmp_path, XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    assert find_credentials("reg.example.com", env) == Credentials("me", "old")
+    assert save_credentials("reg.example.com", Credentials("me", "new"), env) == podman
+    assert find_credentials("reg.example.com", env) == Credentials("me", "new")
+    assert json.loads(podman.read_text())["auths"] == {
+        "reg.example.com": {"auth": base64.b64encode(b"me:new").decode()}, "p.example.com": {"auth": "eDp5"}}
+    assert json.loads(docker.read_text()) == docker_doc
+
+    # a registry no file knows yet goes to Docker's config.json, as `docker login`; its proxies are kept
+    assert save_credentials("n.example.com", Credentials("you", "pw"), env) == docker
+    assert find_credentials("n.example.com", env) == Credentials("you", "pw")
+    written = json.loads(docker.read_text())
+    assert written["proxies"] == docker_doc["proxies"]
+    assert {k: v for k, v in written["auths"].items() if k != "n.example.com"} == docker_doc["auths"]
+    assert os.stat(docker).st_mode & 0o077 == 0
+
+
 # ---- the one retry loop -------------------------------------------------------------------------------------------
 
 
@@ -269,6 +320,35 @@ def test_push_find_and_fetch_manifests_through_the_distribution_protocol(tmp_pat
     assert fetch_image(fake, Store.open(tmp_path / "image"), "team/cache", manifest.digest).layers == (layer,)
     for store in (source, target, fake.blobs):
         assert store.verify() == []
+
+
+def test_a_document_that_is_both_manifest_and_index_is_refused_on_every_registry_read(tmp_path: Path) -> None:
+    """CVE-2021-41190: a document with no mediaType inside and the fields of both kinds means one image to a reader
+    that takes it as a manifest and another to one that takes it as an index. Refused whichever the registry's
+    Content-Type claims: by cache lookup, image bases (through an index or directly) and whole-image fetches."""
+    source = Store.open(tmp_path / "source")
+    layer = source.put(b"layer bytes" * 1000, oci.LAYER_GZIP)
+    config = source.put(oci.ImageConfig(diff_ids=(layer.digest,)).to_json(), oci.OCI_CONFIG)
+    manifest = source.put_manifest(oci.Manifest(config, (layer,)))
+    other = dict(manifest.to_dict(), platform={"os": "linux", "architecture": "amd64"})
+    both = json.loads(source.read_blob(manifest.digest))
+    del both["mediaType"]
+    data = oci.canonical_json(dict(both, manifests=[other]))
+    fake = FakeRegistry(Store.open(tmp_path / "fake"))
+    fake.push_manifest("team/cache", "as-manifest", data, oci.OCI_MANIFEST)
+    fake.push_manifest("team/base", "as-index", data, oci.OCI_INDEX)
+    target = Store.open(tmp_path / "target")
+    platform = oci.Platform("linux", "amd64")
+    refusals = [
+        lambda: find_manifests(fake, "team/cache", ["as-manifest"]),
+        lambda: fetch_image(fake, target, "team/cache", Digest.of(data)),
+        lambda: resolve_image(fake, "team/base", "as-index", platform),
+    ]
+    for refused in refusals:
+        with pytest.raises(FormatError, match="ambiguous") as caught:
+            refused()
+        assert "CVE-2021-41190" in (caught.value.hint or "")
+    assert list(target.blobs()) == [] and target.verify() == []
 
 
 def test_a_request_that_cannot_be_sent_fails_at_once_without_retries() -> None:

@@ -3,24 +3,66 @@
 from __future__ import annotations
 
 import os
+import platform as host_platform
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..tar import write
-from ..errors import EngineError, LockError, OcibuildError, StepFailed
+from ..errors import EngineError, LockError, OcibuildError, RecipeError, StepFailed
 from ..net.download import fetch_bytes
-from ..oci import LayerBlob, Digest
+from ..oci import LayerBlob, Digest, Platform
 from ..recipe.key import Input
 from ..recipe.project import LayerRecipe
 from .context import BuildContext, Output, temp_file, write_entries
 
 
-def build_bootstrap(ctx: BuildContext, layer: LayerRecipe, locked: Input) -> list[LayerBlob]:
-    """``bootstrap``: a root filesystem by mmdebstrap, reproducible via SOURCE_DATE_EPOCH; owners kept.
-    ``locked`` is the suite's InRelease as ocibuild.lock records it; the archive must still be in that state."""
+# GOARCH names (the image's [image] architecture) -> (Debian architecture, qemu-user binfmt name, uname -m names)
+_ARCHITECTURES = {
+    "amd64": ("amd64", "x86_64", ("x86_64",)),
+    "arm64": ("arm64", "aarch64", ("aarch64", "arm64")),
+    "arm": ("armhf", "arm", ("armv7l", "armv8l")),
+    "386": ("i386", "i386", ("i386", "i686")),
+    "ppc64le": ("ppc64el", "ppc64le", ("ppc64le",)),
+    "s390x": ("s390x", "s390x", ("s390x",)),
+    "riscv64": ("riscv64", "riscv64", ("riscv64",)),
+    "mips64le": ("mips64el", "mips64el", ("mips64",)),
+}
+_BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def debian_architecture(platform: Platform, what: str, *, machine: str | None = None,
+                        binfmt: Path = _BINFMT) -> str:
+    """The Debian architecture mmdebstrap builds for ``platform``; an error when this host cannot run its
+    binaries (maintainer scripts run during the bootstrap): neither native nor registered with binfmt_misc."""
+    known = _ARCHITECTURES.get(platform.architecture)
+    if known is None:
+        raise RecipeError(f"{what}: [image] architecture '{platform.architecture}' has no Debian port ocibuild knows",
+                          f"use one of {', '.join(sorted(_ARCHITECTURES))}")
+    debian, qemu, machines = known
+    machine = host_platform.machine() if machine is None else machine
+    if machine in machines or (platform.architecture == "386" and machine == "x86_64"):
+        return debian
+    try:
+        enabled = (binfmt / f"qemu-{qemu}").read_text().splitlines()[:1] == ["enabled"]
+    except OSError:
+        enabled = False
+    if not enabled:
+        raise EngineError(f"{what}: this {machine} host cannot build {debian} (architecture "
+                          f"'{platform.architecture}'): no binfmt_misc handler qemu-{qemu} is registered",
+                          "install qemu-user-static and binfmt-support (apt-get install qemu-user-static), or build "
+                          "this layer on a host of that architecture and share it through the cache")
+    return debian
+
+
+def build_bootstrap(ctx: BuildContext, layer: LayerRecipe, locked: Input, platform: Platform) -> list[LayerBlob]:
+    """``bootstrap``: a root filesystem by mmdebstrap for ``platform``'s architecture, reproducible via
+    SOURCE_DATE_EPOCH; owners kept. ``locked`` is the suite's InRelease as ocibuild.lock records it; the archive
+    must still be in that state."""
     if ctx.offline:  # refused before anything reaches the network
         raise OcibuildError(f"layer '{layer.name}': a bootstrap layer downloads packages, which --offline forbids",
                             "build it on a connected machine and bring it with `ocibuild export`/`import`")
+    architecture = debian_architecture(platform, f"layer '{layer.name}'")
     check_release(layer, locked)
     mirror, suite = layer.str_("mirror"), layer.str_("suite")
     components = " ".join(layer.strings("components"))
@@ -28,7 +70,8 @@ def build_bootstrap(ctx: BuildContext, layer: LayerRecipe, locked: Input) -> lis
     if layer.bool_("deb_src"):
         sources.append(f"deb-src {mirror} {suite} {components}")
     with temp_file(ctx, ".tar") as out:
-        argv = ["mmdebstrap", f"--variant={layer.str_('variant')}", f"--components={','.join(layer.strings('components'))}",
+        argv = ["mmdebstrap", f"--variant={layer.str_('variant')}", f"--architectures={architecture}",
+                f"--components={','.join(layer.strings('components'))}",
                 '--aptopt=Acquire::Retries "5"']  # a dropped connection to the archive is retried, not fatal
         if layer.strings("packages"):
             argv.append(f"--include={','.join(layer.strings('packages'))}")

@@ -133,7 +133,7 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
 
 def capture_container(ctx: BuildContext, engine: Engine, container: str, changes: Mapping[str, str],
                       keep: CaptureFilter, *, what: str) -> LayerBlob:
-    rules = IgnoreRules(keep.exclude)
+    rules = IgnoreRules(keep.exclude, f"{what}: exclude")
     with engine.mounted(container) as root:
         return write_entries(ctx, capture(root, changes, lambda p: keep.keeps(p, rules), what=what))
 

@@ -86,15 +86,39 @@ def auth_files(env: Mapping[str, str] | None = None) -> list[Path]:
     return files
 
 
+_BROKEN_HINT = ("fix the file by hand (ocibuild never rewrites an auth file it cannot read: that would lose its "
+                "other entries), or move it away and log in again")
+
+
 def _read_auth_file(path: Path) -> dict[str, Any]:
+    """An auth file's JSON object; {} when the file does not exist. A file that exists but cannot be read or
+    parsed is an error, as in podman and skopeo: read as empty, a typo would make pulls anonymous (failing far
+    from the cause) and let ``login`` overwrite every other entry."""
     try:
-        value = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as err:
-        log.warning("ignoring credentials file %s: %s", path, getattr(err, "strerror", None) or type(err).__name__)
-        return {}
-    return value if isinstance(value, dict) else {}
+    except OSError as err:
+        raise RegistryError(f"cannot read the auth file {path}: {err.strerror}", "check its permissions") from None
+    except UnicodeDecodeError:
+        raise RegistryError(f"{path}: the auth file is not UTF-8 text", _BROKEN_HINT) from None
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as err:
+        raise RegistryError(f"{path}, line {err.lineno}: the auth file is not valid JSON ({err.msg})",
+                            _BROKEN_HINT) from None
+    if not isinstance(value, dict):
+        raise RegistryError(f"{path}: the auth file is not a JSON object", _BROKEN_HINT)
+    for section in ("auths", "credHelpers"):
+        if value.get(section) is not None and not isinstance(value[section], dict):
+            raise RegistryError(f"{path}: '{section}' is not a JSON object", _BROKEN_HINT)
+    return value
+
+
+def _names(data: Mapping[str, Any], registry: str) -> bool:
+    """Whether an auth file has an entry (``auths`` or ``credHelpers``) for ``registry``."""
+    return any(_normalise_auth_key(key) == registry for section in ("auths", "credHelpers")
+               for key in (data.get(section) or {}))
 
 
 def _credential_helper(helper: str, registry: str, env: Mapping[str, str]) -> Credentials | None:
@@ -168,18 +192,33 @@ def _decode_auth_entry(entry: Mapping[str, Any], path: Path, registry: str) -> C
     return None
 
 
+def login_file(registry: str, env: Mapping[str, str]) -> Path:
+    """The auth file ``login`` records ``registry``'s credentials in: the one lookup will read them from first.
+
+    $REGISTRY_AUTH_FILE when set (lookup reads it first); else the first auth file in lookup order that already
+    has an entry for the registry (so a new password replaces the one lookup would find, say podman's in
+    containers' auth.json, rather than landing behind it); else Docker's config.json, as ``docker login``."""
+    files = auth_files(env)
+    if env.get("REGISTRY_AUTH_FILE"):
+        return files[0]
+    return next((path for path in files if _names(_read_auth_file(path), registry)), files[-1])
+
+
 def save_credentials(registry: str, credentials: Credentials, env: Mapping[str, str] | None = None) -> Path:
-    """Record credentials as ``docker login`` does: through the configured helper, else base64 in the auth file
-    ($REGISTRY_AUTH_FILE, else Docker's config.json), written atomically with mode 0600. Returns the file."""
+    """Record credentials as ``docker login`` does, in :func:`login_file`: through the helper it configures, else
+    base64 in its ``auths`` (every other key and entry kept), written atomically with mode 0600. Returns the
+    file. A file that cannot be parsed is never written (an error naming it and the line)."""
     env = os.environ if env is None else env
-    path = Path(env["REGISTRY_AUTH_FILE"]) if env.get("REGISTRY_AUTH_FILE") else auth_files(env)[-1]
+    path = login_file(registry, env)
     data = _read_auth_file(path)
-    helper = (data.get("credHelpers") or {}).get(_auth_key(registry)) or data.get("credsStore")
+    helper = next((h for key, h in (data.get("credHelpers") or {}).items() if _normalise_auth_key(key) == registry),
+                  None) or data.get("credsStore")
     if isinstance(helper, str) and helper:
         _store_with_helper(helper, registry, credentials, path, env)
         return path
-    auths = data.get("auths") if isinstance(data.get("auths"), dict) else {}
-    assert isinstance(auths, dict)
+    auths: dict[str, Any] = data.get("auths") or {}
+    for key in [key for key in auths if _normalise_auth_key(key) == registry]:
+        del auths[key]  # another spelling of the same registry (https://host/v2/) would otherwise stay first
     auths[_auth_key(registry)] = {"auth": basic(credentials.username, credentials.password)}
     data["auths"] = auths
     try:

@@ -10,7 +10,11 @@ What enters a layer's cache key (:func:`cache_key`), and nothing else:
   the sha256 of its content (a copy tree's digest covers each entry's relative path, type, executable bit,
   symlink target and content — never mtime, owner, umask or the absolute path); moving inputs (an ``image``
   ref, a ``bootstrap`` suite's InRelease) enter as the digest recorded in ``ocibuild.lock``;
-- ``needs``: the keys of the direct needs, in order (which cover their own needs in turn).
+- ``needs``: the keys of the direct needs, in order (which cover their own needs in turn);
+- ``platform``: os, architecture and variant, for the kinds whose bytes depend on it (:data:`PLATFORM_KINDS`:
+  ``bootstrap`` installs the architecture's packages, ``run`` executes its binaries, ``image`` takes the
+  platform's manifest); ``copy`` and ``archive`` bytes do not depend on it, so their keys leave it out and one
+  entry serves every platform.
 
 The compression is not part of the key: a layer's identity is its diff_id. Which inputs a layer has, and their
 digests, the planner finds (it reads the files and the lock); this module only assembles and hashes.
@@ -22,10 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..oci import Digest, canonical_json
+from ..oci import Digest, Platform, canonical_json
 from .project import LayerRecipe
 
-KEY_FORMAT = 2  # 2: bootstrap layers carry Acquire::Retries "5" in apt.conf.d/99mmdebstrap
+# 2: bootstrap layers carry Acquire::Retries "5" in apt.conf.d/99mmdebstrap; 3: the platform enters the keys of
+# PLATFORM_KINDS, and bootstrap builds the recipe's architecture (it built the host's)
+KEY_FORMAT = 3
+PLATFORM_KINDS = frozenset({"bootstrap", "run", "image"})
 
 
 @dataclass(frozen=True)
@@ -39,9 +46,10 @@ class Input:
         return {"name": self.name, "digest": str(self.digest)}
 
 
-def cache_key(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys: Sequence[Digest]) -> Digest:
+def cache_key(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys: Sequence[Digest],
+              platform: Platform) -> Digest:
     """The input-addressed key of ``layer`` (see the module docstring for exactly what enters it)."""
-    document = {
+    document: dict[str, Any] = {
         "format": KEY_FORMAT,
         "kind": layer.kind,
         "recipe": _recipe(layer),
@@ -49,6 +57,8 @@ def cache_key(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys
         "inputs": [i.to_dict() for i in inputs],
         "needs": [str(k) for k in need_keys],
     }
+    if layer.kind in PLATFORM_KINDS:
+        document["platform"] = {"os": platform.os, "architecture": platform.architecture, "variant": platform.variant}
     return Digest.of(canonical_json(document))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import RecipeError
+from ..oci import Platform
 from .schema import KINDS, SCHEMA, SCHEMA_OF_KIND, InputRef, check_sha256, did_you_mean, relative_path, validate
 
 PROJECT_FILE = "ocibuild.toml"
@@ -71,6 +72,11 @@ class ImageSpec:
     cmd: tuple[str, ...]
     source_date_epoch: int
     architecture: str
+
+    @property
+    def platform(self) -> Platform:
+        """The image's platform: linux on ``architecture`` (no variant: the recipe format has none)."""
+        return Platform("linux", self.architecture)
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,10 @@ def load_project(root: Path) -> Project:
                 f"{PROJECT_FILE}: unknown section [{section}]{did_you_mean(section, _SECTIONS)}",
                 "the sections are [image], [run] and [cache]",
             )
+        if not isinstance(data[section], dict):
+            raise RecipeError(f"{PROJECT_FILE}: '{section}' must be a section ([{section}] on a line of its own, its "
+                              f"keys below it), not {type(data[section]).__name__} {data[section]!r}"[:300],
+                              f"replace '{section} = …' with a [{section}] header; see the key table in the README")
     image = _image(data)
     layers = _layers(root, image)
     run = _run(root, data.get("run", {}))
