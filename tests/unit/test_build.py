@@ -15,7 +15,7 @@ import pytest
 
 from conftest import write
 from ocibuild import cli, oci
-from ocibuild.errors import LayerConflict, RecipeError
+from ocibuild.errors import LayerConflict, OcibuildError, RecipeError
 from ocibuild.inputs import StatCache, hash_file
 from ocibuild.planner import build, build_layers, make_plan
 from ocibuild.recipe.lock import Lock
@@ -319,6 +319,21 @@ def test_copy_layer_planned_from_the_tree_cache_is_walked_when_built(make_projec
     (root / "src/main.go").write_text("package main // edited after planning\n")
     with pytest.raises(RecipeError, match="'src' changed while the build ran"):
         build(plan, store)
+
+
+def test_a_file_edited_between_plan_and_write_is_refused_and_nothing_recorded(make_project, tmp_path: Path,
+                                                                            store: Store) -> None:
+    """The copy writer reuses the tree planning walked; a same-size edit in between must not store the new bytes
+    under the key the old bytes made: the content is hashed as it is written."""
+    root = _project(make_project, tmp_path)
+    plan = make_plan(load_project(root), store, Lock(), StatCache(None))
+    assert plan.layer("source").tree is not None  # walked at planning time, reused when written
+    (root / "src/main.go").write_text("package niam\n")  # same size, other bytes
+    with pytest.raises(OcibuildError, match=r"main\.go' changed during the build"):
+        build(plan, store)
+    assert store.resolve(cache_tag("source", plan.layer("source").key)) is None
+    assert set(store.blobs()) == store.reachable()  # the refused layer's blob was never committed
+    assert store.verify(unreachable=True) == []
 
 
 def test_an_oci_archive_base_is_imported_checked_and_untagged(make_project, tmp_path: Path, store: Store,

@@ -269,6 +269,20 @@ def test_source_that_shrinks_while_read(tmp_path: Path, monkeypatch: pytest.Monk
         _write([Entry("f", "file", 0o644, size=100, source=source)])
 
 
+@pytest.mark.parametrize("size", [100, 9 << 20])  # one read, and a file that spans several buffer chunks
+def test_content_is_hashed_as_it_is_written(tmp_path: Path, size: int) -> None:
+    """A file edited (same size) after its digest was taken is refused, naming it: never written under the key
+    its old content made."""
+    old = bytes(size)
+    source = _file(tmp_path, "edited", old)
+    planned = hashlib.sha256(old).hexdigest()
+    _write([Entry("f", "file", 0o644, size=size, source=source, sha256=planned)])  # unchanged: fine
+    Path(source).write_bytes(b"y" + old[1:])
+    with pytest.raises(OcibuildError, match=r"edited' changed during the build: .*layer entry 'f'") as info:
+        _write([Entry("f", "file", 0o644, size=size, source=source, sha256=planned)])
+    assert "run again" in (info.value.hint or "")
+
+
 def test_source_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to("/etc/hostname")
     with pytest.raises(OcibuildError, match="cannot read"):

@@ -27,7 +27,8 @@ def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[LayerB
             entries.append(Entry(path, "symlink", 0o777, uid, gid, linkname=item.linkname, mtime=ctx.epoch))
         else:
             mode = 0o755 if item.mode & 0o111 else 0o644
-            entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch))
+            entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch,
+                                 sha256=item.sha256))
     entries = write.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
     built = write_entries(ctx, entries)
     # The tree walk already hashed every file: record the layer's listing now rather than re-reading the blob.

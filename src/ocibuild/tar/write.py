@@ -60,7 +60,9 @@ class Entry:
 
     ``path`` is normalised (see :func:`ocibuild.tar.read.normalise_path`). ``linkname`` is a symlink's target,
     verbatim, or a hardlink's target path (normalised). Content of a "file" is ``size`` bytes of ``source`` from
-    ``offset``.
+    ``offset``; ``sha256``, when given (hex), is the digest that content had when it was planned (a copy tree's
+    walk): the content is hashed as it is written and a difference is an error, so a file edited between planning
+    and writing never lands under the key its old content made.
     """
 
     path: str
@@ -74,6 +76,7 @@ class Entry:
     offset: int = 0
     mtime: int = 0
     xattrs: Mapping[str, str] = field(default_factory=dict)
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -331,12 +334,14 @@ class _TarWriter:
                 self._flush()
 
     def copy(self, e: Entry) -> None:
-        """Append the content of ``e`` (read from its source) and the padding to a block boundary."""
+        """Append the content of ``e`` (read from its source) and the padding to a block boundary; with
+        ``e.sha256``, hash the content as it passes and compare."""
         source = e.source or ""
         try:
             fd = os.open(source, _SOURCE_FLAGS)
         except OSError as err:
             raise self._source_error(e, err.strerror or str(err)) from err
+        content = hashlib.sha256() if e.sha256 else None
         try:
             st = os.fstat(fd)
             offset, size = e.offset, e.size
@@ -347,18 +352,26 @@ class _TarWriter:
             pos = self.pos
             if pos + size <= _CHUNK:  # the common case: one read
                 got = os.preadv(fd, [self.view[pos : pos + size]], offset)
+                if content is not None:
+                    content.update(self.view[pos : pos + got])
                 self.pos = pos + got
                 if got == size:
                     if self.pos == _CHUNK:
                         self._flush()
                 else:
-                    self._read_rest(fd, e, offset + got, size - got)
+                    self._read_rest(fd, e, offset + got, size - got, content)
             else:
-                self._read_rest(fd, e, offset, size)
+                self._read_rest(fd, e, offset, size, content)
         except OSError as err:
             raise self._source_error(e, err.strerror or str(err)) from err
         finally:
             os.close(fd)
+        if content is not None and content.hexdigest() != e.sha256:
+            raise OcibuildError(
+                f"{quoted(source)} changed during the build: it was sha256:{e.sha256[:12]} when planned, "
+                f"sha256:{content.hexdigest()[:12]} when written to layer entry {quoted(e.path)}",
+                hint="run again: the layer's key must be made from the content it holds",
+            )
         pad = -e.size % _BLOCK
         if pad:  # never crosses the end of the buffer: _CHUNK is a multiple of the block size
             pos = self.pos
@@ -367,12 +380,14 @@ class _TarWriter:
             if self.pos == _CHUNK:
                 self._flush()
 
-    def _read_rest(self, fd: int, e: Entry, offset: int, remaining: int) -> None:
+    def _read_rest(self, fd: int, e: Entry, offset: int, remaining: int, content: hashlib._Hash | None) -> None:
         while remaining:
             take = min(remaining, _CHUNK - self.pos)
             got = os.preadv(fd, [self.view[self.pos : self.pos + take]], offset)
             if got == 0:
                 raise self._source_error(e, f"it shrank while being read ({e.size - remaining} of {e.size} bytes)")
+            if content is not None:
+                content.update(self.view[self.pos : self.pos + got])
             self.pos += got
             offset += got
             remaining -= got
