@@ -565,3 +565,47 @@ def test_sha512_blobs(store: Store) -> None:
     assert blob.digest == digest and store.read_blob(digest) == data
     assert store.blob_path(digest) == store.root / "blobs" / "sha512" / digest.hex
     assert store.verify() == []
+
+
+@pytest.mark.parametrize("first_writer", ["commits", "fails"])
+def test_three_writers_of_one_partial_never_commit_each_others_file(store: Store, first_writer: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """C opens the partial file; before its flock is granted, A (holding it) commits it into blobs/ or fails and
+    removes it, and B creates a new partial file at the path and writes half of the blob. C's lock is then on a
+    file the path no longer names: C must not resume it, nor rename or remove B's unfinished file by path."""
+    import contextlib
+    import fcntl
+
+    data = os.urandom(200_000)
+    digest = Digest.of(data)
+    real_flock = fcntl.flock
+    later = contextlib.ExitStack()
+    writers: dict[str, object] = {}
+
+    def interleave(fd: int, operation: int) -> None:
+        if "C" not in writers or "partial-" not in os.readlink(f"/proc/self/fd/{fd}"):
+            return real_flock(fd, operation)
+        del writers["C"]  # once: C has opened the partial file and asks for its lock
+        try:
+            with store.writer(expected=digest, size=len(data), resumable=True) as a:
+                if first_writer == "fails":
+                    raise ConnectionError("cut before the first byte")
+                a.write(data)
+        except ConnectionError:
+            pass
+        b = later.enter_context(store.writer(expected=digest, size=len(data), resumable=True))
+        assert b.size == 0
+        b.write(data[:100_000])
+        writers["B"] = b
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", interleave)
+    writers["C"] = True
+    with later:
+        with store.writer(expected=digest, size=len(data), resumable=True) as c:
+            c.write(data[c.size:])
+        assert "B" in writers, "the interleaving ran"
+        assert store.read_blob(digest) == data, "blobs/ holds the whole blob, not B's half"
+        writers["B"].write(data[100_000:])  # type: ignore[attr-defined]
+    assert store.read_blob(digest) == data and store.verify() == []
+    assert tmp_files(store) == []

@@ -57,9 +57,12 @@ class BlobWriter:
     is the commit's job), ``tell``, ``writable`` and ``close`` (only forbids further writes; the with-block commits).
     """
 
-    def __init__(self, file: BinaryIO, path: Path, algorithm: str, expected_size: int | None) -> None:
+    def __init__(
+        self, file: BinaryIO, path: Path, algorithm: str, expected_size: int | None, *, partial: bool = False
+    ) -> None:
         self._file = file
         self._path = path
+        self._partial = partial  # a locked partial download: its path is only renamed or removed while it is ours
         self._root = path.parents[2]  # <root>/ocibuild/tmp/<name>
         self._hash = hashlib.new(algorithm)
         self._expected_size = expected_size
@@ -137,12 +140,12 @@ class BlobWriter:
             self.restart()
 
     def _finish(self, expected: Digest | None, size: int | None, sync: bool) -> Digest:
-        """Flush (and fsync) the temporary file, close it, and check size and digest: the content's digest."""
+        """Flush (and fsync) the temporary file and check size and digest: the content's digest. The file stays
+        open (a partial download's flock with it) until the commit has renamed it."""
         try:
             self._file.flush()
             if sync:
                 os.fsync(self._file.fileno())
-            self._file.close()
         except OSError as err:
             raise StoreError(f"write temporary blob: {self._path}: {reason(err)}", hint_for(err, self._root)) from err
         digest = Digest(self._hash.name, self._hash.hexdigest())
@@ -153,9 +156,14 @@ class BlobWriter:
             raise DigestMismatch(f"content written for {expected} hashes to {digest}", hint=_CHANGED_HINT)
         return digest
 
+    def _owns_path(self) -> bool:
+        """Whether the temporary file's path still names this writer's file (always, but for a partial download
+        whose file an older writer's commit moved away; checked before the path is renamed or removed)."""
+        return not self._partial or _is_at(self._file.fileno(), self._path)
+
     def _discard(self, keep: bool) -> None:
         """After a failure: remove the temporary file (unless ``keep``, for a resumed download) and close it."""
-        if not keep or self._size == 0:  # removed before its flock is released by the close
+        if (not keep or self._size == 0) and self._owns_path():  # removed before the close releases its flock
             try:
                 self._path.unlink(missing_ok=True)
             except OSError as err:
@@ -164,6 +172,15 @@ class BlobWriter:
             self._file.close()
         except OSError:
             pass
+
+
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is the file ``path`` names now (same device and inode, not unlinked)."""
+    try:
+        held, named = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 class _VerifyingReader(io.RawIOBase):
@@ -250,7 +267,7 @@ class Content:
                 os.close(fd)
                 path.unlink(missing_ok=True)
                 raise
-            blob = BlobWriter(file, path, algorithm, size)
+            blob = BlobWriter(file, path, algorithm, size, partial=partial is not None)
             keep_on_failure = partial is not None
             committed = False
             try:
@@ -284,28 +301,40 @@ class Content:
         raise AssertionError("unreachable")
 
     def _open_partial(self, expected: Digest) -> tuple[Path, int] | None:
-        """The locked partial file of a download of ``expected`` (created if absent); None when another process
-        holds it (this writer then starts afresh in a file of its own)."""
+        """The locked partial file of a download of ``expected`` (created if absent); None when another writer
+        holds it (this writer then starts afresh in a file of its own).
+
+        The file opened may be committed (renamed into ``blobs/``) or removed by its holder before our flock is
+        granted, and the path then names another writer's file or none: after locking, the descriptor must still
+        be the file the path names, else it is dropped and the path opened again. While we hold the lock no one
+        else renames or removes the path (they too hold its file's lock first), and the commit checks again."""
         directory = self._layout.tmp_dir
         path = directory / f"{_PARTIAL}{expected.algorithm}-{expected.hex}"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        except FileNotFoundError:
-            directory.mkdir(parents=True, exist_ok=True)
-            return self._open_partial(expected)
-        except OSError as err:
-            raise StoreError(f"create temporary file: {path}: {reason(err)}", hint_for(err, self._root)) from err
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return None
-        return path, fd
+        for _attempt in range(3):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            except FileNotFoundError:
+                directory.mkdir(parents=True, exist_ok=True)
+                continue
+            except OSError as err:
+                raise StoreError(f"create temporary file: {path}: {reason(err)}", hint_for(err, self._root)) from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return None
+            if _is_at(fd, path):
+                return path, fd
+            os.close(fd)  # moved or removed while we waited for it: not ours to resume
+        return None
 
     def _commit(self, blob: BlobWriter, digest: Digest, sync: bool) -> None:
         """Rename the finished temporary file of ``blob`` to its place (dropping it when the blob is there)."""
         path = blob._path
         target = self._layout.blob_path(digest)
+        if not blob._owns_path():
+            raise StoreError(f"rename temporary blob: {path} is no longer the file this download wrote",
+                             hint="another process replaced the partial download; run again")
         try:
             if os.path.exists(target):
                 path.unlink()
@@ -322,6 +351,10 @@ class Content:
             raise StoreError(
                 f"rename temporary blob: {path} to {target}: {reason(err)}", hint_for(err, self._root)
             ) from err
+        try:
+            blob._file.close()  # only now: a partial download's flock covered the rename
+        except OSError as err:
+            raise StoreError(f"close blob: {target}: {reason(err)}", hint_for(err, self._root)) from err
         blob._digest = digest
         log.debug("stored blob %s (%d bytes)", digest, blob.size)
 
