@@ -324,6 +324,8 @@ def fault_proxy(registry: RegistryServer) -> Iterator[FaultProxy]:
                 self.send_response(status_fault.status)
                 if status_fault.retry_after is not None:
                     self.send_header("Retry-After", status_fault.retry_after)
+                if status_fault.status == 401:  # as a registry asking for credentials would
+                    self.send_header("WWW-Authenticate", 'Basic realm="faults"')
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

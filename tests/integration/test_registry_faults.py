@@ -161,6 +161,26 @@ def test_push_cut_in_a_monolithic_upload_starts_again(fault_proxy: FaultProxy, s
     assert c.stats.retransferred > 0
 
 
+@pytest.mark.parametrize("method, size", [("PUT", 2 << 20), ("PATCH", 6 << 20)])
+def test_a_401_during_an_upload_sends_the_body_again_from_its_start(fault_proxy: FaultProxy, store: Store,
+                                                                    method: str, size: int) -> None:
+    """The registry asks for credentials only when the blob's PUT (or first PATCH) arrives: the request sent again
+    with them carries the whole body, not the stream the first try already read (which stalled the upload until
+    the read timeout and a retry)."""
+    from ocibuild.net.auth import Credentials
+
+    manifest = image(store, f"unauthorized-{method}", size)
+    c = Client(fault_proxy.host, policy=FAST, sleep=Sleeps(), credentials=Credentials("ci", "secret"))
+    c.monolithic_max, c.chunk_size = 4 << 20, 4 << 20
+    fault_proxy.add(Fault(method, r"/blobs/uploads/", "status", status=401))
+    with c:
+        assert push_manifests(c, store, f"faults/unauthorized-{method.lower()}", [("entry", manifest)]) == \
+            {"entry": "pushed"}
+    uploads = [s[2] for s in fault_proxy.seen if s[0] == method and "/blobs/uploads/" in s[1]]
+    assert uploads[:2] == [401, 201 if method == "PUT" else 202], uploads
+    assert c.stats.retries == 0 and c.stats.retransferred == 0, c.stats
+
+
 def test_cli_reports_bytes_fetched_again_after_a_cut(fault_proxy: FaultProxy, tmp_path: Path) -> None:
     project = tmp_path / "project"
     write(project / "ocibuild.toml", '[image]\nname = "dev"\nlayers = ["data"]\n')

@@ -148,7 +148,9 @@ class Transport:
                 ok: Iterable[int] = (200,), retry: bool = True) -> Response:
         """One API request; ``path`` is relative to the registry (or an absolute URL it gave, e.g. an upload
         Location). Follows redirects, authenticates, and retries, unless ``retry`` is False: then a failure
-        worth another try raises RetryableFailure for the caller's own loop. The caller closes the response."""
+        worth another try raises RetryableFailure for the caller's own loop. The caller closes the response.
+        ``body`` is called once per try (a retry, or the request sent again after answering a 401) and must give
+        the body from its start each time: a stream a try has read is never sent again."""
         url = path if "://" in path else self.base + path
         accepted = frozenset(ok)
 

@@ -79,13 +79,13 @@ class BlobUpload:
     def _put(self) -> None:
         """One try of the whole blob in the PUT that completes the upload."""
         size = self.descriptor.size
-        body = _FileSlice(self.file, 0, size)
+        bodies = _Bodies(self.file, 0, size)
         try:
             response = self.client.request("PUT", _with_digest(self.url, self.descriptor.digest), scopes=self.scopes,
-                                           headers={**_OCTETS, "Content-Length": str(size)}, body=lambda: body,
+                                           headers={**_OCTETS, "Content-Length": str(size)}, body=bodies.open,
                                            ok=(201, 400), what=self.what, retry=False)
         except RetryableFailure:
-            self.client.stats.add(retransferred=body.sent)
+            self.client.stats.add(retransferred=bodies.sent)
             raise
         with response:
             self.client.stats.add(uploaded=size)
@@ -97,13 +97,13 @@ class BlobUpload:
         start, size = self.offset, self.descriptor.size
         while self.offset < size:
             end = min(self.offset + self.chunk_size, size)
-            body = _FileSlice(self.file, self.offset, end)
+            bodies = _Bodies(self.file, self.offset, end)
             headers = {**_OCTETS, "Content-Range": f"{self.offset}-{end - 1}", "Content-Length": str(end - self.offset)}
             try:
                 response = self.client.request("PATCH", self.url, scopes=self.scopes, headers=headers,
-                                               body=lambda: body, ok=(202,), what=self.what, retry=False)
+                                               body=bodies.open, ok=(202,), what=self.what, retry=False)
             except RetryableFailure as failure:
-                self.sent = body.sent
+                self.sent = bodies.sent
                 raise RetryableFailure(_noted(failure.error, f"({self.offset} of {size} bytes accepted)"),
                                        delay=failure.delay, progressed=self.offset > start) from None
             with response:
@@ -174,3 +174,23 @@ class _FileSlice:
         self._position += len(data)
         self.sent += len(data)
         return data
+
+
+class _Bodies:
+    """The request body of one PUT or PATCH, for every try of it: :meth:`open` (the transport calls it once per
+    try, e.g. again after answering a 401) starts a fresh :class:`_FileSlice` at ``start``, never handing on one
+    a failed try has already read. ``sent`` is what the last try read."""
+
+    def __init__(self, file: BinaryIO, start: int, end: int) -> None:
+        self._file = file
+        self._start = start
+        self._end = end
+        self._last: _FileSlice | None = None
+
+    def open(self) -> _FileSlice:
+        self._last = _FileSlice(self._file, self._start, self._end)
+        return self._last
+
+    @property
+    def sent(self) -> int:
+        return self._last.sent if self._last is not None else 0
