@@ -11,7 +11,8 @@ reference or layer concerned, and ``err.hint`` says what to do next::
     ├── FormatError             OCI data (digest, reference, manifest, index, config) is malformed
     ├── StoreError              the local OCI layout cannot be read or written
     │   ├── BlobNotFound
-    │   └── DigestMismatch      blob sha256:ab12… is corrupt (content hashes to sha256:cd34…)
+    │   ├── DigestMismatch      blob sha256:ab12… is corrupt (content hashes to sha256:cd34…)
+    │   └── EntryConflict       cache entry go-3f2a…: the store has sha256:ab12…, refused sha256:cd34…
     ├── UnsafeArchive           layer sha256:…: entry '../etc/passwd' escapes the root
     ├── LayerConflict           independent layers write different content at the same path (--strict)
     ├── RegistryError           .status, .code (OCI error code), .retryable; never contains credentials
@@ -68,6 +69,10 @@ class BlobNotFound(StoreError):
 
 class DigestMismatch(StoreError):
     """Content does not hash to the digest (or size) it was addressed by."""
+
+
+class EntryConflict(StoreError):
+    """A cache entry would re-point a tag that already names another layer content for that key."""
 
 
 class UnsafeArchive(OcibuildError):

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import registry
-from .errors import RegistryError
 from .oci import Reference
 from .planner import Output, Plan
-from .store.entries import LABEL_PREFIX, cache_tag
+from .store.entries import add_cache_entries, cache_tag
 from .recipe.project import Project
 from .store import Store
 
@@ -38,25 +37,15 @@ def pull_layers(plan: Plan, store: Store, client: registry.Client, repository: s
     pulling = {cache_tag(l.name, l.key): remotes[l.name] for l in plan.layers if l.status == "pull"}
     with store.lease():
         stored = registry.fetch_manifests(client, store, repository, pulling, jobs=jobs, tag=False, output=output)
-        for layer in plan.layers:
-            if layer.status != "pull":
-                continue
-            tag = cache_tag(layer.name, layer.key)
-            config = store.get_config(pulling[tag].manifest.config.digest)
-            if config.labels.get(LABEL_PREFIX + "key") != str(layer.key) or \
-                    len(config.diff_ids) != len(pulling[tag].manifest.layers):
-                raise RegistryError(
-                    f"{client.registry}/{repository}:{tag} is not the cache entry of layer '{layer.name}' "
-                    f"(its key label is {config.labels.get(LABEL_PREFIX + 'key')!r})",
-                    "something else was pushed under that tag; delete it from the registry and push the cache again")
-            store.tag(tag, stored[tag])
+        add_cache_entries(store, {tag: stored[tag] for tag in pulling}, what=f"{client.registry}/{repository}")
     return replace(plan, layers=tuple(replace(l, status="pulled") if l.status == "pull" else l for l in plan.layers))
 
 
 def push_layers(plan: Plan, store: Store, client: registry.Client, repository: str, *,
                 jobs: int = registry.DEFAULT_JOBS, output: Output = lambda line: None) -> dict[str, str]:
-    """Push the cache entry of every layer the store holds: layer name → "pushed", "present" (the registry had
-    it: nothing moved) or "missing" (not built here)."""
+    """Push the cache entry of every layer the store holds: layer name → "pushed", "present" (the registry has an
+    entry for that key, whatever its compression: nothing moved, its tag is never re-pointed) or "missing" (not
+    built here)."""
     tagged = []
     result = {}
     for layer in plan.layers:
@@ -67,6 +56,6 @@ def push_layers(plan: Plan, store: Store, client: registry.Client, repository: s
         else:
             tagged.append((layer.name, tag, descriptor))
     pushed = registry.push_manifests(client, store, repository, [(t, d) for _, t, d in tagged], jobs=jobs,
-                                     output=output)
+                                     output=output, immutable=True)
     result.update({name: pushed[tag] for name, tag, _ in tagged})
     return result

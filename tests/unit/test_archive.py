@@ -17,12 +17,16 @@ from ocibuild.archive.export import _header
 from ocibuild.errors import DigestMismatch, FormatError, OcibuildError, UnsafeArchive
 from ocibuild.oci import Descriptor, Digest, ImageConfig, Manifest
 from ocibuild.store import Store
+from ocibuild.store.entries import is_cache_tag
 
 
 def put_image(store: Store, tag: str, layers: list[bytes]) -> Descriptor:
-    """An image of opaque 'layers' (only copied, never unpacked here), tagged ``tag``."""
+    """An image of opaque 'layers' (only copied, never unpacked here), tagged ``tag``; under a cache entry's tag
+    (``<name>-<64 hex>``) its config carries that key's label, as a genuine entry does."""
     descriptors = [store.put(data, oci.LAYER_GZIP) for data in layers]
-    config = store.put(ImageConfig(diff_ids=tuple(Digest.of(d) for d in layers)).to_json(), oci.OCI_CONFIG)
+    labels = {"dev.ocibuild.layer.key": f"sha256:{tag[-64:]}"} if is_cache_tag(tag) else {}
+    config = store.put(ImageConfig(diff_ids=tuple(Digest.of(d) for d in layers), labels=labels).to_json(),
+                       oci.OCI_CONFIG)
     manifest = store.put_manifest(Manifest(config, tuple(descriptors)))
     store.tag(tag, manifest)
     return manifest
@@ -267,3 +271,42 @@ def test_scan_reads_from_the_start_whatever_the_fd_position(archive: Path) -> No
         assert "index.json" in first and oci_archive.scan_archive(fd, "archive") == first
     finally:
         os.close(fd)
+
+
+def test_import_adds_cache_entries_only_through_the_checks(tmp_path: Path) -> None:
+    """An imported cache entry must carry the key its tag names, and never re-points a tag of the store: the same
+    layer otherwise compressed leaves the first entry; other content for the key is a conflict naming both
+    digests, and the store keeps the first. Nothing of a refused archive is tagged."""
+    from ocibuild.errors import EntryConflict, StoreError
+
+    tag = "base-" + "a" * 64
+    target = Store.open(tmp_path / "target")
+    first = put_image(target, tag, [b"the layer"])
+
+    def archive(name: str, layers: list[bytes], label: str | None = None) -> Path:
+        source = Store.open(tmp_path / name)
+        manifest = put_image(source, tag, layers)
+        if label is not None:  # the same layers under a config whose key label names another key
+            config = source.put(ImageConfig(diff_ids=tuple(Digest.of(d) for d in layers),
+                                            labels={"dev.ocibuild.layer.key": label}).to_json(), oci.OCI_CONFIG)
+            manifest = source.put_manifest(Manifest(config, source.get_manifest(manifest.digest).layers))
+            source.tag(tag, manifest)
+        put_image(source, "dev", [b"image layer"])
+        return _export(source, tmp_path / f"{name}.tar", [tag, "dev"])
+
+    with pytest.raises(StoreError, match=rf"is not the cache entry {tag} \(its key label is 'sha256:b{{64}}'\)"):
+        oci_archive.import_archive(target, archive("mislabelled", [b"the layer"], label="sha256:" + "b" * 64))
+    with pytest.raises(EntryConflict, match=rf"cache entry {tag}: the store has {first.digest}.* as sha256:") as err:
+        oci_archive.import_archive(target, archive("other", [b"other content"]))
+    assert str(first.digest) in str(err.value)
+    assert target.resolve(tag).digest == first.digest and target.resolve("dev") is None  # type: ignore[union-attr]
+    # the same layer otherwise compressed (another blob, the same diff_id): no conflict, the first entry stays
+    source = Store.open(tmp_path / "recompressed")
+    layer = source.put(b"the layer, as zstd", oci.LAYER_ZSTD)
+    config = source.put(ImageConfig(diff_ids=(Digest.of(b"the layer"),),
+                                    labels={"dev.ocibuild.layer.key": "sha256:" + "a" * 64}).to_json(), oci.OCI_CONFIG)
+    source.tag(tag, source.put_manifest(Manifest(config, (layer,))))
+    put_image(source, "dev", [b"image layer"])
+    oci_archive.import_archive(target, _export(source, tmp_path / "recompressed.tar", [tag, "dev"]))
+    assert target.resolve(tag).digest == first.digest and target.resolve("dev") is not None  # type: ignore[union-attr]
+    assert target.verify() == []

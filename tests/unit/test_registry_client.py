@@ -361,3 +361,35 @@ def test_a_request_that_cannot_be_sent_fails_at_once_without_retries() -> None:
             client._exchange("GET", "http://127.0.0.1:9/v2/x\r\nHost: evil", {})
     assert not caught.value.retryable
     assert "stray characters" in (caught.value.hint or "")
+
+
+def test_a_cache_entry_present_in_the_registry_is_never_re_pointed(tmp_path: Path) -> None:
+    """push-cache (immutable=True): a tag the registry holds for a key is "present" whatever manifest it names (a
+    zstd entry stays when a gzip store pushes, and a runner that lost a race keeps the winner's); an image push
+    (the default) moves its tag as before."""
+    source = Store.open(tmp_path / "source")
+    manifests = []
+    for media_type in (oci.LAYER_ZSTD, oci.LAYER_GZIP):  # one layer, two compressions: two manifests
+        layer = source.put(b"layer bytes " + media_type.encode(), media_type)
+        config = source.put(oci.ImageConfig(diff_ids=(Digest.of(b"layer bytes"),)).to_json(), oci.OCI_CONFIG)
+        manifests.append(source.put_manifest(oci.Manifest(config, (layer,))))
+    zstd, gzip = manifests
+    tag = "go-" + "1" * 64
+    fake = FakeRegistry(Store.open(tmp_path / "fake"))
+    assert push_manifests(fake, source, "team/cache", [(tag, zstd)], immutable=True) == {tag: "pushed"}
+    assert push_manifests(fake, source, "team/cache", [(tag, gzip)], immutable=True) == {tag: "present"}
+    assert fake.resolve("team/cache", tag).digest == zstd.digest  # type: ignore[union-attr]
+
+    class LateRunner(FakeRegistry):  # another runner's entry lands between our HEAD and our manifest PUT
+        heads = 0
+
+        def resolve(self, repository: str, reference: str) -> Descriptor | None:
+            self.heads += 1
+            if self.heads == 2:
+                super().push_manifest(repository, reference, source.read_blob(zstd.digest), zstd.media_type)
+            return super().resolve(repository, reference)
+
+    racing = LateRunner(Store.open(tmp_path / "racing"))
+    assert push_manifests(racing, source, "team/cache", [(tag, gzip)], immutable=True) == {tag: "present"}
+    assert racing.resolve("team/cache", tag).digest == zstd.digest  # type: ignore[union-attr]
+    assert push_manifests(fake, source, "team/cache", [(tag, gzip)]) == {tag: "pushed"}, "images move their tags"

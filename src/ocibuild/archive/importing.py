@@ -36,9 +36,10 @@ from ..errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
 from ..files import link_or_copy
 from ..oci import Descriptor, Digest, Index, Manifest
 from ..store import Store, check_ref_name
+from ..store.entries import add_cache_entries, is_cache_tag
 from ..tar import codecs, read
 from ..threads import parallel_map
-from .contents import CHUNK, INPUT_ARTIFACT, copy_jobs, downloads_dir, reason, sync_dir
+from .contents import CHUNK, INPUT_ARTIFACT, INPUT_TAG_PREFIX, copy_jobs, downloads_dir, reason, sync_dir
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +362,10 @@ def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResul
             _copy_all(archive, work)
             store.sync()
             restored = _restore_inputs(store, checker.inputs) if tag else 0
-            if tag:
-                store.tag_all(tags)
+            if tag:  # cache entries through the one door (checked, never re-pointed), other tags as they are
+                entries = {n: d for n, d in tags.items() if is_cache_tag(n) and not n.startswith(INPUT_TAG_PREFIX)}
+                add_cache_entries(store, entries, what=what)
+                store.tag_all({n: d for n, d in tags.items() if n not in entries})
     finally:
         os.close(fd)
     written = sum(entry.size for _, entry in work)

@@ -66,15 +66,25 @@ class _Locations:
 
 
 def push_manifests(client: Distribution, store: Store, repository: str, tagged: Sequence[tuple[str, Descriptor]], *,
-                   jobs: int = DEFAULT_JOBS, output: Callable[[str], None] = lambda line: None) -> dict[str, str]:
+                   jobs: int = DEFAULT_JOBS, output: Callable[[str], None] = lambda line: None,
+                   immutable: bool = False) -> dict[str, str]:
     """Push each (tag, manifest in the store) with its config and layers: tag → "present" (the registry already
-    has that manifest under that tag: nothing moves) or "pushed"."""
+    has that manifest under that tag: nothing moves) or "pushed".
+
+    ``immutable`` (cache entries): a tag the registry already has is never moved, whatever manifest it names
+    (another compression of the same layer, or another runner's entry that won a race): it is "present". The
+    registry is asked again just before each manifest goes up, so a runner that lost a race reports "present"
+    rather than re-pointing the winner's tag (a registry offers no compare-and-set: two PUTs of one tag in the
+    same instant remain the registry's to order)."""
     locations = _Locations(store, client.registry)
     remote = parallel_map(lambda item: client.resolve(repository, item[0]), list(tagged), jobs=jobs,
                           name="ocibuild-transfer")
-    todo = [(tag, d) for (tag, d), found in zip(tagged, remote) if found is None or found.digest != d.digest]
-    result = {tag: "present" for (tag, d), found in zip(tagged, remote) if found is not None and
-              found.digest == d.digest}
+
+    def present(descriptor: Descriptor, found: Descriptor | None) -> bool:
+        return found is not None and (immutable or found.digest == descriptor.digest)
+
+    todo = [(tag, d) for (tag, d), found in zip(tagged, remote) if not present(d, found)]
+    result = {tag: "present" for (tag, d), found in zip(tagged, remote) if present(d, found)}
     blobs: dict[Digest, Descriptor] = {}
     manifests: list[tuple[str, bytes, str]] = []
     for tag, descriptor in todo:
@@ -92,9 +102,16 @@ def push_manifests(client: Distribution, store: Store, repository: str, tagged: 
 
     ordered = sorted(blobs.values(), key=lambda b: -b.size)  # big ones first: the pool drains evenly
     parallel_map(push, ordered, jobs=jobs, name="ocibuild-transfer")
-    parallel_map(lambda m: client.push_manifest(repository, m[0], m[1], m[2]), manifests, jobs=jobs,
-                 name="ocibuild-transfer")
-    result.update({tag: "pushed" for tag, _ in todo})
+
+    def push_manifest(item: tuple[str, bytes, str]) -> str:
+        tag, data, media_type = item
+        if immutable and client.resolve(repository, tag) is not None:
+            return "present"  # another runner's entry arrived meanwhile: it stays
+        client.push_manifest(repository, tag, data, media_type)
+        return "pushed"
+
+    outcomes = parallel_map(push_manifest, manifests, jobs=jobs, name="ocibuild-transfer")
+    result.update({tag: how for (tag, _, _), how in zip(manifests, outcomes)})
     return result
 
 

@@ -5,6 +5,11 @@ index.json, whose layers are the layer blobs and whose config carries ``rootfs.d
 ``dev.ocibuild.layer.{name,kind,key,inputs}``. A layer is cached exactly when its entry's tag is present. The
 registry cache holds the same entries under the same tags, so this format is a contract with other ocibuild
 installations (and with peers such as oras, which read them).
+
+Every entry enters through :func:`add_cache_entries` (a build through :func:`put_cache_entry`; pull-cache and
+import directly), which checks that the entry's key label is the key its tag names and that its diff_ids match its
+layers, and never re-points a tag: an entry with the same diff_ids (the same layer, perhaps otherwise compressed)
+leaves the first in place; one with other diff_ids is an :class:`~ocibuild.errors.EntryConflict` naming both.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from ..errors import OcibuildError
+from ..errors import EntryConflict, OcibuildError, StoreError
 from ..oci import OCI_CONFIG, Descriptor, Digest, ImageConfig, LayerBlob, Manifest
 
 if TYPE_CHECKING:  # annotations only: a Protocol class costs start-up time, and a cached build imports this module
@@ -52,6 +57,56 @@ def cache_tag(name: str, key: Digest) -> str:
     return f"{lowered}-{key.hex}"
 
 
+_CACHE_TAG = re.compile(r"[a-z0-9._-]{0,63}-([0-9a-f]{64})")
+
+
+def is_cache_tag(ref_name: str) -> bool:
+    """Whether ``ref_name`` has the shape of a cache entry's tag, ``<name>-<64 hex of the key>``."""
+    return _CACHE_TAG.fullmatch(ref_name) is not None
+
+
+def add_cache_entries(store: Store, entries: Mapping[str, Descriptor], *, what: str = "") -> dict[str, Descriptor]:
+    """Tag each (cache tag → manifest in the store) after the checks of the module docstring: the descriptor each
+    tag names afterwards (the first entry when one was there). All or nothing: a check that fails raises
+    StoreError (EntryConflict for a conflict) and tags none of them."""
+    where = f"{what}: " if what else ""
+    diff_ids = {tag: _check_entry(store, tag, descriptor, where) for tag, descriptor in entries.items()}
+    result: dict[str, Descriptor] = {}
+    with store.lock():  # the check and the tagging as one step: of two writers of a key, the first stays
+        for tag, descriptor in entries.items():
+            existing = store.resolve(tag)
+            if existing is None or existing.digest == descriptor.digest:
+                continue
+            existing_config = store.get_config(store.get_manifest(existing.digest).config.digest)
+            if existing_config.diff_ids != diff_ids[tag]:
+                raise EntryConflict(
+                    f"{where}cache entry {tag}: the store has {existing.digest}, another content for the same key "
+                    f"arrived as {descriptor.digest} (kept: {existing.digest})",
+                    "two builds of one key made different layers: the layer is not reproducible, or the other "
+                    "entry is not genuine; `ocibuild verify` checks the store's",
+                )
+            result[tag] = existing  # the same layer, otherwise compressed: the first stays
+        store.tag_all({tag: d for tag, d in entries.items() if tag not in result})
+    return {tag: result.get(tag, descriptor) for tag, descriptor in entries.items()}
+
+
+def _check_entry(store: Store, tag: str, descriptor: Descriptor, where: str) -> tuple[Digest, ...]:
+    """The diff_ids of the entry ``descriptor`` once it is checked to be the entry of the key ``tag`` names."""
+    match = _CACHE_TAG.fullmatch(tag)
+    if match is None:
+        raise StoreError(f"{where}'{tag}' is not the tag of a cache entry (<name>-<64 hex of the key>)")
+    manifest = store.get_manifest(descriptor.digest)
+    config = store.get_config(manifest.config.digest)
+    label = config.labels.get(LABEL_PREFIX + "key")
+    if label != f"sha256:{match.group(1)}":
+        raise StoreError(f"{where}{descriptor.digest} is not the cache entry {tag} (its key label is {label!r})",
+                         "something else was recorded under that tag; delete it and build or push it again")
+    if len(config.diff_ids) != len(manifest.layers):
+        raise StoreError(f"{where}cache entry {tag} ({descriptor.digest}) has {len(manifest.layers)} layers but "
+                         f"{len(config.diff_ids)} diff_ids", "delete it and build or push it again")
+    return config.diff_ids
+
+
 def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob], *, architecture: str) -> Descriptor:
     """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it."""
     labels = {
@@ -64,8 +119,8 @@ def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob],
     config_descriptor = store.put(config.to_json(), OCI_CONFIG)
     manifest = Manifest(config_descriptor, tuple(b.descriptor for b in built))
     descriptor = store.put_manifest(manifest)
-    store.tag(cache_tag(layer.name, layer.key), descriptor)
-    return descriptor
+    tag = cache_tag(layer.name, layer.key)
+    return add_cache_entries(store, {tag: descriptor}, what=f"layer '{layer.name}'")[tag]
 
 
 def entry_layers(store: Store, layer: EntryLayer) -> list[LayerBlob]:
