@@ -393,3 +393,35 @@ def test_a_cache_entry_present_in_the_registry_is_never_re_pointed(tmp_path: Pat
     assert push_manifests(racing, source, "team/cache", [(tag, gzip)], immutable=True) == {tag: "present"}
     assert racing.resolve("team/cache", tag).digest == zstd.digest  # type: ignore[union-attr]
     assert push_manifests(fake, source, "team/cache", [(tag, gzip)]) == {tag: "pushed"}, "images move their tags"
+
+
+def test_pull_cache_adds_entries_only_through_the_checks(make_project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A registry entry whose key label names another key is refused by pull-cache and tags nothing."""
+    from ocibuild.errors import StoreError
+    from ocibuild.inputs import StatCache
+    from ocibuild.planner import build, make_plan
+    from ocibuild.recipe.lock import Lock
+    from ocibuild.recipe.project import load_project
+    from ocibuild.store.entries import cache_tag
+    from ocibuild.teamcache import pull_layers, push_layers, remote_status
+
+    root = make_project({"source": 'kind = "copy"\nfrom = "src"\nto = "/src"\n'}, files={"src/main.go": "package main\n"})
+    project = load_project(root)
+    built = Store.open(tmp_path / "built")
+    plan = build(make_plan(project, built, Lock(), StatCache(None)), built).plan
+    fake = FakeRegistry(Store.open(tmp_path / "fake"))
+    assert push_layers(plan, built, fake, "team/cache") == {"source": "pushed"}  # type: ignore[arg-type]
+    tag = cache_tag("source", plan.layer("source").key)
+    entry = built.get_manifest(built.resolve(tag).digest)  # type: ignore[union-attr]
+    config = built.get_config(entry.config.digest)
+    forged = oci.ImageConfig(diff_ids=config.diff_ids, architecture=config.architecture,
+                             labels={**config.labels, "dev.ocibuild.layer.key": "sha256:" + "e" * 64})
+    forged_config = built.put(forged.to_json(), oci.OCI_CONFIG)
+    push_manifests(fake, built, "team/cache", [(tag, built.put_manifest(oci.Manifest(forged_config, entry.layers)))])
+
+    store = Store.open(tmp_path / "store")
+    wanted, remotes = remote_status(make_plan(project, store, Lock(), StatCache(None)), fake, "team/cache")  # type: ignore[arg-type]
+    assert wanted.layer("source").status == "pull"
+    with pytest.raises(StoreError, match=rf"is not the cache entry {tag} \(its key label is 'sha256:e{{64}}'\)"):
+        pull_layers(wanted, store, fake, "team/cache", remotes)  # type: ignore[arg-type]
+    assert store.resolve(tag) is None and store.verify() == []
