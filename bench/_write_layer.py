@@ -1,7 +1,8 @@
 """Helper of write.py: time ocibuild's layer writer alone, in process, writing DIR to a null sink.
 
 Prints one JSON line: {"seconds", "uncompressed", "compressed", "entries"}. Only write_layer is timed; the tree
-walk before it (building the Entry list the way build.copy.build_copy does) is not.
+walk before it (building the Entry list the way build.copy.build_copy does, each file with the content digest the
+planning walk found, so the writer hashes each file as it streams it and compares, as a copy layer's does) is not.
 
 Usage: python bench/_write_layer.py DIR zstd|gzip|none [--profile FILE]
 """
@@ -9,6 +10,7 @@ Usage: python bench/_write_layer.py DIR zstd|gzip|none [--profile FILE]
 from __future__ import annotations
 
 import cProfile
+import hashlib
 import json
 import os
 import stat
@@ -42,7 +44,9 @@ def entries(root: str, to: str = "usr/local/go") -> list[Entry]:
                 out.append(Entry(f"{base}/{name}", "symlink", 0o777, linkname=os.readlink(path)))
             elif stat.S_ISREG(st.st_mode):
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
-                out.append(Entry(f"{base}/{name}", "file", mode, size=st.st_size, source=path))
+                with open(path, "rb") as file:
+                    sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+                out.append(Entry(f"{base}/{name}", "file", mode, size=st.st_size, source=path, sha256=sha256))
     return write.with_parents(out)
 
 
