@@ -609,3 +609,49 @@ def test_three_writers_of_one_partial_never_commit_each_others_file(store: Store
         writers["B"].write(data[100_000:])  # type: ignore[attr-defined]
     assert store.read_blob(digest) == data and store.verify() == []
     assert tmp_files(store) == []
+
+
+# ------------------------------------------------------------------------------------------------ cache entries
+
+
+def _put_entry(store: Store, key: Digest, *, label: str | None = None, diff_ids: int = 1,
+               layer_size: int | None = None) -> tuple[str, Descriptor]:
+    """A one-layer cache entry tagged for ``key`` as it would be by hand (not through the checked door), with its
+    key label, diff_ids count or layer size broken on demand: (its tag, its layer descriptor)."""
+    blob, diff_id = tar_gz({"f": key.hex.encode()})
+    layer = store.put(blob, oci.LAYER_GZIP)
+    labels = {"dev.ocibuild.layer.key": str(key) if label is None else label}
+    config = store.put(ImageConfig(diff_ids=(diff_id,) * diff_ids, labels=labels).to_json(), oci.OCI_CONFIG)
+    listed = layer if layer_size is None else Descriptor(layer.media_type, layer.digest, layer_size)
+    tag = f"src-{key.hex}"
+    store.tag(tag, store.put_manifest(Manifest(config, (listed,))))
+    return tag, layer
+
+
+def test_verify_accepts_sound_cache_entries(store: Store) -> None:
+    _put_entry(store, Digest.of(b"k1"))
+    _put_entry(store, Digest.of(b"k2"))
+    assert store.verify() == []
+
+
+def test_verify_names_a_cache_entry_whose_key_label_is_another_key(store: Store) -> None:
+    key, other = Digest.of(b"k1"), Digest.of(b"k2")
+    tag, _ = _put_entry(store, key, label=str(other))
+    assert store.verify() == [f"cache entry '{tag}': its key label is '{other}', its tag names the key {key}"]
+
+
+def test_verify_names_a_cache_entry_without_a_key_label(store: Store) -> None:
+    key = Digest.of(b"k1")
+    tag, _ = _put_entry(store, key, label="")
+    assert store.verify() == [f"cache entry '{tag}': its key label is '', its tag names the key {key}"]
+
+
+def test_verify_names_a_cache_entry_whose_diff_ids_do_not_match_its_layers(store: Store) -> None:
+    tag, _ = _put_entry(store, Digest.of(b"k1"), diff_ids=2)
+    assert store.verify() == [f"cache entry '{tag}': 1 layers but 2 diff_ids"]
+
+
+def test_verify_names_a_cache_entry_whose_layer_size_is_not_its_blobs(store: Store) -> None:
+    tag, layer = _put_entry(store, Digest.of(b"k1"), layer_size=1)
+    assert store.verify() == [
+        f"tag '{tag}' > layer 0: blob {layer.digest} has {layer.size} bytes, the descriptor says 1"]

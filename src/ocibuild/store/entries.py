@@ -65,6 +65,24 @@ def is_cache_tag(ref_name: str) -> bool:
     return _CACHE_TAG.fullmatch(ref_name) is not None
 
 
+def tag_key(ref_name: str) -> Digest | None:
+    """The key a cache entry's tag names (``<name>-<64 hex>`` → ``sha256:<hex>``), None for another tag."""
+    match = _CACHE_TAG.fullmatch(ref_name)
+    return None if match is None else Digest("sha256", match.group(1))
+
+
+def entry_problems(tag: str, manifest: Manifest, config: ImageConfig) -> list[str]:
+    """What is wrong with the entry ``tag`` names (its manifest and config), one line each: its key label is not
+    the key of its tag, or it has not one diff_id per layer. Layer sizes are checked by verify's walk."""
+    problems: list[str] = []
+    label = config.labels.get(LABEL_PREFIX + "key")
+    if label != str(tag_key(tag)):
+        problems.append(f"cache entry '{tag}': its key label is {label!r}, its tag names the key {tag_key(tag)}")
+    if len(config.diff_ids) != len(manifest.layers):
+        problems.append(f"cache entry '{tag}': {len(manifest.layers)} layers but {len(config.diff_ids)} diff_ids")
+    return problems
+
+
 def add_cache_entries(store: Store, entries: Mapping[str, Descriptor], *, what: str = "") -> dict[str, Descriptor]:
     """Tag each (cache tag → manifest in the store) after the checks of the module docstring: the descriptor each
     tag names afterwards (the first entry when one was there). All or nothing: a check that fails raises

@@ -18,6 +18,7 @@ from ..errors import FormatError, StoreError
 from ..oci import CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, OCI_LAYOUT_VERSION, Descriptor, Digest, ImageConfig, \
     Index, Manifest
 from .content import BLOB_TMP, Content, sync_dir
+from .entries import entry_problems, is_cache_tag
 from .layout import INDEX_LEFTOVERS, LAYOUT_LEFTOVERS, Layout, hint_for, reason
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,31 @@ def verify(layout: Layout, content: Content, *, unreachable: bool = False) -> li
         present, corrupt = _scan_blobs(layout, problems)
         walk = _Walk(layout, content, corrupt).run()
         problems += walk.problems
+        problems += _check_cache_entries(layout, content)
         if unreachable:
             for digest in sorted(present - walk.reached):
                 problems.append(f"blob {digest} is not reachable from index.json (`ocibuild gc` removes it)")
+    return problems
+
+
+def _check_cache_entries(layout: Layout, content: Content) -> list[str]:
+    """Problems of the cache entries index.json tags (see entries.entry_problems). An entry whose manifest or config
+    cannot be read is left out: the walk has reported that already."""
+    problems: list[str] = []
+    try:
+        index = layout.index()
+    except StoreError:
+        return problems  # reported by the walk
+    for descriptor in index.manifests:
+        tag = descriptor.ref_name
+        if not tag or not is_cache_tag(tag) or descriptor.media_type not in MANIFEST_TYPES:
+            continue
+        try:
+            manifest = Manifest.parse(content.read_blob(descriptor.digest), f"manifest {descriptor.digest}")
+            config = ImageConfig.parse(content.read_blob(manifest.config.digest), f"config {manifest.config.digest}")
+        except (StoreError, FormatError):
+            continue
+        problems += entry_problems(tag, manifest, config)
     return problems
 
 
