@@ -356,8 +356,8 @@ def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResul
     fd = _open_archive(path, what)
     try:
         archive = _Archive(fd, scan_archive(fd, what), store, what)
-        checker, tags, untagged = _check_index(archive)
-        with store.lease():  # gc waits: the blobs are unreachable until tagged
+        with store.lease():  # gc waits: from the check of which blobs the store has until the tags
+            checker, tags, untagged = _check_index(archive)
             work = sorted(checker.copy.items(), key=lambda item: -item[1].size)
             _copy_all(archive, work)
             store.sync()
