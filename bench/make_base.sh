@@ -3,19 +3,26 @@
 #
 # BENCH_BASE=debian (default): Debian bookworm minbase by mmdebstrap (needs the Debian archive; /dev left out).
 # BENCH_BASE=tiny: a tar of a few files, for machines that cannot reach the archive.
+# BENCH_BASE_OUT=PATH: write PATH instead (moby.py's base); BENCH_BASE_DEB_SRC=1: also a deb-src line in the
+# image's sources list (for `apt-get build-dep`), and no tiny fallback.
 # The layer is added with umoci (a peer tool), so neither benchmarked tool made its own base.
 set -euo pipefail
 cache="$(cd "$(dirname "$0")" && pwd)/.cache"
-out="$cache/base.tar"
+out="${BENCH_BASE_OUT:-$cache/base.tar}"
 [ -s "$out" ] && exit 0
-mkdir -p "$cache"
-work="$cache/base-work"
+mkdir -p "$cache" "$(dirname "$out")"
+work="$out.work"
 rm -rf "$work" && mkdir -p "$work"
 rootfs="$work/rootfs.tar"
+mirror=http://deb.debian.org/debian
+sources=("$mirror")
+[ -n "${BENCH_BASE_DEB_SRC:-}" ] && sources=("deb $mirror bookworm main" "deb-src $mirror bookworm main")
 if [ "${BENCH_BASE:-debian}" = debian ] && \
-   mmdebstrap --quiet --variant=minbase --skip=output/dev --mode=root bookworm "$rootfs" \
-       http://deb.debian.org/debian >&2; then
+   mmdebstrap --quiet --variant=minbase --skip=output/dev --mode=root bookworm "$rootfs" "${sources[@]}" >&2; then
   :
+elif [ -n "${BENCH_BASE_DEB_SRC:-}" ]; then
+  echo "make_base: mmdebstrap failed, and a tiny base cannot build Debian sources" >&2
+  exit 1
 else
   echo "make_base: using a tiny base (BENCH_BASE=${BENCH_BASE:-debian}, or mmdebstrap failed)" >&2
   mkdir -p "$work/tiny/etc" "$work/tiny/bin" "$work/tiny/tmp"
