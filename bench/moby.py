@@ -2,17 +2,17 @@
 """Issue 10: ocibuild on the real project — Docker 20.10's source from Debian bookworm's docker.io source package —
 against an equivalent chained Containerfile for `buildah bud --layers` and `podman run` by hand. Interleaved.
 
-Set up once under bench/.cache/moby/ (see bench/README.md): the source package fetched with apt-get through a
-private sources list and private state (the host's apt configuration is not touched) and unpacked with
-dpkg-source; a Debian bookworm minbase oci-archive with a deb-src line (make_base.sh), the base of both tools;
-the project, project/: ocibuild.toml + layers/ and the Containerfile, both written from the scripts in
-bench/moby/. ocibuild's layers are independent, as a user should write them:
+Set up once under bench/.cache/moby/ by _moby_project.py (see bench/README.md): the source package fetched with
+apt-get through a private sources list and private state (the host's apt configuration is not touched) and
+unpacked with dpkg-source; a Debian bookworm minbase oci-archive with a deb-src line (make_base.sh), the base of
+both tools; the project, project/: ocibuild.toml + layers/ and the Containerfile, both written from the scripts
+in bench/moby/. ocibuild's layers are independent, as a user should write them:
 
   base         image  oci-archive base.tar (mmdebstrap minbase, deb-src)   needs -
   go           run    golang-go, gcc, make, pkg-config                      needs base
   runtime-dev  run    libdevmapper-dev, libseccomp-dev, libapparmor-dev …   needs base
   godeps       run    the golang-*-dev packages of apt-get build-dep        needs go (many depend on golang-go)
-  tools        run    gotestsum, go-md2man, shfmt                          needs go
+  tools        run    gotestsum, go-md2man, shfmt                           needs go
   libnetwork   copy   src/libnetwork → /go/src/github.com/docker/libnetwork needs -
   swarmkit     copy   src/swarmkit → /go/src/github.com/docker/swarmkit     needs -
   source       copy   src/engine → /go/src/github.com/docker/docker         needs -
@@ -33,8 +33,9 @@ The compile step keeps Go's build cache between runs in a bind mount ([run] moun
 ocibuild has no cache feature yet, and this is how a user gets one today. Each tool has its own Go cache, bundles
 folder and container storage (ocibuild's engine through `[engine] args` of its own OCIBUILD_CONFIG), so the host's
 storage is not touched and neither tool benefits from the other's work. ocibuild's stderr is kept with timestamps
-under .cache/moby/logs/. `--profile` instead runs one cold build and one edit rebuild of ocibuild alone under
-py-spy (BENCH_PYSPY, default: py-spy on PATH) and prints where their time went.
+under .cache/moby/logs/. `--profile` instead runs a cold build, an edit rebuild and the compile step after an edit
+of ocibuild alone under py-spy (BENCH_PYSPY, default: py-spy on PATH) and prints where their time went
+(_moby_profile.py).
 
 Usage: python3 bench/moby.py [--runs N] [--cold-runs N] [--only SCENARIO[,…]] [--profile] [--clean]
 """
@@ -54,26 +55,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from _harness import BENCH, CACHE, OCIBUILD, WITH_PYC, Case, fmt, interleave, log, report, run, write_if_changed
+from _harness import CACHE, OCIBUILD, WITH_PYC, Case, fmt, interleave, log, report, run, write_if_changed
+from _moby_profile import PYSPY_RATE, summarise_log, summarise_pyspy
+from _moby_project import (BASE, COPY_LAYERS, EDIT_FILE, EXTRA_TOOL, MOBY, PROJECT, RUN_LAYERS, SRC, WORKDIR, edit,
+                           ensure_base, fetch_source, restore_edit, unpack_source, versions, write_project)
 
-MOBY = CACHE / "moby"
-TEMPLATES = BENCH / "moby"
-DOWNLOADS = MOBY / "downloads"
-APT = MOBY / "apt"
-PROJECT = MOBY / "project"
-SRC = PROJECT / "src"
-BASE = MOBY / "base.tar"
 LOGS = MOBY / "logs"
-EDIT_SAVE = MOBY / "edit.orig"
-EDIT_FILE = "cmd/dockerd/daemon.go"  # package main of dockerd: an edit recompiles one package and relinks
-GOPKG = "/go/src/github.com/docker"
-WORKDIR = f"{GOPKG}/docker"
 SCENARIOS = ("cold", "noop", "edit", "tools", "compile-edit", "compile-mount", "compile-noop", "startup")
-RUN_LAYERS = ("go", "runtime-dev", "godeps", "tools")
-COPY_LAYERS = {"libnetwork": "libnetwork", "swarmkit": "swarmkit", "source": "engine"}
-ENV = {"GOPATH": "/go:/usr/share/gocode", "GO111MODULE": "off", "GOPROXY": "off", "GOFLAGS": "-buildvcs=false",
-       "DOCKER_BUILDTAGS": "apparmor seccomp", "PATH": "/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
-EXTRA_TOOL = "jq"
 
 
 class Storage:
@@ -96,7 +84,8 @@ class Storage:
             for cmd in (self.buildah("rm", "--all"), self.podman("rm", "--all", "--force"),
                         self.podman("rmi", "--all", "--force")):
                 subprocess.run(cmd, capture_output=True, check=False)
-        mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=False).stdout.split()
+        mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True,
+                                check=False).stdout.split()
         for target in sorted((m for m in mounts if m.startswith((f"{self.root}/", f"{self.runroot}/"))
                               or m in (str(self.root), str(self.runroot))), reverse=True):
             subprocess.run(["umount", "-l", target], capture_output=True, check=False)
@@ -120,150 +109,6 @@ class Ocibuild:
     def wipe(self) -> None:
         shutil.rmtree(self.store, ignore_errors=True)
         self.engine.wipe()
-
-
-# ---- the source package and the project -------------------------------------------------------------------------
-
-
-def apt_get(*args: str, cwd: Path | None = None) -> None:
-    """apt-get with a private sources list and private state: the host's apt configuration stays as it is."""
-    for sub in ("lists/partial", "cache/archives/partial"):
-        (APT / sub).mkdir(parents=True, exist_ok=True)
-    write_if_changed(APT / "sources.list", "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-                                           "http://deb.debian.org/debian bookworm main\n")
-    run(["apt-get", "-q", "-o", f"Dir::Etc::SourceList={APT / 'sources.list'}", "-o", "Dir::Etc::SourceParts=/dev/null",
-         "-o", f"Dir::State::Lists={APT / 'lists'}", "-o", f"Dir::Cache={APT / 'cache'}", "-o", "Acquire::Retries=5",
-         *args], cwd=cwd)
-
-
-def fetch_source() -> Path:
-    """The docker.io source package (its .dsc), downloaded once; BENCH_MOBY_DOWNLOADS names a folder that
-    already holds its files (they are copied; dpkg-source checks them against the .dsc)."""
-    dscs = sorted(DOWNLOADS.glob("docker.io_*.dsc"))
-    if dscs:
-        return dscs[-1]
-    tmp = DOWNLOADS.with_name("downloads.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    given = os.environ.get("BENCH_MOBY_DOWNLOADS")
-    if given and list(Path(given).glob("docker.io_*.dsc")):
-        log(f"copying the docker.io source package from {given}")
-        for path in Path(given).glob("docker.io_*"):
-            shutil.copy2(path, tmp)
-    else:
-        log("fetching the docker.io source package from Debian bookworm (private apt state under .cache/moby/apt)")
-        apt_get("update")
-        apt_get("source", "--download-only", "docker.io", cwd=tmp)
-    tmp.rename(DOWNLOADS)
-    return sorted(DOWNLOADS.glob("docker.io_*.dsc"))[-1]
-
-
-def unpack_source(dsc: Path) -> None:
-    stamp = PROJECT / ".unpacked"
-    if stamp.exists() and stamp.read_text() == dsc.name:
-        return
-    log(f"unpacking {dsc.name} with dpkg-source -x")
-    shutil.rmtree(SRC, ignore_errors=True)
-    SRC.parent.mkdir(parents=True, exist_ok=True)
-    run(["dpkg-source", "--no-copy", "-x", str(dsc), str(SRC)])
-    for part in COPY_LAYERS.values():
-        if not (SRC / part).is_dir():
-            sys.exit(f"{dsc.name}: no {part}/ component after unpacking")
-    stamp.write_text(dsc.name)
-
-
-def versions() -> tuple[str, str]:
-    """The upstream version (20.10.24) and the engine's git commit, as debian/rules finds them."""
-    changelog = (SRC / "debian" / "changelog").read_text().split("\n", 1)[0]
-    match = re.match(r"docker\.io \(([^)+~-]+)", changelog)
-    if not match:
-        sys.exit(f"cannot read the version from debian/changelog: {changelog!r}")
-    version = match.group(1)
-    for line in (SRC / "debian" / "helpers" / "engine-gitcommits").read_text().splitlines():
-        if line.startswith(f"{version}: "):
-            return version, line.split(": ", 1)[1].strip()
-    sys.exit(f"debian/helpers/engine-gitcommits has no commit for {version}")
-
-
-def ensure_base() -> None:
-    if not BASE.exists():
-        log("making the base image (once): mmdebstrap bookworm minbase with deb-src, by make_base.sh")
-        subprocess.run([str(BENCH / "make_base.sh")], check=True,
-                       env={**os.environ, "BENCH_BASE_OUT": str(BASE), "BENCH_BASE_DEB_SRC": "1"})
-
-
-def script(name: str, round_mark: str = "") -> str:
-    """A run layer's script from bench/moby/; the tools scenario adds one package and a round mark."""
-    text = (TEMPLATES / f"{name}.sh").read_text()
-    if name == "tools":
-        text = text.replace("@EXTRA@", f" {EXTRA_TOOL}" if round_mark else "")
-        if round_mark:
-            text += f": recipe changed, {round_mark}\n"
-    return text
-
-
-def containerfile(scripts: dict[str, str]) -> str:
-    """The chained Containerfile of the same steps: each script as one RUN (comment lines dropped, apt's lists and
-    downloads removed at its end, which ocibuild leaves out of run layers by default), then the COPYs."""
-    lines = ["FROM localhost/moby-base:latest", "ENV " + " ".join(f'{k}="{v}"' for k, v in ENV.items())]
-    for name in RUN_LAYERS:
-        body = [line for line in scripts[name].splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        body += ["apt-get clean", "rm -rf /var/lib/apt/lists/*"]
-        lines.append("RUN set -eu; \\\n    " + "; \\\n    ".join(body))
-    for name, part in COPY_LAYERS.items():
-        lines.append(f"COPY src/{part} {GOPKG}/{'docker' if name == 'source' else name}")
-    lines.append(f"WORKDIR {WORKDIR}")
-    return "\n".join(lines) + "\n"
-
-
-def write_project(round_mark: str = "") -> None:
-    """ocibuild.toml, layers/ and the Containerfile; ``round_mark`` changes the tools recipe (one more package)."""
-    version, commit = versions()
-    env = ", ".join(f'{k} = "{v}"' for k, v in ENV.items())
-    write_if_changed(PROJECT / "ocibuild.toml", (
-        "# Docker 20.10 from Debian's docker.io source package: independent layers, each needing only what it needs.\n"
-        f'[image]\nname = "moby-dev"\nlayers = ["base", {", ".join(json.dumps(n) for n in RUN_LAYERS)}, '
-        f'{", ".join(json.dumps(n) for n in COPY_LAYERS)}]\ncompression = "zstd"\nenv = {{ {env} }}\n'
-        f'workdir = "{WORKDIR}"\n\n'
-        "# `make binary`; Go's build cache kept in a bind mount (ocibuild has no cache feature yet)\n"
-        f'[run]\ncommand = ["hack/make.sh", "binary"]\n'
-        f'mounts = ["bundles:{WORKDIR}/bundles", ".gocache:/root/.cache/go-build"]\n'
-        f'env = {{ VERSION = "{version}", DOCKER_GITCOMMIT = "{commit}" }}\nnetwork = false\n'))
-    write_if_changed(PROJECT / "layers/base/layer.toml", f'kind = "image"\nref = "oci-archive:{BASE}:base"\n')
-    needs = {"go": "base", "runtime-dev": "base", "godeps": "go", "tools": "go"}  # golang-*-dev depend on golang-go
-    scripts = {name: script(name, round_mark) for name in RUN_LAYERS}
-    for name in RUN_LAYERS:
-        write_if_changed(PROJECT / f"layers/{name}/layer.toml",
-                         f'kind = "run"\nneeds = ["{needs[name]}"]\nscript = "install.sh"\n')
-        write_if_changed(PROJECT / f"layers/{name}/install.sh", scripts[name])
-    for name, part in COPY_LAYERS.items():
-        target = f"{GOPKG}/{'docker' if name == 'source' else name}"
-        write_if_changed(PROJECT / f"layers/{name}/layer.toml", f'kind = "copy"\nfrom = "src/{part}"\nto = "{target}"\n')
-    write_if_changed(PROJECT / "Containerfile", containerfile(scripts))
-    # buildah's context is the project: only the three trees, less what engine/.dockerignore leaves out for ocibuild
-    write_if_changed(PROJECT / ".containerignore", "\n".join([
-        "*", "!src/libnetwork", "!src/swarmkit", "!src/engine", "src/engine/.git", "src/engine/.go-pkg-cache",
-        "src/engine/.gopath", "src/engine/bundles", "src/engine/vendor/pkg"]) + "\n")
-    (PROJECT / "bundles").mkdir(exist_ok=True)
-    (PROJECT / ".gocache").mkdir(exist_ok=True)
-
-
-def edit_target() -> Path:
-    return SRC / "engine" / EDIT_FILE
-
-
-def restore_edit() -> None:
-    if EDIT_SAVE.exists():
-        edit_target().write_bytes(EDIT_SAVE.read_bytes())
-        EDIT_SAVE.unlink()
-
-
-def edit(i: int) -> None:
-    """New content for the edited file (unique per round, the same for every tool in the round)."""
-    target = edit_target()
-    if not EDIT_SAVE.exists():
-        EDIT_SAVE.write_bytes(target.read_bytes())
-    target.write_bytes(EDIT_SAVE.read_bytes() + f"\n// bench edit {i} {time.time_ns()}\n".encode())
 
 
 # ---- running and checking ---------------------------------------------------------------------------------------
@@ -349,7 +194,8 @@ def buildah_bud(storage: Storage = BUILDAH) -> list[str]:
 
 def import_base(storage: Storage) -> list[list[str]]:
     """The commands that put the base archive into a buildah storage as localhost/moby-base."""
-    return [storage.buildah("pull", "-q", f"oci-archive:{BASE}:base"), storage.buildah("tag", "@ID", "localhost/moby-base")]
+    return [storage.buildah("pull", "-q", f"oci-archive:{BASE}:base"),
+            storage.buildah("tag", "@ID", "localhost/moby-base")]
 
 
 def ensure_base_in(storage: Storage) -> None:
@@ -368,8 +214,8 @@ def podman_run_args(bundles: Path, gocache: Path, *, source_mount: bool = False)
     args = ["run", "--rm", "--pull=never", "--network=none", "-v", f"{bundles}:{WORKDIR}/bundles",
             "-v", f"{gocache}:/root/.cache/go-build"]
     if source_mount:
-        for name, part in COPY_LAYERS.items():
-            args += ["-v", f"{SRC / part}:{GOPKG}/{'docker' if name == 'source' else name}"]
+        for part, target in COPY_LAYERS.values():
+            args += ["-v", f"{SRC / part}:{target}"]
     return args + ["-e", f"VERSION={version}", "-e", f"DOCKER_GITCOMMIT={commit}", "-w", WORKDIR]
 
 
@@ -398,10 +244,14 @@ def buildah_case(cached: int, tag: str) -> Case:
     return case
 
 
-def warm(oci: Ocibuild) -> None:
+def warm(oci: Ocibuild, *, buildah: bool = True) -> None:
     """Both tools' caches hold the project as it is now (on a first invocation: two cold builds, untimed)."""
-    ensure_base_in(BUILDAH)
-    for name, cmd, env, cwd in (("ocibuild", oci.cmd("build"), oci.env, None), ("buildah", buildah_bud(), None, PROJECT)):
+    tools: list[tuple[str, list[str], dict[str, str | None] | None, Path | None]] = [
+        ("ocibuild", oci.cmd("build"), oci.env, None)]
+    if buildah:
+        ensure_base_in(BUILDAH)
+        tools.append(("buildah", buildah_bud(), None, PROJECT))
+    for name, cmd, env, cwd in tools:
         t, _, _ = timed_logged(cmd, f"warm-{name}", env=env, cwd=cwd)
         log(f"warm-up {name}: {t:.1f} s")
 
@@ -422,7 +272,8 @@ def scenario_cold(runs: int) -> dict[str, object]:
     def buildah_cold(i: int) -> float:
         pull, tag = import_base(cold_buildah)
         t1, out, _ = timed_logged(pull, f"cold-buildah-pull-{i + 1}")
-        t2, _, _ = timed_logged([out.strip().splitlines()[-1] if p == "@ID" else p for p in tag], f"cold-buildah-tag-{i + 1}")
+        t2, _, _ = timed_logged([out.strip().splitlines()[-1] if p == "@ID" else p for p in tag],
+                                f"cold-buildah-tag-{i + 1}")
         t3, out, err = timed_logged(buildah_bud(cold_buildah), f"cold-buildah-{i + 1}", cwd=PROJECT)
         expect_cached(out + err, 0, "cold: buildah")
         return t1 + t2 + t3
@@ -553,8 +404,8 @@ def scenario_compile_noop(oci: Ocibuild, runs: int) -> dict[str, object]:
     image = settle(oci)
     times = interleave({"ocibuild run": ocibuild_run_case(oci, "compile-noop", rebuilds=False),
                         "podman run": podman_case(oci.engine, lambda: image, "compile-noop")}, runs)
-    return report("moby compile step, nothing changed, Go build cache mounted (by [run] mounts: no cache feature yet)",
-                  times, [("podman / ocibuild", "podman run", "ocibuild run")], extra={"load": os.getloadavg()})
+    return report("moby compile step, nothing changed, Go build cache mounted (by [run] mounts: no cache feature "
+                  "yet)", times, [("podman / ocibuild", "podman run", "ocibuild run")], extra={"load": os.getloadavg()})
 
 
 def scenario_startup(oci: Ocibuild, runs: int) -> dict[str, object]:
@@ -582,103 +433,47 @@ def summary(results: dict[str, dict[str, object]]) -> None:
         extra: dict[str, Sequence[float]] = result["extra"]  # type: ignore[assignment]
         load = f"{extra['load before'][0]:.1f} → {extra['load'][0]:.1f}"
         text = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-        print(f"| {name} | {fmt(medians[ours])} | {peer}: {fmt(medians[peer])} | {text} | {len(times[ours])} | {load} |")
+        parts: dict[str, float] = extra.get("by hand part medians", {})  # type: ignore[assignment]
+        detail = f" ({' + '.join(f'{k} {fmt(v)}' for k, v in parts.items())})" if parts else ""
+        print(f"| {name} | {fmt(medians[ours])} | {peer}: {fmt(medians[peer])}{detail} | {text} | {len(times[ours])} "
+              f"| {load} |")
     out = CACHE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-moby-summary.json"
     out.write_text(json.dumps(results, indent=2))
     print(f"(saved {out})")
 
 
-#: py-spy stacks → what the time went to: (label, functions of which one must be on the stack), first match wins.
-PHASES = (("merge layer", ("_merge_layer",)), ("run layers", ("_build_run_layer",)), ("copy layers", ("build_copy",
-          "_copy_tree")), ("image layer", ("build_image",)), ("cache entries", ("put_cache_entry",)),
-          ("assemble (conflict check, image)", ("assemble",)), ("plan (keys, input trees)", ("load_plan", "make_plan")))
-OPERATIONS = (("stage the stack into podman", ("staged", "load_from_layout")), ("remove the container", ("remove_container",)),
-              ("the script in its container", ("Engine.run",)), ("podman diff", ("Engine.diff",)),
-              ("capture: mount, read the changes, write the blob", ("capture_container",)),
-              ("read layers (listings, bookkeeping files)", ("layer_listing", "_read_files", "_holders", "_merged_texts")),
-              ("find conflicts", ("find_conflicts",)), ("walk and hash trees", ("walk_tree", "tree_digest")),
-              ("write a layer", ("write_layer", "write_entries")), ("import an archive", ("build_image",)))
-
-
-def summarise_pyspy(raw: Path) -> list[tuple[str, str, float]]:
-    """Seconds per (phase, operation) of the main thread of the main process, from py-spy's raw output (with
-    --idle, so waiting on podman or a subprocess counts)."""
-    counts: dict[tuple[str, str], int] = {}
-    main_pid = None
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        frames = stack.split(";")
-        if "__main__.py" not in stack or (main_pid is not None and frames[0] != main_pid):
-            continue
-        main_pid = main_pid or frames[0]
-        names = {f.split(" (", 1)[0] for f in frames}
-        phase = next((label for label, funcs in PHASES if names & set(funcs)), "other")
-        if "dispatch" not in names:
-            phase = "start-up (imports, arguments)"
-        op = next((label for label, funcs in OPERATIONS if names & set(funcs)), "-")
-        counts[(phase, op)] = counts.get((phase, op), 0) + int(count)
-        total += int(count)
-    rate = PYSPY_RATE
-    return sorted(((p, o, n / rate) for (p, o), n in counts.items()), key=lambda x: -x[2])
-
-
-def summarise_log(path: Path) -> list[tuple[str, float, float, float]]:
-    """Per layer, from a timestamped ocibuild log: (layer, seconds before its script's first line — staging and
-    container start —, seconds of script output, seconds after its last line until the next layer — diff, capture,
-    cache entry)."""
-    rows: list[tuple[str, float, float, float]] = []
-    marks: list[tuple[str, float, list[float]]] = []
-    end = 0.0
-    for line in path.read_text().splitlines():
-        if line.startswith("#") or not line[:9].strip():
-            continue
-        try:
-            t = float(line[:9])
-        except ValueError:
-            continue
-        text = line[10:]
-        if text.startswith("# exit"):
-            end = t
-            break
-        match = re.match(r"building layer '([^']+)'|merging package bookkeeping", text)
-        if match:
-            marks.append((match.group(1) or "ocibuild-merge", t, []))
-        elif marks:
-            marks[-1][2].append(t)
-    for i, (name, t, lines) in enumerate(marks):
-        nxt = marks[i + 1][1] if i + 1 < len(marks) else end
-        if lines:
-            rows.append((name, lines[0] - t, lines[-1] - lines[0], nxt - lines[-1]))
-        else:
-            rows.append((name, 0.0, 0.0, nxt - t))
-    return rows
-
-
-PYSPY_RATE = 20
-
-
 def profile(oci: Ocibuild) -> None:
-    """One cold build (fresh store and podman storage) and one edit rebuild of ocibuild alone, under py-spy (wall
-    clock, idle included) and with the timestamped stderr; prints per layer the time before, during and after its
-    script (from the log), and per phase and operation where the main thread spent its time (from py-spy)."""
+    """ocibuild alone, under py-spy (wall clock, idle included) and with its timestamped stderr: a cold build (fresh
+    store and podman storage), an edit rebuild and the compile step after an edit (`ocibuild run`, podman holding
+    the image before the edit, as in the benchmark). Prints per layer the time before, during and after its script
+    (from the log) and per phase and operation where the main thread spent its time (from py-spy)."""
     pyspy = os.environ.get("BENCH_PYSPY") or shutil.which("py-spy")
     if not pyspy:
         sys.exit("--profile needs py-spy (pip install py-spy), on PATH or named by BENCH_PYSPY")
     cold = Ocibuild("profile")
-    for tag, who, prepare in (("cold", cold, cold.wipe), ("edit", oci, lambda: edit(0))):
+
+    def after_edit() -> None:
+        settle(oci)  # podman holds the image before the edit, as in the benchmark's rounds
+        edit(0)
+
+    for tag, who, prepare, command in (("cold build", cold, cold.wipe, ("build", "--json")),
+                                       ("edit rebuild", oci, after_edit, ("build", "--json")),
+                                       ("compile step after an edit", oci, lambda: edit(1), ("run",))):
         prepare()
-        raw = LOGS / f"profile-{tag}.pyspy"
+        slug = tag.replace(" ", "-")
+        raw = LOGS / f"profile-{slug}.pyspy"
         cmd = [pyspy, "record", "--idle", "--subprocesses", "--rate", str(PYSPY_RATE), "--format", "raw", "-o",
-               str(raw), "--", *who.cmd("build", "--json")]
+               str(raw), "--", *who.cmd(*command)]
         try:
-            t, out, _ = timed_logged(cmd, f"profile-{tag}", env=who.env)
+            t, _, err = timed_logged(cmd, f"profile-{slug}", env=who.env)
         finally:
             restore_edit()
-        built = [name for name, status in statuses(out[out.index("{"):out.rindex("}") + 1]).items() if status == "built"]
-        print(f"\n== moby profile: ocibuild {tag} build, {t:.1f} s (built: {', '.join(built)}); load {os.getloadavg()}")
-        print("  per layer (from the log): before the script's first line / script / after its last line")
-        for name, before, during, after in summarise_log(LOGS / f"profile-{tag}.log"):
+        built = re.findall(r"building layer '([^']+)'", err)
+        print(f"\n== moby profile: ocibuild {tag}, {t:.1f} s (built: {', '.join(built)}); "
+              f"load average {os.getloadavg()[0]:.1f}")
+        print("  per layer (from the log): before the script's first line / script / after its last line "
+              "(the last row of `ocibuild run` includes the compile step, whose output goes to stdout)")
+        for name, before, during, after in summarise_log(LOGS / f"profile-{slug}.log"):
             print(f"    {name:<16} {before:7.1f} s {during:7.1f} s {after:7.1f} s")
         print("  main thread (py-spy): phase / operation / seconds")
         for phase, op, seconds in summarise_pyspy(raw):
@@ -692,13 +487,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="rounds of every scenario but cold (default 3)")
     parser.add_argument("--cold-runs", type=int, default=2, help="rounds of the cold build (default 2)")
     parser.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
-    parser.add_argument("--profile", action="store_true", help="profile ocibuild's cold build and edit rebuild instead")
-    parser.add_argument("--clean", action="store_true", help="remove every store and storage this script made, then exit")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile ocibuild's cold build, edit rebuild and compile step instead")
+    parser.add_argument("--clean", action="store_true",
+                        help="remove every store and container storage this script made, then exit")
     args = parser.parse_args()
     only = args.only.split(",") if args.only else list(SCENARIOS)
     unknown = set(only) - set(SCENARIOS)
     if unknown:
-        parser.error(f"unknown scenario {sorted(unknown)[0]!r}; choose from {', '.join(SCENARIOS)}")
+        parser.error(f"unknown scenario {min(unknown)!r}; choose from {', '.join(SCENARIOS)}")
 
     oci = Ocibuild("warm")
     if args.clean:
@@ -710,7 +507,7 @@ def main() -> None:
     restore_edit()
     write_project()
     if args.profile:
-        warm(oci)
+        warm(oci, buildah=False)
         profile(oci)
         oci.engine.wipe()
         return
@@ -729,7 +526,8 @@ def main() -> None:
             ("noop", "no-op rebuild", scenario_noop),
             ("edit", "edit one engine .go file, rebuild", scenario_edit),
             ("tools", "change the tools recipe (one more package), rebuild", scenario_tools),
-            ("compile-edit", "compile step after an edit (ocibuild run vs rebuild + podman run)", scenario_compile_edit),
+            ("compile-edit", "compile step after an edit (ocibuild run vs rebuild + podman run)",
+             scenario_compile_edit),
             ("compile-mount", "compile step with --source-mount after an edit (vs podman run -v src)",
              scenario_compile_mount),
             ("compile-noop", "compile step, nothing changed, Go build cache mounted", scenario_compile_noop),
@@ -746,7 +544,10 @@ def main() -> None:
     finally:
         restore_edit()
         write_project()
-        oci.engine.wipe()  # the images ocibuild loaded into podman (its own storage); buildah's cache is kept
+        # the images ocibuild loaded into podman (its own storage), and buildah's images of earlier rounds; buildah's
+        # cache of the project as it is stays, so the next invocation starts warm (--clean removes it too)
+        oci.engine.wipe()
+        run(BUILDAH.buildah("rmi", "--prune"))
     summary(results)
 
 
