@@ -1,5 +1,6 @@
 """Moving inputs resolved into ``ocibuild.lock``: an ``image`` layer's ref (a registry tag, an OCI layout
-directory's or an oci-archive's tag) to a manifest digest, a ``bootstrap`` suite to the digest of its InRelease.
+directory's or an oci-archive's tag) to the digest of its manifest for the image's platform (through an index, when
+a registry ref names one), a ``bootstrap`` suite to the digest of its InRelease.
 
 Cache keys are made from the lock (see :mod:`ocibuild.planner`); ``ocibuild build`` and ``ocibuild lock`` resolve
 and write it, ``ocibuild plan`` only reads it. Resolving may reach the network.
@@ -15,7 +16,7 @@ from . import oci, registry
 from .errors import FormatError, LockError, RecipeError, StoreError
 from .files import atomic_write
 from .net.download import fetch_bytes
-from .oci import Digest, Reference
+from .oci import Digest, Platform, Reference
 from .recipe.lock import LOCK_FILE, Lock, LockEntry
 from .recipe.project import LayerRecipe, Project
 from .store import Store
@@ -30,41 +31,60 @@ def lock_source(layer: LayerRecipe) -> str | None:
     return None
 
 
+def lock_platform(project: Project, layer: LayerRecipe) -> Platform | None:
+    """The platform a layer's moving input is resolved for: the image's for an ``image`` ref (it may name an index,
+    whose manifest differs per platform), None for a ``bootstrap`` suite (its InRelease covers every architecture).
+    A lock entry made for another platform does not hold, as one made for another source does not."""
+    return project.image.platform if layer.kind == "image" else None
+
+
 def resolve_lock(project: Project, lock: Lock, *, refresh: Sequence[str] = (), offline: bool = False,
                  registries: registry.Registries | None = None) -> Lock:
     """``lock`` with an entry for every layer with a moving input; entries are kept unless missing, made for
-    another source (the recipe changed) or named in ``refresh``."""
+    another source (the recipe changed) or another platform (``[image] architecture`` changed), or named in
+    ``refresh``."""
     resolved = lock.only(project.layer_names)
     for layer in project.layers:
         source = lock_source(layer)
         if source is None:
             continue
-        if resolved.get(layer.name, source) is not None and layer.name not in refresh:
+        platform = lock_platform(project, layer)
+        if resolved.get(layer.name, source, platform) is not None and layer.name not in refresh:
             continue
         if offline and (layer.kind == "bootstrap" or is_registry_ref(source)):
-            raise LockError(f"ocibuild.lock has no entry for layer '{layer.name}' ({source}) and --offline forbids "
-                            "resolving it", "run `ocibuild lock` on a connected machine and commit ocibuild.lock")
-        resolved = resolved.with_entry(LockEntry(layer.name, source, _resolve(project, layer, source, registries)))
+            raise LockError(f"ocibuild.lock has no entry for layer '{layer.name}' "
+                            f"({describe_source(source, platform)}) and --offline forbids resolving it",
+                            "run `ocibuild lock` on a connected machine and commit ocibuild.lock")
+        digest = _resolve(project, layer, source, platform, registries)
+        resolved = resolved.with_entry(LockEntry(layer.name, source, digest, platform))
     return resolved
+
+
+def describe_source(source: str, platform: Platform | None) -> str:
+    """A moving input as messages name it: its source, and the platform it is resolved for if any."""
+    return source if platform is None else f"{source} for {platform}"
 
 
 def is_registry_ref(source: str) -> bool:
     return not source.startswith(("oci-archive:", "oci:", "/", "http://", "https://", "file:"))
 
 
-def _resolve(project: Project, layer: LayerRecipe, source: str, registries: registry.Registries | None) -> Digest:
+def _resolve(project: Project, layer: LayerRecipe, source: str, platform: Platform | None,
+             registries: registry.Registries | None) -> Digest:
     if layer.kind == "bootstrap":
         return Digest.of(fetch_bytes(source, what=f"layer '{layer.name}'"))
+    assert platform is not None  # an image layer's (see lock_platform)
+    what = f"layer '{layer.name}': {source}"
     if source.startswith("oci-archive:"):
         path, tag = split_oci_ref(source)
-        index = read_oci_archive_index(layer.dir / path, f"layer '{layer.name}': {source}")
+        index = oci.Index.parse(read_oci_archive_file(layer.dir / path, "index.json", what), f"{what}: index.json")
         return _pick(index, tag, layer, source)
     if source.startswith("oci:"):
         store, tag = open_oci_dir(project.root, layer, source)
         return _pick(store.index(), tag, layer, source)
     ref = Reference.parse(source)
     client = (registries or registry.Registries()).client(ref.registry)
-    return registry.resolve_image(client, ref.repository, str(ref.digest or ref.tag), project.image.platform).digest
+    return registry.resolve_image(client, ref.repository, str(ref.digest or ref.tag), platform).digest
 
 
 def _pick(index: oci.Index, tag: str | None, layer: LayerRecipe, source: str) -> Digest:
@@ -115,8 +135,8 @@ def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str |
         raise RecipeError(f"layer '{layer.name}': {ref}: {err}", "point ref at an OCI image layout directory") from None
 
 
-def read_oci_archive_index(path: Path, what: str) -> oci.Index:
-    """The index.json of an oci-archive, read without unpacking the archive."""
+def read_oci_archive_file(path: Path, name: str, what: str) -> bytes:
+    """A small file of an oci-archive (index.json, or a blob by its path), read without unpacking the archive."""
     from .tar import read  # only when an archive's ref is resolved: a build with a full lock never reads one
 
     try:
@@ -126,7 +146,8 @@ def read_oci_archive_index(path: Path, what: str) -> oci.Index:
                           "fix ref in the layer.toml (paths are relative to the layer folder)") from None
     with f:
         for member, reader in read.iter_members(f, "none", what=what):
-            if member.path == "index.json" and reader is not None:
-                return oci.Index.parse(reader.read(16 << 20), f"{what}: index.json")
-    raise FormatError(f"{what}: no index.json inside; is it an oci-archive?",
+            if member.path == name and reader is not None:
+                return reader.read(16 << 20)
+    raise FormatError(f"{what}: no {name} inside; is it a whole oci-archive?",
                       "make one with `skopeo copy … oci-archive:PATH`")
+
