@@ -1,6 +1,6 @@
 """Moving inputs resolved into ``ocibuild.lock``: an ``image`` layer's ref (a registry tag, an OCI layout
 directory's or an oci-archive's tag) to the digest of its manifest for the image's platform (through an index, when
-a registry ref names one), a ``bootstrap`` suite to the digest of its InRelease.
+the ref names one), a ``bootstrap`` suite to the digest of its InRelease.
 
 Cache keys are made from the lock (see :mod:`ocibuild.planner`); ``ocibuild build`` and ``ocibuild lock`` resolve
 and write it, ``ocibuild plan`` only reads it. Resolving may reach the network.
@@ -8,12 +8,13 @@ and write it, ``ocibuild plan`` only reads it. Resolving may reach the network.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import oci, registry
-from .errors import FormatError, LockError, RecipeError, StoreError
+from .errors import DigestMismatch, FormatError, LockError, RecipeError, StoreError
 from .files import atomic_write
 from .net.download import fetch_bytes
 from .oci import Digest, Platform, Reference
@@ -77,22 +78,35 @@ def _resolve(project: Project, layer: LayerRecipe, source: str, platform: Platfo
     what = f"layer '{layer.name}': {source}"
     if source.startswith("oci-archive:"):
         path, tag = split_oci_ref(source)
-        index = oci.Index.parse(read_oci_archive_file(layer.dir / path, "index.json", what), f"{what}: index.json")
-        return _pick(index, tag, layer, source)
+        archive = layer.dir / path
+        index = oci.Index.parse(read_oci_archive_file(archive, "index.json", what), f"{what}: index.json")
+        return _pick(index, tag, platform, lambda digest: _archive_blob(archive, digest, what), layer, source)
     if source.startswith("oci:"):
         store, tag = open_oci_dir(project.root, layer, source)
-        return _pick(store.index(), tag, layer, source)
+        return _pick(store.index(), tag, platform, store.read_blob, layer, source)
     ref = Reference.parse(source)
     client = (registries or registry.Registries()).client(ref.registry)
     return registry.resolve_image(client, ref.repository, str(ref.digest or ref.tag), platform).digest
 
 
-def _pick(index: oci.Index, tag: str | None, layer: LayerRecipe, source: str) -> Digest:
+def _pick(index: oci.Index, tag: str | None, platform: Platform, read_blob: Callable[[Digest], bytes],
+          layer: LayerRecipe, source: str) -> Digest:
+    """The manifest of a local layout's index.json that ``tag`` names (None: its single image), for ``platform``
+    when that is an index (a multi-platform image, as `skopeo copy --all` writes one)."""
     if tag is not None:
         found = index.find(tag)
     else:
-        manifests = [d for d in index.manifests if d.media_type in oci.MANIFEST_TYPES]
-        found = manifests[0] if len(manifests) == 1 else None
+        images = [d for d in index.manifests if d.media_type in oci.MANIFEST_TYPES] or \
+            [d for d in index.manifests if d.media_type in oci.INDEX_TYPES]
+        found = images[0] if len(images) == 1 else None
+    if found is not None and found.media_type in oci.INDEX_TYPES:
+        nested = oci.Index.parse(read_blob(found.digest), f"layer '{layer.name}': {source}: index {found.digest}")
+        chosen = nested.for_platform(platform)
+        if chosen is None:
+            raise RecipeError(f"layer '{layer.name}': {source}: no image for {platform} (the index offers "
+                              f"{', '.join(nested.platforms()) or 'none'})",
+                              "set [image] architecture to one the image offers, or pick another image")
+        return chosen.digest
     if found is None or found.media_type not in oci.MANIFEST_TYPES:
         tags = ", ".join(sorted(d.ref_name for d in index.manifests if d.ref_name)) or "none"
         raise RecipeError(f"layer '{layer.name}': {source}: no image manifest "
@@ -151,3 +165,10 @@ def read_oci_archive_file(path: Path, name: str, what: str) -> bytes:
     raise FormatError(f"{what}: no {name} inside; is it a whole oci-archive?",
                       "make one with `skopeo copy … oci-archive:PATH`")
 
+
+def _archive_blob(path: Path, digest: Digest, what: str) -> bytes:
+    data = read_oci_archive_file(path, f"blobs/{digest.algorithm}/{digest.hex}", what)
+    actual = Digest(digest.algorithm, hashlib.new(digest.algorithm, data).hexdigest())
+    if actual != digest:
+        raise DigestMismatch(f"{what}: blob {digest} is corrupt (content hashes to {actual})", "make the archive again")
+    return data

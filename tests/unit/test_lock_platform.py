@@ -1,19 +1,24 @@
 """ocibuild.lock entries of ``image`` layers name the platform they were resolved for: a ref may name an index,
 whose manifest differs per platform, so an entry made for amd64 must not pin an arm64 build's base. (No network:
-registry refs resolve through a fake registry.)"""
+registry refs resolve through a fake registry; local refs are layouts and archives made here.)"""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from conftest import write
 from ocibuild import cli, oci, resolve
+from ocibuild.errors import RecipeError
 from ocibuild.oci import Descriptor, Digest, Index, Platform
 from ocibuild.recipe.lock import LOCK_FILE, Lock, load_lock
 from ocibuild.recipe.project import load_project
+from ocibuild.store import Store
 
 REF = "registry.invalid/base:1"
 AMD64, ARM64 = Platform("linux", "amd64"), Platform("linux", "arm64")
@@ -34,6 +39,25 @@ class FakeRegistry:
     def client(self, registry: str) -> FakeRegistry:  # stands for Registries as well
         assert registry == self.registry
         return self
+
+
+def _layer(text: str) -> tuple[bytes, Digest]:
+    """A gzip layer holding /arch with ``text``, and its diff_id."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("arch")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text.encode()))
+    return gzip.compress(raw.getvalue(), mtime=0), Digest.of(raw.getvalue())
+
+
+def _put_image(store: Store, platform: Platform, content: str) -> Descriptor:
+    """An image of one layer saying ``content``, for ``platform``, in ``store``; its descriptor for an index."""
+    blob, diff_id = _layer(content)
+    layer = store.put(blob, oci.LAYER_GZIP)
+    config = store.put(oci.ImageConfig((diff_id,), architecture=platform.architecture).to_json(), oci.OCI_CONFIG)
+    manifest = store.put_manifest(oci.Manifest(config, (layer,)))
+    return Descriptor(manifest.media_type, manifest.digest, manifest.size, platform=platform)
 
 
 def _index(*manifests: Descriptor) -> bytes:
@@ -159,3 +183,51 @@ def test_an_image_entry_without_a_platform_is_resolved_again(make_project, tmp_p
     text = (root / LOCK_FILE).read_text()
     assert f'source = "{REF}"\nplatform = "linux/amd64"\ndigest = "{amd64.digest}"' in text
     assert f'InRelease"\ndigest = "{release}"' in text
+
+
+def _multi_platform_layout(path: Path) -> tuple[Store, dict[str, Descriptor]]:
+    """An OCI layout tagged "dev" at an index of an amd64 and an arm64 image, as `skopeo copy --all` writes one."""
+    layout = Store.open(path)
+    images = {"amd64": _put_image(layout, AMD64, "amd64"), "arm64": _put_image(layout, ARM64, "arm64")}
+    layout.tag("dev", layout.put(_index(*images.values()), oci.OCI_INDEX))
+    return layout, images
+
+
+def _archive(layout: Path, path: Path) -> None:
+    """An oci-archive of the layout (its oci-layout, index.json and blobs only)."""
+    with tarfile.open(path, "w") as tar:
+        for name in ("oci-layout", "index.json", "blobs"):
+            tar.add(layout / name, arcname=name)
+
+
+@pytest.mark.parametrize("kind", ["oci", "oci-archive"])
+def test_a_local_multi_platform_image_is_resolved_and_built_for_the_project_platform(
+        make_project, tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`oci:DIR:TAG` and `oci-archive:PATH:TAG` tagging an index resolve to the manifest of the project's platform,
+    the lock says for which, and the build takes that image's layers; another platform re-resolves."""
+    layout, images = _multi_platform_layout(tmp_path / "layout")
+    if kind == "oci":
+        ref = f"oci:{layout.root}:dev"
+    else:
+        _archive(layout.root, tmp_path / "base.tar")
+        ref = f"oci-archive:{tmp_path / 'base.tar'}:dev"
+    root = _project(make_project, "arm64", ref=ref)
+    store = tmp_path / "store"
+    for architecture, platform in (("arm64", ARM64), ("amd64", AMD64)):
+        _project(make_project, architecture, root=root, ref=ref)
+        assert cli.main(["build", "--json", "-C", str(root), "--store", str(store)]) == 0
+        built = json.loads(capsys.readouterr().out)
+        assert [layer["status"] for layer in built["layers"]] == ["built", "built"]
+        entry = load_lock(root).entries["base"]
+        assert (entry.digest, entry.platform) == (images[architecture].digest, platform)
+        expected = Store.open(layout.root).get_manifest(images[architecture].digest).layers[0]
+        image = Store.open(store).get_manifest(Digest.parse(built["digest"]))
+        assert image.layers[0].digest == expected.digest, f"the {architecture} image's layer comes first"
+    assert Store.open(store).verify() == [] and layout.verify() == []
+
+
+def test_a_local_index_without_the_project_platform_is_refused(make_project, tmp_path: Path) -> None:
+    layout, _ = _multi_platform_layout(tmp_path / "layout")
+    root = _project(make_project, "riscv64", ref=f"oci:{layout.root}:dev")
+    with pytest.raises(RecipeError, match=r"no image for linux/riscv64 \(the index offers linux/amd64, linux/arm64\)"):
+        resolve.resolve_lock(load_project(root), Lock())
