@@ -131,6 +131,14 @@ class Platform:
         variant = value.get("variant")
         return cls(value["os"], arch, variant if isinstance(variant, str) else None)
 
+    @classmethod
+    def parse(cls, text: str) -> Platform:
+        """``os/architecture[/variant]``, as :meth:`__str__` writes it."""
+        parts = text.split("/")
+        if not 2 <= len(parts) <= 3 or not all(parts):
+            raise FormatError(f"platform {text!r} is not os/architecture[/variant]")
+        return cls(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
@@ -289,6 +297,17 @@ class Index:
             if descriptor.ref_name == ref_name:
                 found = descriptor
         return found
+
+    def for_platform(self, platform: Platform) -> Descriptor | None:
+        """The first image manifest for ``platform`` (os and architecture equal; the variant too when it names
+        one), or None."""
+        return next((d for d in self.manifests if d.media_type in MANIFEST_TYPES and d.platform is not None and
+                     d.platform.os == platform.os and d.platform.architecture == platform.architecture and
+                     (platform.variant is None or d.platform.variant == platform.variant)), None)
+
+    def platforms(self) -> list[str]:
+        """The platforms the index offers, sorted (for messages)."""
+        return sorted(str(d.platform) for d in self.manifests if d.platform is not None)
 
     def with_tag(self, ref_name: str, descriptor: Descriptor) -> Index:
         """This index with ``ref_name`` pointing at ``descriptor`` (any older entry of that name dropped)."""

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from . import oci, registry
 from .errors import LayerConflict, LockError, RecipeError
 from .inputs import StatCache, Tree, tree_digest, walk_tree
-from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, canonical_json
+from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, canonical_json
 from .recipe.key import KEY_FORMAT, Input, cache_key
 from .recipe.lock import Lock
 from .recipe.project import LayerRecipe, Project
-from .resolve import lock_source
+from .resolve import describe_source, lock_platform, lock_source
 from .store import Store
 from .store.entries import cache_tag, entry_layers, put_cache_entry
 
@@ -65,17 +65,25 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Unlocked:
-    """A layer whose key waits for ocibuild.lock: the lock has no entry for its moving input (``source``; a
-    missing entry, or one made for another source), or a layer it needs is unlocked (``source`` None). Planning
-    only reads the lock, so only ``ocibuild plan`` shows these (status "lock", key null); a build resolves first."""
+    """A layer whose key waits for ocibuild.lock: the lock has no entry for its moving input (``source``, for
+    ``platform``; a missing entry, or one made for another source or platform), or a layer it needs is unlocked
+    (``source`` None). Planning only reads the lock, so only ``ocibuild plan`` shows these (status "lock", key
+    null); a build resolves first."""
 
     recipe: LayerRecipe
     source: str | None
     inputs: tuple[Input, ...] = ()
+    platform: Platform | None = None
 
     @property
     def name(self) -> str:
         return self.recipe.name
+
+    @property
+    def wanted(self) -> str:
+        """The moving input the lock lacks, as messages name it."""
+        assert self.source is not None
+        return describe_source(self.source, self.platform)
 
     def to_dict(self) -> dict[str, Any]:
         inputs: list[dict[str, Any]] = [i.to_dict() for i in self.inputs]
@@ -143,9 +151,10 @@ def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache,
         source = lock_source(layer)
         tree = None
         if source is not None:
-            entry = lock.get(layer.name, source)
+            platform = lock_platform(project, layer)
+            entry = lock.get(layer.name, source, platform)
             if entry is None:
-                unlocked.append(Unlocked(layer, source))
+                unlocked.append(Unlocked(layer, source, platform=platform))
                 continue
             inputs = [Input(source, entry.digest)]
         else:
@@ -285,7 +294,7 @@ def _build_missing(plan: Plan, store: Store, builders: _Builders) -> Plan:
     """The layers of ``plan`` whose entries are missing, built bottom first (under the caller's store lease)."""
     missing = next((layer for layer in plan.unlocked if layer.source is not None), None)
     if missing is not None:
-        raise LockError(f"ocibuild.lock has no entry for layer '{missing.name}' ({missing.source})",
+        raise LockError(f"ocibuild.lock has no entry for layer '{missing.name}' ({missing.wanted})",
                         "run `ocibuild lock` to resolve it")
     done: list[LayerPlan] = []
     for layer in plan.layers:

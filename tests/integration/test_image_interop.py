@@ -288,7 +288,7 @@ def test_image_layer_from_what_skopeo_wrote(session_image: SessionImage, tmp_pat
     assert [(l["name"], l["kind"], l["status"]) for l in doc["layers"]] == [("base", "image", "built"),
                                                                           ("top", "copy", "built")]
     assert doc["layers"][0]["inputs"] == [{"name": ref, "digest": session_image.digest}]
-    assert locked(root) == {"base": {"source": ref, "digest": session_image.digest}}
+    assert locked(root) == {"base": {"source": ref, "platform": "linux/amd64", "digest": session_image.digest}}
     info = skopeo_json("inspect", f"oci:{store.root}:derived")
     assert info["Layers"][:3] == skopeo_json("inspect", session_image.ref)["Layers"] and len(info["Layers"]) == 4
 

@@ -100,10 +100,26 @@ def test_key_ignores_description_and_compression(make_project) -> None:
 
 
 def test_lock_round_trip(tmp_path: Path) -> None:
-    lock = Lock().with_entry(LockEntry("base", "http://m/dists/bookworm/InRelease", Digest.of(b"r")))
+    """Written, read back equal; the text is fixed (sorted tables, fixed key order), an image entry names the
+    platform it was resolved for and a suite's none; an entry holds only for its source and platform."""
+    arm64 = Platform("linux", "arm64", "v8")
+    lock = Lock().with_entry(LockEntry("img", "docker.io/library/debian:bookworm", Digest.of(b"m"), arm64)) \
+        .with_entry(LockEntry("base", "http://m/dists/bookworm/InRelease", Digest.of(b"r")))
     (tmp_path / "ocibuild.lock").write_text(lock.to_toml())
     assert load_lock(tmp_path) == lock
-    assert load_lock(tmp_path).get("base", "other") is None
+    assert lock.to_toml().splitlines()[3:] == [
+        "", '[layers."base"]', 'source = "http://m/dists/bookworm/InRelease"', f'digest = "{Digest.of(b"r")}"',
+        "", '[layers."img"]', 'source = "docker.io/library/debian:bookworm"', 'platform = "linux/arm64/v8"',
+        f'digest = "{Digest.of(b"m")}"']
+    loaded = load_lock(tmp_path)
+    assert loaded.get("base", "other", None) is None
+    assert loaded.get("base", "http://m/dists/bookworm/InRelease", None) == lock.entries["base"]
+    assert loaded.get("img", "docker.io/library/debian:bookworm", arm64) == lock.entries["img"]
+    assert loaded.get("img", "docker.io/library/debian:bookworm", Platform("linux", "amd64")) is None
+    assert loaded.get("img", "docker.io/library/debian:bookworm", None) is None
+    (tmp_path / "ocibuild.lock").write_text(lock.to_toml().replace("linux/arm64/v8", "arm64"))
+    with pytest.raises(LockError, match="entry for layer 'img' is malformed"):
+        load_lock(tmp_path)
     (tmp_path / "ocibuild.lock").write_text("version = 7\n")
     with pytest.raises(LockError, match="unknown lock format"):
         load_lock(tmp_path)
@@ -151,7 +167,8 @@ def test_plan_keys_cover_the_platform_where_the_bytes_depend_on_it(make_project,
                             files={"src/a": "a\n", "layers/step/build.sh": "true\n"})
         lock = Lock({"base": LockEntry("base", "http://deb.debian.org/debian/dists/bookworm/InRelease",
                                        Digest.of(b"InRelease")),
-                     "img": LockEntry("img", "docker.io/library/debian:bookworm", Digest.of(b"manifest"))})
+                     "img": LockEntry("img", "docker.io/library/debian:bookworm", Digest.of(b"manifest"),
+                                      Platform("linux", architecture))})
         (root / "ocibuild.lock").write_text(lock.to_toml())
         result = run_ocibuild("plan", "--json", "-C", str(root), "--store", str(tmp_path / "store"))
         keys[architecture] = {layer["name"]: layer["key"] for layer in json.loads(result.stdout)["layers"]}

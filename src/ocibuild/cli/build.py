@@ -103,7 +103,7 @@ def plan_command(args: argparse.Namespace) -> int:
         print_layers(plan.to_dict())
     missing = [layer for layer in plan.unlocked if layer.source is not None]
     for layer in missing:
-        print(f"layer '{layer.name}': ocibuild.lock has no entry for {layer.source}", file=sys.stderr)
+        print(f"layer '{layer.name}': ocibuild.lock has no entry for {layer.wanted}", file=sys.stderr)
     if missing:
         print("hint: run `ocibuild lock` (a build resolves moving inputs too); the layers above get their keys then",
               file=sys.stderr)
@@ -161,7 +161,7 @@ def lock_command(args: argparse.Namespace) -> int:
     lock = resolve_lock(project, load_lock(project.root), refresh=args.layers or project.layer_names)
     write_lock(project, lock)
     for entry in sorted(lock.entries.values(), key=lambda e: e.layer):
-        print(f"{entry.layer}: {entry.source} {entry.digest}")
+        print(f"{entry.layer}: {entry.source} {entry.digest}" + (f" ({entry.platform})" if entry.platform else ""))
     return 0
 
 

@@ -2,7 +2,22 @@
 resolved to digests, which the cache keys use.
 
 Reading (:func:`load_lock`) and serialising (:meth:`Lock.to_toml`) only: resolving a source to a digest, which
-may reach the network, is the planner's, and so is writing the file.
+may reach the network, is :mod:`ocibuild.resolve`'s, and so is writing the file.
+
+The file, one table per layer with a moving input, sorted by layer name::
+
+    version = 1
+
+    [layers."base"]
+    source = "docker.io/library/debian:bookworm"
+    platform = "linux/arm64"
+    digest = "sha256:…"
+
+``platform`` (os/architecture[/variant]) is the platform the source was resolved for: an ``image`` ref may name
+an index, whose manifest for each platform differs. A ``bootstrap`` suite's entry has none (its InRelease covers
+every architecture). An entry holds for a layer only when both its source and its platform are the ones asked
+for, so an image entry written before entries carried a platform is resolved again once, like an entry for
+another source.
 """
 
 from __future__ import annotations
@@ -13,29 +28,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LockError
-from ..oci import Digest
+from ..errors import FormatError, LockError
+from ..oci import Digest, Platform
 
 LOCK_FILE = "ocibuild.lock"
 
 
 @dataclass(frozen=True)
 class LockEntry:
-    """A moving input resolved to a digest: the layer it belongs to, what was resolved (``source``), the digest."""
+    """A moving input resolved to a digest: the layer it belongs to, what was resolved (``source``) and for which
+    platform (None: the source means the same on every platform), the digest."""
 
     layer: str
     source: str
     digest: Digest
+    platform: Platform | None = None
 
 
 @dataclass(frozen=True)
 class Lock:
     entries: Mapping[str, LockEntry] = field(default_factory=dict)
 
-    def get(self, layer: str, source: str) -> LockEntry | None:
-        """The entry of ``layer`` if it was resolved from the same ``source`` (a changed recipe needs a new one)."""
+    def get(self, layer: str, source: str, platform: Platform | None) -> LockEntry | None:
+        """The entry of ``layer`` if it was resolved from the same ``source`` for the same ``platform`` (a changed
+        recipe, or another ``[image] architecture``, needs a new one)."""
         entry = self.entries.get(layer)
-        return entry if entry is not None and entry.source == source else None
+        return entry if entry is not None and (entry.source, entry.platform) == (source, platform) else None
 
     def with_entry(self, entry: LockEntry) -> Lock:
         return Lock({**self.entries, entry.layer: entry})
@@ -51,8 +69,10 @@ class Lock:
         ]
         for name in sorted(self.entries):
             entry = self.entries[name]
-            lines += ["", f"[layers.{json.dumps(name)}]", f"source = {json.dumps(entry.source)}",
-                      f"digest = {json.dumps(str(entry.digest))}"]
+            lines += ["", f"[layers.{json.dumps(name)}]", f"source = {json.dumps(entry.source)}"]
+            if entry.platform is not None:
+                lines.append(f"platform = {json.dumps(str(entry.platform))}")
+            lines.append(f"digest = {json.dumps(str(entry.digest))}")
         return "\n".join(lines) + "\n"
 
 
@@ -70,8 +90,9 @@ def load_lock(root: Path) -> Lock:
     entries = {}
     for name, value in data.get("layers", {}).items():
         try:
-            entries[name] = LockEntry(name, str(value["source"]), Digest.parse(value["digest"]))
-        except (KeyError, TypeError, ValueError) as err:
+            platform = Platform.parse(str(value["platform"])) if "platform" in value else None
+            entries[name] = LockEntry(name, str(value["source"]), Digest.parse(value["digest"]), platform)
+        except (KeyError, TypeError, ValueError, FormatError) as err:
             raise LockError(f"{LOCK_FILE}: entry for layer '{name}' is malformed ({err})",
                             "delete it and run `ocibuild lock`") from None
     return Lock(entries)

@@ -117,14 +117,12 @@ def push_manifests(client: Distribution, store: Store, repository: str, tagged: 
 
 def select_platform(index: Index, platform: Platform, what: str) -> Descriptor:
     """The manifest of ``index`` for ``platform`` (os/architecture[/variant])."""
-    candidates = [d for d in index.manifests if d.media_type in MANIFEST_TYPES and d.platform is not None and
-                  d.platform.os == platform.os and d.platform.architecture == platform.architecture and
-                  (platform.variant is None or d.platform.variant == platform.variant)]
-    if not candidates:
-        offered = ", ".join(sorted(str(d.platform) for d in index.manifests if d.platform)) or "none"
+    found = index.for_platform(platform)
+    if found is None:
+        offered = ", ".join(index.platforms()) or "none"
         raise RegistryError(f"{what}: no image for {platform} (the index offers {offered})",
                             "set [image] architecture to one the image offers, or pick another image")
-    return candidates[0]
+    return found
 
 
 def resolve_image(client: Distribution, repository: str, reference: str, platform: Platform) -> Descriptor:
