@@ -18,7 +18,7 @@ OPERATIONS = (("stage the stack into podman", ("staged", "Engine.load_from_layou
               ("the script in its container", ("Engine.run",)), ("podman diff", ("Engine.diff",)),
               ("capture: mount, read the changes, write the blob", ("capture_container",)),
               ("read layers (listings, bookkeeping files)",
-               ("layer_listing", "_read_files", "_holders", "_merged_texts")),
+               ("layer_listing", "layer_record", "_holds_bookkeeping", "_merged_texts")),
               ("find conflicts", ("find_conflicts",)), ("walk and hash trees", ("walk_tree", "tree_digest")),
               ("write a layer", ("write_layer", "write_entries")), ("import an archive", ("build_image",)))
 

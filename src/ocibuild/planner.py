@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import oci, registry
+from . import bookkeeping, oci, registry
 from .errors import LayerConflict, LockError, RecipeError
 from .inputs import StatCache, Tree, tree_digest, walk_tree
 from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, canonical_json
@@ -347,32 +347,86 @@ def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], l
         return run.build_run(ctx, engine, layer.recipe, layer.key, image)
 
 
-def merge_key(plan: Plan) -> Digest:
-    """The key of the bookkeeping merge layer of ``plan``: the keys of every layer below it."""
-    return Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [str(layer.key) for layer in plan.layers]}))
+@dataclass(frozen=True)
+class MergeInputs:
+    """What the bookkeeping merge layer of a plan is made from: the layers that hold bookkeeping files
+    (:data:`ocibuild.bookkeeping.MERGED_PATHS`), and the stack of those and what they need, bottom first."""
+
+    holders: tuple[str, ...]
+    stack: tuple[LayerPlan, ...]
+
+    @property
+    def key(self) -> Digest:
+        """The merge layer's key: name, key and needs of each layer of the stack (which holds the holders), and
+        the key format. Nothing else enters the merge, so a layer outside the stack (a project's source) never
+        changes it."""
+        return Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [
+            {"name": layer.name, "key": str(layer.key), "needs": list(layer.recipe.needs),
+             "holds": layer.name in self.holders} for layer in self.stack]}))
+
+
+def merge_inputs(plan: Plan, store: Store) -> MergeInputs | None:
+    """The inputs of the bookkeeping merge layer of ``plan`` (every layer built), or None when no two layers that
+    hold bookkeeping files are independent: in a chain of needs, stacking alone gives each file's right version.
+    Reads each layer's bookkeeping record (:mod:`ocibuild.bookkeeping`), not its blob."""
+    project = plan.project
+    if not _any_independent(project, project.layer_names):
+        return None
+    holders = tuple(layer.name for layer in plan.layers if _holds_bookkeeping(store, layer))
+    if not _any_independent(project, holders):
+        return None
+    below = set(holders).union(*(project.closure(name) for name in holders))
+    return MergeInputs(holders, tuple(layer for layer in plan.layers if layer.name in below))
+
+
+def merge_key(plan: Plan, store: Store) -> Digest | None:
+    """The key of the bookkeeping merge layer of ``plan``, None when it has none (see :func:`merge_inputs`)."""
+    inputs = merge_inputs(plan, store)
+    return inputs.key if inputs is not None else None
+
+
+def _any_independent(project: Project, names: Sequence[str]) -> bool:
+    return any(project.independent(a, b) for i, a in enumerate(names) for b in names[i + 1:])
+
+
+def _holds_bookkeeping(store: Store, layer: LayerPlan) -> bool:
+    """Whether the cache entry of ``layer`` holds any of the bookkeeping files, by its blobs' records; a blob
+    without one (pulled, imported, or written before records were kept) is read once."""
+    records = []
+    for blob in entry_layers(store, layer):
+        record = bookkeeping.load_record(store, blob.diff_id)
+        if record is None:
+            from .build.listing import layer_record
+
+            record = layer_record(store, blob)
+        records.append(record)
+    return bool(bookkeeping.combine(records).holds)
 
 
 def _merge_layer(plan: Plan, store: Store, get_context: Callable[[], BuildContext],
                  get_engine: Callable[[], Engine]) -> LayerPlan | None:
     """The layer that merges package bookkeeping of layers built side by side (see :mod:`ocibuild.build.merge`),
-    or None when stacking alone gives the right files. Keyed by the keys of every layer below; cached like a
-    layer, and "nothing to merge" is remembered per key, so a no-op build imports no module that makes layers."""
+    or None when stacking alone gives the right files. Keyed by :class:`MergeInputs`; cached like a layer, and
+    "nothing to merge" is remembered per key, so a build that changed only other layers (or none) imports no
+    module that makes layers."""
     project = plan.project
-    key = merge_key(plan)
-    recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", project.layer_names,
+    inputs = merge_inputs(plan, store)
+    if inputs is None:
+        return None
+    key = inputs.key
+    recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", inputs.holders,
                          "package bookkeeping of independent layers, merged", {})
     merge = LayerPlan(recipe, key, (), "cached")
     marker = store.private_dir("merge") / key.hex
     if store.resolve(cache_tag(MERGE_LAYER, key)) is not None:
         return merge
-    order = project.layer_names
-    if marker.exists() or not any(project.independent(a, b) for i, a in enumerate(order) for b in order[i + 1:]):
-        return None  # in a chain of needs, stacking alone gives each file's right version
+    if marker.exists():
+        return None
     from .build.merge import merge_bookkeeping
 
-    entries = {layer.name: entry_layers(store, layer) for layer in plan.layers}
+    entries = {name: entry_layers(store, plan.layer(name)) for name in inputs.holders}
     built = merge_bookkeeping(get_context(), project, entries, name=MERGE_LAYER, key=key,
-                              stack=image_manifest(project, store, plan.layers, cmd=None), get_engine=get_engine)
+                              stack=image_manifest(project, store, inputs.stack, cmd=None), get_engine=get_engine)
     if built is None:
         marker.write_text("none\n")
         return None

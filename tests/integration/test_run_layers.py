@@ -138,6 +138,33 @@ def test_side_by_side_package_layers_are_merged_without_warnings(tmp_path: Path,
     assert build(root, store_dir)["digest"] == result["digest"]  # the merge layer is cached too
 
 
+def test_ldconfig_merge_runs_over_the_package_layers_and_a_source_edit_leaves_it(tmp_path: Path,
+                                                                                podman: Podman) -> None:
+    """ldconfig re-runs over the layers that hold bookkeeping files and what they need, not over a copy layer
+    that holds none (busybox has no ldconfig: a stand-in lists /usr/lib's libraries as the cache); editing that
+    copy layer rebuilds it alone, the merge layer stays."""
+    lib = "mkdir -p /usr/lib && echo {0} > /usr/lib/{0}.so && ldconfig\n"
+    root = project(tmp_path,
+                   {"a": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n',
+                    "b": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n',
+                    "src": 'kind = "copy"\nfrom = "src"\nto = "/usr/lib"\n'},
+                   {"layers/a/s.sh": lib.format("liba"), "layers/b/s.sh": lib.format("libb"),
+                    "rootfs/bin/ldconfig": "#!/bin/sh\nls /usr/lib | grep '[.]so$' > /etc/ld.so.cache\n",
+                    "rootfs/usr/lib/libbase.so": "base\n", "src/libsrc.so": "src\n"})
+    (root / "rootfs/bin/ldconfig").chmod(0o755)
+    store_dir = tmp_path / "store"
+    first = build(root, store_dir, "--strict")
+    cache = podman_run(podman, store_dir, "bb", "cat", "/etc/ld.so.cache")
+    assert cache.split() == ["liba.so", "libb.so", "libbase.so"]
+    store = Store.open(store_dir)
+    merge_layer = store.get_manifest(store.resolve("bb").digest).layers[-1]
+    (root / "src/libsrc.so").write_text("edited\n")
+    edited = build(root, store_dir, "--strict")
+    assert [l["status"] for l in edited["layers"]] == ["cached", "cached", "cached", "built"]
+    assert edited["digest"] != first["digest"]
+    assert store.get_manifest(store.resolve("bb").digest).layers[-1] == merge_layer
+
+
 def test_network_false_has_only_loopback(tmp_path: Path, podman: Podman) -> None:
     root = project(tmp_path, {"app": 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'},
                    {"layers/app/s.sh": "mkdir -p /proc-copy && cat /proc/net/dev > /proc-copy/dev\n"})

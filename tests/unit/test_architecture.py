@@ -30,11 +30,13 @@ ALLOWED: dict[str, set[str]] = {
     "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import
     "engine": LEAVES | {"oci"},
     "runcache": LEAVES | {"store"},  # the compile step's cache directories under the store
+    "bookkeeping": LEAVES | {"oci", "store"},  # package bookkeeping files, and each layer's record of them
     "doctor": LEAVES | {"config", "engine"},
     "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
-                       "resolve"},
-    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
+                       "resolve", "bookkeeping"},
+    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build",
+                         "bookkeeping"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},
 }

@@ -214,6 +214,39 @@ def test_sort_order_is_tar_sort_name(tmp_path: Path) -> None:
     assert [m.path for m, _ in read.iter_members(io.BytesIO(gnu), "none", what="gnu")] == order
 
 
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_writer_lists_the_layer_as_reading_it_back_does(tmp_path: Path, compression: str) -> None:
+    """The listing and kept content the writer returns are what reading its blob gives, for every kind of
+    member: hard links (a chain, rewritten to the first path), symlinks, directories, whiteouts, opaque and aufs
+    markers, empty and multi-chunk files, long and non-ASCII paths."""
+    big = _file(tmp_path, "big", os.urandom(9 << 20))  # spans several of the writer's buffer chunks
+    shared = _file(tmp_path, "shared", b"shared")
+    status = _file(tmp_path, "status", b"Package: a\n")
+    entries = write.with_parents([*_sample(tmp_path),
+        Entry("opt/big", "file", 0o640, size=9 << 20, source=big),
+        Entry("z/content", "file", 0o700, size=6, source=shared),
+        Entry("m/link", "hardlink", 0o644, linkname="z/content"),
+        Entry("a/link", "hardlink", 0o644, linkname="m/link"),
+        Entry("etc/.wh.gone", "file", 0o644),
+        Entry("srv/.wh..wh..opq", "file", 0o644),
+        Entry("srv/.wh..wh.plnk", "file", 0o644),
+        Entry("var/lib/dpkg/status", "file", 0o644, size=11, source=status),
+        Entry("var/lib/apt/extended_states", "file", 0o644),
+        Entry("opt/typed", "file", 0o100755),  # a mode with the file type's bits, which the header leaves out
+    ])
+    keep = {"var/lib/dpkg/status", "var/lib/apt/extended_states", "usr/bin/hello-again", "a/link", "absent"}
+    out = io.BytesIO()
+    stats = write.write_layer(entries, out, compression, epoch=EPOCH, keep=keep)
+    listing, kept = read.scan_layer(io.BytesIO(out.getvalue()), compression, what="layer", keep=keep)
+    assert stats.listing == listing
+    # a hard link keeps no content; the first path of a hard-linked group holds it
+    assert stats.kept == kept == {"var/lib/dpkg/status": b"Package: a\n", "var/lib/apt/extended_states": b"",
+                                  "a/link": b"shared"}
+    assert listing["etc/.wh.gone"] == "whiteout" and listing["srv/.wh..wh..opq"] == "opaque"
+    assert "srv/.wh..wh.plnk" not in listing and listing["m/link"] == "hardlink:a/link"
+    assert listing["opt/big"] == "file:0640:" + hashlib.sha256(Path(big).read_bytes()).hexdigest()
+
+
 def test_hardlinked_content_goes_under_the_first_path(tmp_path: Path) -> None:
     source = _file(tmp_path, "content", b"shared")
     entries = [

@@ -16,12 +16,14 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
 from .. import oci, registry
+from ..bookkeeping import STANZA_FILES
 from ..tar import read, write
 from ..errors import RecipeError
 from ..oci import LayerBlob, Descriptor
 from ..recipe.project import LayerRecipe
 from ..store import Store
 from ..tar.write import Entry
+from .listing import save_layer_records
 
 Output = Callable[[str], None]
 
@@ -38,9 +40,12 @@ class BuildContext:
 
 
 def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> LayerBlob:
-    """Write ``entries`` as one reproducible, compressed layer blob into the store."""
+    """Write ``entries`` as one reproducible, compressed layer blob into the store, and record its listing and
+    bookkeeping record from what the writer saw (so the blob is never read back for them)."""
     with ctx.store.writer() as blob:
-        stats = write.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch)
+        stats = write.write_layer(entries, cast(BinaryIO, blob), ctx.compression, epoch=ctx.epoch,
+                                  keep=STANZA_FILES)
+    save_layer_records(ctx.store, stats.diff_id, stats.listing, stats.kept)
     return LayerBlob(Descriptor(oci.layer_media_type(ctx.compression), blob.digest, blob.size), stats.diff_id)
 
 

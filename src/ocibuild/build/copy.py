@@ -8,7 +8,6 @@ from ..oci import LayerBlob
 from ..recipe.project import LayerRecipe
 from ..tar.write import Entry
 from .context import BuildContext, owner, under, write_entries
-from .listing import save_listing
 
 
 def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[LayerBlob]:
@@ -29,13 +28,4 @@ def build_copy(ctx: BuildContext, layer: LayerRecipe, tree: Tree) -> list[LayerB
             mode = 0o755 if item.mode & 0o111 else 0o644
             entries.append(Entry(path, "file", mode, uid, gid, size=item.size, source=item.source, mtime=ctx.epoch,
                                  sha256=item.sha256))
-    entries = write.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch)
-    built = write_entries(ctx, entries)
-    # The tree walk already hashed every file: record the layer's listing now rather than re-reading the blob.
-    content = {item.source: item.sha256 for item in tree.entries if item.type == "file"}
-    save_listing(ctx.store, built.diff_id, {
-        e.path: f"file:{e.mode:04o}:{content[e.source or '']}" if e.type == "file"
-        else f"dir:{e.mode:04o}" if e.type == "dir" else f"{e.type}:{e.linkname}"
-        for e in entries
-    })
-    return [built]
+    return [write_entries(ctx, write.with_parents(entries, uid=uid, gid=gid, mtime=ctx.epoch))]

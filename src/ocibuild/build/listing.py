@@ -1,6 +1,8 @@
-"""A layer's listing: path → content fingerprint (as :func:`read.list_layer` makes it), cached by diff_id in
-the store's private area. Conflict detection and the bookkeeping merge read them; copy layers record theirs when
-they are built, from the hashes of the tree walk, so their blobs are never read back."""
+"""A layer's listing (path → content fingerprint, as :func:`read.list_layer` makes it) and its bookkeeping record
+(:mod:`ocibuild.bookkeeping`), both kept by diff_id in the store's private area. Conflict detection reads
+listings, the bookkeeping merge records. Both are saved when a layer is written (:func:`save_layer_records`, from
+what the tar writer saw); a layer ocibuild did not write (pulled, imported, an image's) has its blob read once
+for both."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from .. import oci
+from .. import bookkeeping, oci
+from ..bookkeeping import Record
 from ..tar import read
 from ..files import atomic_write
 from ..oci import LayerBlob, Digest
@@ -20,9 +23,11 @@ def listing_path(store: Store, diff_id: Digest) -> Path:
     return store.private_dir("listings") / f"{diff_id.hex}.json"
 
 
-def save_listing(store: Store, diff_id: Digest, listing: Mapping[str, str]) -> None:
-    """Record a layer's listing."""
+def save_layer_records(store: Store, diff_id: Digest, listing: Mapping[str, str], kept: Mapping[str, bytes]
+                       ) -> Record:
+    """Record a layer's listing and its bookkeeping record (``kept``: the content of the stanza files it holds)."""
     atomic_write(listing_path(store, diff_id), json.dumps(listing, sort_keys=True).encode())
+    return bookkeeping.save_record(store, diff_id, listing, kept)
 
 
 def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:
@@ -32,8 +37,18 @@ def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:
         return listing
     except (OSError, ValueError):
         pass
+    return _read_blob(store, built)[0]
+
+
+def layer_record(store: Store, built: LayerBlob, *, again: bool = False) -> Record:
+    """The bookkeeping record of a layer: the recorded one, else (or ``again``) read from its blob (and recorded)."""
+    record = None if again else bookkeeping.load_record(store, built.diff_id)
+    return record if record is not None else _read_blob(store, built)[1]
+
+
+def _read_blob(store: Store, built: LayerBlob) -> tuple[dict[str, str], Record]:
+    """Read a layer's blob once for its listing and its bookkeeping record, and record both."""
     with store.open_blob(built.descriptor.digest, size=built.descriptor.size) as f:
-        listing = read.list_layer(f, oci.layer_compression(built.descriptor.media_type),
-                                      what=f"layer {built.descriptor.digest.short}")
-    save_listing(store, built.diff_id, listing)
-    return listing
+        listing, kept = read.scan_layer(f, oci.layer_compression(built.descriptor.media_type),
+                                        what=f"layer {built.descriptor.digest.short}", keep=bookkeeping.STANZA_FILES)
+    return listing, save_layer_records(store, built.diff_id, listing, kept)

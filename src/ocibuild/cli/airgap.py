@@ -96,9 +96,9 @@ def export_selection(plan: Plan, store: Store) -> tuple[list[str], list[InputFil
             raise OcibuildError(f"layer '{layer.name}' (key {layer.key.short}) is not built",
                                 "run `ocibuild build` first, then export")
         tags.append(tag)
-    merge = cache_tag(MERGE_LAYER, merge_key(plan))
-    if index.find(merge) is not None:
-        tags.append(merge)
+    key = merge_key(plan, store)
+    if key is not None and index.find(cache_tag(MERGE_LAYER, key)) is not None:
+        tags.append(cache_tag(MERGE_LAYER, key))
     if index.find(plan.project.image.name) is None:
         raise OcibuildError(f"the image '{plan.project.image.name}' is not in the store {store.root}",
                             "run `ocibuild build` first, then export")

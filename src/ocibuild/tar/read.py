@@ -40,7 +40,7 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO, Final, Literal, cast
 
@@ -638,15 +638,29 @@ def list_layer(fileobj: BinaryIO, compression: str, *, what: str, max_size: int 
     Fingerprints: "file:<mode, 4 octal digits>:<sha256 hex>", "dir:<mode>", "symlink:<target>",
     "hardlink:<target>", "whiteout", "opaque". A later member of the same path wins.
     """
+    return scan_layer(fileobj, compression, what=what, max_size=max_size)[0]
+
+
+def scan_layer(fileobj: BinaryIO, compression: str, *, what: str, keep: Collection[str] = (),
+               max_size: int | None = None) -> tuple[dict[str, str], dict[str, bytes]]:
+    """:func:`list_layer`'s listing, and the content of the files at the paths of ``keep`` (few and small: they
+    are held in memory), in one read of the layer."""
     result: dict[str, str] = {}
+    kept: dict[str, bytes] = {}
     buf = bytearray(_READ)
     view = memoryview(buf)
     for member, data in iter_members(fileobj, compression, what=what, max_size=max_size):
+        kept.pop(member.path, None)
         if member.type == "file":
             sha = hashlib.sha256()
             assert data is not None
+            parts: list[bytes] | None = [] if member.path in keep else None
             while n := cast(io.RawIOBase, data).readinto(view):
                 sha.update(view[:n])
+                if parts is not None:
+                    parts.append(bytes(view[:n]))
+            if parts is not None:
+                kept[member.path] = b"".join(parts)
             result[member.path] = f"file:{member.mode:04o}:{sha.hexdigest()}"
         elif member.type == "dir":
             result[member.path] = f"dir:{member.mode:04o}"
@@ -654,4 +668,4 @@ def list_layer(fileobj: BinaryIO, compression: str, *, what: str, max_size: int 
             result[member.path] = f"{member.type}:{member.linkname}"
         else:
             result[member.path] = member.type
-    return result
+    return result, kept

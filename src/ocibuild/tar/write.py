@@ -18,6 +18,10 @@
 - The stream reaches the compressor in pieces of 4 MiB (``_CHUNK``): ISA-L's gzip output depends on how its
   input is cut, so the piece size is part of the gzip format.
 
+Every file's content is hashed as it is written, so a layer's *listing* (path → fingerprint, exactly what
+:func:`ocibuild.tar.read.list_layer` gives for the written blob) comes with it and the blob need not be read back;
+the bytes of a few chosen paths (``keep``) are kept too.
+
 :func:`header` is public for writers that place members themselves (the oci-archive export), and
 :func:`tarball_entries` turns the members of an uncompressed tar file into entries pointing into it.
 
@@ -31,7 +35,7 @@ import hashlib
 import os
 import stat
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -84,6 +88,8 @@ class LayerStats:
     diff_id: oci.Digest  # sha256 of the uncompressed tar stream
     uncompressed_size: int
     entries: int
+    listing: Mapping[str, str] = field(default_factory=dict)  # as read.list_layer gives it for the stream
+    kept: Mapping[str, bytes] = field(default_factory=dict)  # content of the files at the paths asked to keep
 
 
 def _sort_key(path: str) -> bytes:
@@ -333,15 +339,16 @@ class _TarWriter:
             if self.pos == _CHUNK:
                 self._flush()
 
-    def copy(self, e: Entry) -> None:
-        """Append the content of ``e`` (read from its source) and the padding to a block boundary; with
-        ``e.sha256``, hash the content as it passes and compare."""
+    def copy(self, e: Entry, kept: list[bytes] | None = None) -> str:
+        """Append the content of ``e`` (read from its source) and the padding to a block boundary; return the
+        content's sha256 (hex), hashed as it passed, which must be ``e.sha256`` when that is given. With ``kept``,
+        the content is appended to it too."""
         source = e.source or ""
         try:
             fd = os.open(source, _SOURCE_FLAGS)
         except OSError as err:
             raise self._source_error(e, err.strerror or str(err)) from err
-        content = hashlib.sha256() if e.sha256 else None
+        content = hashlib.sha256()
         try:
             st = os.fstat(fd)
             offset, size = e.offset, e.size
@@ -352,24 +359,26 @@ class _TarWriter:
             pos = self.pos
             if pos + size <= _CHUNK:  # the common case: one read
                 got = os.preadv(fd, [self.view[pos : pos + size]], offset)
-                if content is not None:
-                    content.update(self.view[pos : pos + got])
+                content.update(self.view[pos : pos + got])
+                if kept is not None:
+                    kept.append(bytes(self.view[pos : pos + got]))
                 self.pos = pos + got
                 if got == size:
                     if self.pos == _CHUNK:
                         self._flush()
                 else:
-                    self._read_rest(fd, e, offset + got, size - got, content)
+                    self._read_rest(fd, e, offset + got, size - got, content, kept)
             else:
-                self._read_rest(fd, e, offset, size, content)
+                self._read_rest(fd, e, offset, size, content, kept)
         except OSError as err:
             raise self._source_error(e, err.strerror or str(err)) from err
         finally:
             os.close(fd)
-        if content is not None and content.hexdigest() != e.sha256:
+        digest = content.hexdigest()
+        if e.sha256 and digest != e.sha256:
             raise OcibuildError(
                 f"{quoted(source)} changed during the build: it was sha256:{e.sha256[:12]} when planned, "
-                f"sha256:{content.hexdigest()[:12]} when written to layer entry {quoted(e.path)}",
+                f"sha256:{digest[:12]} when written to layer entry {quoted(e.path)}",
                 hint="run again: the layer's key must be made from the content it holds",
             )
         pad = -e.size % _BLOCK
@@ -379,15 +388,18 @@ class _TarWriter:
             self.pos = pos + pad
             if self.pos == _CHUNK:
                 self._flush()
+        return digest
 
-    def _read_rest(self, fd: int, e: Entry, offset: int, remaining: int, content: hashlib._Hash | None) -> None:
+    def _read_rest(self, fd: int, e: Entry, offset: int, remaining: int, content: hashlib._Hash,
+                   kept: list[bytes] | None) -> None:
         while remaining:
             take = min(remaining, _CHUNK - self.pos)
             got = os.preadv(fd, [self.view[self.pos : self.pos + take]], offset)
             if got == 0:
                 raise self._source_error(e, f"it shrank while being read ({e.size - remaining} of {e.size} bytes)")
-            if content is not None:
-                content.update(self.view[self.pos : self.pos + got])
+            content.update(self.view[self.pos : self.pos + got])
+            if kept is not None:
+                kept.append(bytes(self.view[self.pos : self.pos + got]))
             self.pos += got
             offset += got
             remaining -= got
@@ -411,22 +423,35 @@ class _TarWriter:
         self.sink.finish()
 
 
+_EMPTY_SHA256: Final = hashlib.sha256().hexdigest()
+
+
 def write_layer(
-    entries: Iterable[Entry], out: BinaryIO, compression: str, *, epoch: int, threads: int | None = None
+    entries: Iterable[Entry], out: BinaryIO, compression: str, *, epoch: int, threads: int | None = None,
+    keep: Collection[str] = (),
 ) -> LayerStats:
     """Write ``entries`` as a reproducible tar, compressed with 'zstd', 'gzip' or 'none', to ``out.write``.
 
     ``threads`` is the number of zstd workers (default: the CPUs this process may use; at least 1, and the
-    bytes do not depend on it). Returns the diff_id and size of the uncompressed stream.
+    bytes do not depend on it). Returns the diff_id and size of the uncompressed stream, its listing, and the
+    content of the files at the paths of ``keep`` (few and small: they are held in memory).
     """
     sink = codecs.open_sink(out, compression, threads=threads)
+    listing: dict[str, str] = {}
+    kept: dict[str, bytes] = {}
     try:
         plan = _plan(entries)
         writer = _TarWriter(sink)
         for e in plan:
             writer.write(header(e, epoch))
-            if e.type == "file" and e.size:
-                writer.copy(e)
+            if e.type == "file":
+                parts: list[bytes] | None = [] if e.path in keep else None
+                digest = writer.copy(e, parts) if e.size else _EMPTY_SHA256
+                if parts is not None:
+                    kept[e.path] = b"".join(parts)
+                _list(listing, e, digest)
+            else:
+                _list(listing, e, "")
         writer.finish()
     except OcibuildError:
         raise
@@ -434,7 +459,24 @@ def write_layer(
         raise StoreError(f"writing the layer blob failed: {err}") from err
     finally:
         sink.close()
-    return LayerStats(oci.Digest("sha256", writer.sha.hexdigest()), writer.size, len(plan))
+    return LayerStats(oci.Digest("sha256", writer.sha.hexdigest()), writer.size, len(plan), listing, kept)
+
+
+def _list(listing: dict[str, str], e: Entry, digest: str) -> None:
+    """Add ``e`` to ``listing`` as the reader lists the member it becomes: a ``.wh.`` name is an OCI whiteout
+    (or opaque marker, or aufs metadata, left out) whatever its type."""
+    base = e.path.rpartition("/")[2]
+    if base.startswith(read.WHITEOUT_PREFIX):
+        if base == read.WHITEOUT_OPAQUE:
+            listing[e.path] = "opaque"
+        elif not base.startswith(read.WHITEOUT_PREFIX + read.WHITEOUT_PREFIX):
+            listing[e.path] = "whiteout"
+    elif e.type == "file":
+        listing[e.path] = f"file:{e.mode & 0o7777:04o}:{digest}"
+    elif e.type == "dir":
+        listing[e.path] = f"dir:{e.mode & 0o7777:04o}"
+    else:
+        listing[e.path] = f"{e.type}:{e.linkname}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
