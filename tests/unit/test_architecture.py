@@ -19,6 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "files": set(),
     "threads": {"errors"},
+    "events": set(),  # what a build tells its caller while it runs: layer events, their plain lines
     "oci": {"errors"},
     "config": {"errors"},
     "recipe": LEAVES | {"oci"},  # schema, project, lock, key: the recipe format, ocibuild.lock, cache keys
@@ -34,7 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
                        "resolve"},
-    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
+    "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build", "events"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},
 }
