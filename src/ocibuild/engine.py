@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def podman_layout_path(layout: Path) -> Path:
                 return alias
         except OSError:
             pass
-        tmp = private / f"{alias.name}.{os.getpid()}.tmp"
+        tmp = private / f"{alias.name}.{os.getpid()}.{threading.get_ident()}.tmp"  # layers stage at once
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(layout)
         os.replace(tmp, alias)
