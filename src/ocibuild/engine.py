@@ -311,6 +311,13 @@ class Engine:
             if "no such container" not in (err.stderr or "").lower():
                 log.warning("could not remove container %s: %s", container, _stderr_of(err))
 
+    def kill_container(self, container: str) -> None:
+        """SIGKILL the container's processes (a build stopping: its script has nothing to save), if it runs."""
+        try:
+            self._client.container.kill(container)
+        except self._error as err:
+            log.debug("could not kill container %s: %s", container, _stderr_of(err))
+
     def container_exists(self, container: str) -> bool:
         try:
             return bool(self._client.container.exists(container))

@@ -175,3 +175,12 @@ def test_layers_staging_at_once_make_the_alias_of_a_store_together(tmp_path: Pat
     for thread in threads:
         thread.join()
     assert len(found) == 2 and found[0] == found[1] and os.readlink(found[0]) == str(store), found
+
+
+def test_a_stopping_build_kills_its_container_at_once_and_tolerates_it_gone(tmp_path: Path) -> None:
+    """SIGKILL (podman kill's default), not rm --force, which waits ten seconds for a shell that ignores SIGTERM."""
+    tool, log = stand_in(tmp_path, "podman")
+    Engine("podman", executable=str(tool)).kill_container("ocibuild-go-1")
+    assert log.read_text().splitlines()[-1].endswith("kill ocibuild-go-1")
+    failing = write(tmp_path / "bin" / "failing", "#!/bin/sh\necho 'no such container' >&2\nexit 125\n", mode=0o755)
+    Engine("podman", executable=str(failing)).kill_container("ocibuild-go-1")  # already gone: nothing to do
