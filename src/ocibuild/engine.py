@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def podman_layout_path(layout: Path) -> Path:
                 return alias
         except OSError:
             pass
-        tmp = private / f"{alias.name}.{os.getpid()}.tmp"
+        tmp = private / f"{alias.name}.{os.getpid()}.{threading.get_ident()}.tmp"  # layers stage at once
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(layout)
         os.replace(tmp, alias)
@@ -309,6 +310,13 @@ class Engine:
         except self._error as err:
             if "no such container" not in (err.stderr or "").lower():
                 log.warning("could not remove container %s: %s", container, _stderr_of(err))
+
+    def kill_container(self, container: str) -> None:
+        """SIGKILL the container's processes (a build stopping: its script has nothing to save), if it runs."""
+        try:
+            self._client.container.kill(container)
+        except self._error as err:
+            log.debug("could not kill container %s: %s", container, _stderr_of(err))
 
     def container_exists(self, container: str) -> bool:
         try:

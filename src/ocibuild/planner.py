@@ -1,5 +1,9 @@
 """Per layer: cached in the store, or to build; then build what is missing and assemble the image.
 
+Missing layers build concurrently, up to ``jobs`` at once, each as soon as the layers it needs are done
+(:func:`ocibuild.threads.run_by_needs`); the first failure stops the others. What happens to each layer reaches
+the caller as :class:`~ocibuild.events.LayerEvent` (or, without an ``events`` callback, as plain lines).
+
 Data flows one way: recipes → inputs and lock → cache keys → status → builders (:mod:`ocibuild.build`) → cache
 entries → image. The lock is resolved before (:mod:`ocibuild.resolve`); the team cache's pulls and pushes are
 :mod:`ocibuild.teamcache`.
@@ -10,6 +14,7 @@ cached exactly when its entry's tag is present.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import bookkeeping, oci, registry
 from .errors import LayerConflict, LockError, RecipeError
+from .events import Events, LayerEvent, event_lines
 from .inputs import StatCache, Tree, tree_digest, walk_tree
 from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, canonical_json
 from .recipe.key import KEY_FORMAT, Input, cache_key
@@ -25,6 +31,7 @@ from .recipe.project import LayerRecipe, Project
 from .resolve import describe_source, lock_platform, lock_source
 from .store import Store
 from .store.entries import cache_tag, entry_layers, put_cache_entry
+from .threads import Stop, Stopped, run_by_needs
 
 # A build that finds every layer cached (the common case, and a benchmark) needs none of the modules that make
 # layers: build/, bundle, tarlayer (zstandard, isal), engine, tempfile together took ~35 ms of its start-up. They
@@ -238,86 +245,122 @@ def _file_input(project: Project, layer: LayerRecipe, rel: str, cache: StatCache
 
 
 class _Builders:
-    """The build context and the container engine, each made when first asked for: a build that finds every layer
-    cached imports no module that makes layers, and one without a run layer starts no engine."""
+    """What building layers shares: the build context and the container engine, each made when first asked for
+    (a build that finds every layer cached imports no module that makes layers, and one without a run layer
+    starts no engine), where events go, and the stop signal of the build."""
 
-    def __init__(self, plan: Plan, store: Store, offline: bool, output: Output, engine: Callable[[], Engine] | None,
-                 registries: registry.Registries | None) -> None:
-        self._plan, self._store, self._offline, self.output = plan, store, offline, output
+    def __init__(self, plan: Plan, store: Store, offline: bool, output: Output, events: Events,
+                 engine: Callable[[], Engine] | None, registries: registry.Registries | None) -> None:
+        self._plan, self._store, self._offline, self.output, self.events = plan, store, offline, output, events
         self._make_engine, self._registries = engine, registries
         self._context: BuildContext | None = None
         self._engine: Engine | None = None
+        self.stop = Stop()
+        self._making = threading.Lock()  # layers building at once share one context and one engine
+        self._walking = threading.Lock()  # the stat cache is one thread's at a time
 
     def context(self) -> BuildContext:
-        if self._context is None:
-            from .build.context import BuildContext
+        with self._making:
+            if self._context is None:
+                from .build.context import BuildContext
 
-            image = self._plan.project.image
-            self._context = BuildContext(self._store, self._plan.project.root, image.compression,
-                                         image.source_date_epoch, self._offline, self.output, self._registries)
-        return self._context
+                image = self._plan.project.image
+                self._context = BuildContext(self._store, self._plan.project.root, image.compression,
+                                             image.source_date_epoch, self._offline, self.output, self._registries,
+                                             stop=self.stop)
+            return self._context
+
+    def layer_context(self, name: str) -> BuildContext:
+        """The context of one layer's builder: its lines and steps become events of that layer."""
+        return replace(self.context(), output=lambda text: self.events(LayerEvent(name, "line", text)),
+                       step=lambda text: self.events(LayerEvent(name, "step", text)))
 
     def engine(self) -> Engine:
-        if self._engine is None:
-            from .engine import Engine
+        with self._making:
+            if self._engine is None:
+                from .engine import Engine
 
-            self._engine = self._make_engine() if self._make_engine is not None else \
-                Engine.detect(self._plan.project.run.engine)
-        return self._engine
+                self._engine = self._make_engine() if self._make_engine is not None else \
+                    Engine.detect(self._plan.project.run.engine)
+            return self._engine
+
+    def copy_tree(self, layer: LayerPlan) -> Tree:
+        with self._walking:
+            return _copy_tree(self._plan, layer)
 
 
-def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = False,
-          output: Output = lambda line: None, engine: Callable[[], Engine] | None = None,
+def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = False, jobs: int = 1,
+          output: Output = lambda line: None, events: Events | None = None, engine: Callable[[], Engine] | None = None,
           registries: registry.Registries | None = None) -> BuildResult:
-    """Build every layer whose entry is missing, then assemble and tag the image.
+    """Build every layer whose entry is missing (up to ``jobs`` at once), then assemble and tag the image.
 
-    ``engine`` makes the container engine, asked for only when a run layer must be built."""
+    ``engine`` makes the container engine, asked for only when a run layer must be built. ``events`` receives
+    what happens to each layer built; without it, :func:`~ocibuild.events.event_lines` makes them lines of
+    ``output``, prefixed with the layer's name when ``jobs`` > 1."""
     if not plan.complete:
         raise ValueError("a plan of some layers makes no image: build it with build_layers()")
-    builders = _Builders(plan, store, offline, output, engine, registries)
+    builders = _Builders(plan, store, offline, output, events or event_lines(output, prefix=jobs > 1), engine,
+                         registries)
     with store.lease():  # gc waits: blobs written here are unreachable until they are tagged
-        result_plan = _build_missing(plan, store, builders)
+        result_plan = _build_missing(plan, store, builders, jobs)
         merge = _merge_layer(result_plan, store, builders.context, builders.engine)
         image, warnings = assemble(result_plan, store, strict=strict, output=output, merge=merge)
     return BuildResult(result_plan, image, tuple(warnings))
 
 
-def build_layers(plan: Plan, store: Store, *, offline: bool = False, output: Output = lambda line: None,
-                 engine: Callable[[], Engine] | None = None, registries: registry.Registries | None = None) -> Plan:
+def build_layers(plan: Plan, store: Store, *, offline: bool = False, jobs: int = 1, output: Output = lambda line: None,
+                 events: Events | None = None, engine: Callable[[], Engine] | None = None,
+                 registries: registry.Registries | None = None) -> Plan:
     """Build every layer of ``plan`` whose entry is missing, and no image (`ocibuild build LAYER…`): ``plan`` with
-    status "built" for those. The layers are cache entries like any, for `push-cache` or a later build."""
+    status "built" for those. The layers are cache entries like any, for `push-cache` or a later build. ``jobs``,
+    ``output`` and ``events`` as for :func:`build`."""
+    builders = _Builders(plan, store, offline, output, events or event_lines(output, prefix=jobs > 1), engine,
+                         registries)
     with store.lease():
-        return _build_missing(plan, store, _Builders(plan, store, offline, output, engine, registries))
+        return _build_missing(plan, store, builders, jobs)
 
 
-def _build_missing(plan: Plan, store: Store, builders: _Builders) -> Plan:
-    """The layers of ``plan`` whose entries are missing, built bottom first (under the caller's store lease)."""
+def _build_missing(plan: Plan, store: Store, builders: _Builders, jobs: int) -> Plan:
+    """The layers of ``plan`` whose entries are missing, built (under the caller's store lease) each once the
+    layers it needs are done, up to ``jobs`` at once; with one job, bottom first as the plan lists them."""
     missing = next((layer for layer in plan.unlocked if layer.source is not None), None)
     if missing is not None:
         raise LockError(f"ocibuild.lock has no entry for layer '{missing.name}' ({missing.wanted})",
                         "run `ocibuild lock` to resolve it")
-    done: list[LayerPlan] = []
-    for layer in plan.layers:
-        if layer.status in ("cached", "pulled") and store.resolve(cache_tag(layer.name, layer.key)) is not None:
-            done.append(layer)
-            continue
-        builders.output(f"building layer '{layer.name}' ({layer.recipe.kind})")
+    todo = {layer.name: layer for layer in plan.layers
+            if layer.status not in ("cached", "pulled") or store.resolve(cache_tag(layer.name, layer.key)) is None}
+    run_by_needs(lambda name: _build_one(plan, store, builders, todo[name]),
+                 {name: layer.recipe.needs for name, layer in todo.items()}, jobs=jobs, stop=builders.stop,
+                 name="ocibuild-layer")
+    return replace(plan, layers=tuple(replace(l, status="built") if l.name in todo else l for l in plan.layers))
+
+
+def _build_one(plan: Plan, store: Store, builders: _Builders, layer: LayerPlan) -> None:
+    """Build one layer by its kind's builder and record its cache entry, telling ``builders.events``."""
+    builders.events(LayerEvent(layer.name, "start", layer.recipe.kind))
+    ctx = builders.layer_context(layer.name)
+    try:
         if layer.recipe.kind == "run":
-            built = _build_run_layer(builders.context(), plan, done, layer, builders.engine)
+            built = _build_run_layer(ctx, plan, layer, builders.engine)
         else:
-            built = _build_layer(builders.context(), plan, layer)
+            built = _build_layer(ctx, plan, layer, builders.copy_tree)
+        builders.stop.check()  # after a failure nothing more is recorded (gc takes the blobs)
         put_cache_entry(store, layer, built, architecture=plan.project.image.architecture)
-        done.append(replace(layer, status="built"))
-    return replace(plan, layers=tuple(done))
+    except BaseException as err:
+        stopped = isinstance(err, Stopped) or builders.stop.is_set()  # then a consequence, not the cause
+        builders.events(LayerEvent(layer.name, "stopped") if stopped else LayerEvent(layer.name, "failed", str(err)))
+        raise
+    builders.events(LayerEvent(layer.name, "done"))
 
 
-def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[LayerBlob]:
+def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan,
+                 copy_tree: Callable[[LayerPlan], Tree]) -> list[LayerBlob]:
     """A layer of any kind but ``run``, by its kind's builder (each imported only when a layer of it is built)."""
     recipe = layer.recipe
     if recipe.kind == "copy":
         from .build.copy import build_copy
 
-        return build_copy(ctx, recipe, _copy_tree(plan, layer))
+        return build_copy(ctx, recipe, copy_tree(layer))
     if recipe.kind == "archive":
         from .build.tarball import build_archive
 
@@ -331,18 +374,19 @@ def _build_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan) -> list[LayerB
     return build_image(ctx, recipe, layer.inputs[0].digest)[0]
 
 
-def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], layer: LayerPlan,
+def _build_run_layer(ctx: BuildContext, plan: Plan, layer: LayerPlan,
                      get_engine: Callable[[], Engine]) -> list[LayerBlob]:
-    """Stage the stack of the layer's needs as an image, hand it to the engine, run the script, capture."""
+    """Stage the stack of the layer's needs (each one done) as an image, hand it to the engine, run the script,
+    capture."""
     below = plan.project.closure(layer.name)
     if not below:
         raise RecipeError(f"{_relative(plan.project, layer.recipe.file)}: a run layer needs the layers it runs on",
                           "add needs = [\"base\"] (a bootstrap or image layer) to the layer.toml")
     from .build import run
 
+    ctx.step("staging its needs in the engine")
     engine = get_engine()
-    by_name = {l.name: l for l in done}
-    stack = image_manifest(plan.project, ctx.store, [by_name[name] for name in below], cmd=None)
+    stack = image_manifest(plan.project, ctx.store, [plan.layer(name) for name in below], cmd=None)
     with run.staged(ctx.store, *stack, layer.key, engine) as image:
         return run.build_run(ctx, engine, layer.recipe, layer.key, image)
 

@@ -230,3 +230,47 @@ def test_run_layer_with_the_store_under_dot_cache(tmp_path: Path) -> None:
     ran = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", str(store_dir), "--", "cat", "/ok"],
                          capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stderr
+
+
+def _two_independent_run_layers(tmp_path: Path, a: str, b: str) -> Path:
+    """a and b both need only base (as go and runtime-dev in Docker's project)."""
+    layer = 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'
+    return project(tmp_path, {"a": layer, "b": layer}, {"layers/a/s.sh": a, "layers/b/s.sh": b})
+
+
+def test_independent_run_layers_build_at_once_with_the_keys_and_digests_of_one_job(tmp_path: Path) -> None:
+    root = _two_independent_run_layers(
+        tmp_path, "echo from a\nmkdir -p /opt/a && echo a > /opt/a/f && echo changed-by-a > /etc/motd\n",
+        "echo from b\nmkdir -p /opt/b && echo b > /opt/b/f && rm /etc/remove-me\n")
+    argv = [*OCIBUILD, "build", "--json", "-C", str(root)]
+    parallel = subprocess.run([*argv, "--store", str(tmp_path / "parallel"), "--jobs", "2"], capture_output=True,
+                              text=True, timeout=600)
+    assert parallel.returncode == 0, parallel.stderr
+    serial = build(root, tmp_path / "serial", "--jobs", "1")
+    doc = json.loads(parallel.stdout)
+    assert [(l["name"], l["status"]) for l in doc["layers"]] == [("base", "built"), ("a", "built"), ("b", "built")]
+    assert [l["key"] for l in doc["layers"]] == [l["key"] for l in serial["layers"]]
+    assert doc["digest"] == serial["digest"]  # the image, and so every layer blob, is the same
+    lines = parallel.stderr.splitlines()
+    assert any(line.endswith(" a | from a") for line in lines) and any(line.endswith(" b | from b") for line in lines)
+    assert not any(line.endswith(" from a") and " a | " not in line for line in lines)
+    for store_dir in (tmp_path / "parallel", tmp_path / "serial"):
+        assert Store.open(store_dir).verify() == []
+
+
+def test_a_failing_run_layer_kills_the_running_one_and_names_itself(tmp_path: Path, podman: Podman) -> None:
+    """b runs (for ten minutes if nobody stops it) when a fails: b's container is killed and removed, b is not
+    recorded, and the error is a's. The subprocess's timeout only keeps a broken stop from hanging the suite."""
+    root = _two_independent_run_layers(tmp_path, "sleep 10\necho a fails\nexit 3\n", "echo b started\nsleep 600\n")
+    store_dir = tmp_path / "store"
+    result = subprocess.run([*OCIBUILD, "build", "--jobs", "2", "-C", str(root), "--store", str(store_dir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "error: layer 'a': exited 3" in result.stderr and "a fails" in result.stderr.split("error:")[1]
+    assert "layer 'b' stopped" in result.stderr
+    log = next((store_dir / "ocibuild" / "logs").glob("b-*.log")).read_text()
+    assert "b started" in log  # b was running when a failed
+    store = Store.open(store_dir)
+    assert [(d.ref_name or "").split("-")[0] for d in store.index().manifests] == ["base"]
+    assert store.verify() == []
+    assert "ocibuild-b-" not in podman("ps", "-a", "--format", "{{.Names}}").stdout

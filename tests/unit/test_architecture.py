@@ -19,6 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "files": set(),
     "threads": {"errors"},
+    "events": set(),  # what a build tells its caller while it runs: layer events, their plain lines
     "oci": {"errors"},
     "config": {"errors"},
     "recipe": LEAVES | {"oci"},  # schema, project, lock, key: the recipe format, ocibuild.lock, cache keys
@@ -36,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
                        "resolve", "bookkeeping"},
     "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build",
-                         "bookkeeping"},
+                         "bookkeeping", "events"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},
 }

@@ -215,8 +215,8 @@ def test_bad_input_is_one_line_exit_1_and_store_untouched(make_project, tmp_path
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     root = _project(make_project, tmp_path)
     change(root)
-    store = tmp_path / "bad-store"
-    assert cli.main(["build", "-C", str(root), "--store", str(store)]) == 1
+    store = tmp_path / "bad-store"  # (one job: an independent layer would otherwise build beside the bad one)
+    assert cli.main(["build", "--jobs", "1", "-C", str(root), "--store", str(store)]) == 1
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err

@@ -139,3 +139,48 @@ def test_podman_gets_a_nameable_path_for_a_store_under_dot_cache(tmp_path: Path,
     (runtime / f"ocibuild-{os.getuid()}").chmod(0o777)
     with pytest.raises(EngineError, match="not a private directory"):
         podman_layout_path(store)
+
+
+def test_layers_staging_at_once_make_the_alias_of_a_store_together(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two run layers of one build stage at the same moment, the first time the store needs an alias: each
+    thread makes its own temporary link (both reach the rename before either renames)."""
+    import threading
+
+    from ocibuild import engine
+
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    store = tmp_path / ".cache" / "ocibuild" / "store"
+    both = threading.Barrier(2, timeout=30)
+    replace = os.replace
+
+    def meeting(src: str, dst: str) -> None:
+        both.wait()
+        replace(src, dst)
+
+    monkeypatch.setattr(engine.os, "replace", meeting)
+    found: list[Path | Exception] = []
+
+    def stage() -> None:
+        try:
+            found.append(engine.podman_layout_path(store))
+        except EngineError as err:
+            found.append(err)
+
+    threads = [threading.Thread(target=stage) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(found) == 2 and found[0] == found[1] and os.readlink(found[0]) == str(store), found
+
+
+def test_a_stopping_build_kills_its_container_at_once_and_tolerates_it_gone(tmp_path: Path) -> None:
+    """SIGKILL (podman kill's default), not rm --force, which waits ten seconds for a shell that ignores SIGTERM."""
+    tool, log = stand_in(tmp_path, "podman")
+    Engine("podman", executable=str(tool)).kill_container("ocibuild-go-1")
+    assert log.read_text().splitlines()[-1].endswith("kill ocibuild-go-1")
+    failing = write(tmp_path / "bin" / "failing", "#!/bin/sh\necho 'no such container' >&2\nexit 125\n", mode=0o755)
+    Engine("podman", executable=str(failing)).kill_container("ocibuild-go-1")  # already gone: nothing to do

@@ -14,6 +14,7 @@ from ..net.download import fetch_bytes
 from ..oci import LayerBlob, Digest, Platform
 from ..recipe.key import Input
 from ..recipe.project import LayerRecipe
+from ..threads import Stop
 from .context import BuildContext, Output, temp_file, write_entries
 
 
@@ -79,8 +80,11 @@ def build_bootstrap(ctx: BuildContext, layer: LayerRecipe, locked: Input, platfo
             argv.append("--mode=unshare")
         argv += [suite, str(out), *sources]
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(ctx.epoch)}
+        ctx.step("mmdebstrap")
         run_streaming(argv, env=env, output=ctx.output, what=f"layer '{layer.name}': mmdebstrap",
-                      missing_hint="install mmdebstrap (apt-get install mmdebstrap), or run `ocibuild doctor`")
+                      missing_hint="install mmdebstrap (apt-get install mmdebstrap), or run `ocibuild doctor`",
+                      stop=ctx.stop)
+        ctx.step("writing the layer")
         entries = [e for e in write.tarball_entries(out, what=f"layer '{layer.name}'", skip_devices=True)]
         return [write_entries(ctx, entries)]
 
@@ -97,8 +101,9 @@ def check_release(layer: LayerRecipe, locked: Input) -> None:
 
 
 def run_streaming(argv: Sequence[str], *, env: dict[str, str] | None, output: Output, what: str,
-                  missing_hint: str, tail_lines: int = 20) -> None:
-    """Run a helper tool, streaming its output lines to ``output``; StepFailed with the last lines on failure."""
+                  missing_hint: str, stop: Stop, tail_lines: int = 20) -> None:
+    """Run a helper tool, streaming its output lines to ``output``; StepFailed with the last lines on failure.
+    ``stop`` being set terminates it (SIGTERM: the tool may clean up)."""
     tail: list[str] = []
     try:
         proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
@@ -106,7 +111,7 @@ def run_streaming(argv: Sequence[str], *, env: dict[str, str] | None, output: Ou
     except FileNotFoundError:
         raise EngineError(f"{what}: '{argv[0]}' is not installed", missing_hint) from None
     assert proc.stdout is not None
-    with proc:
+    with proc, stop.hook(proc.terminate):
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             output(line)

@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, cast
 
@@ -23,6 +23,7 @@ from ..oci import LayerBlob, Descriptor
 from ..recipe.project import LayerRecipe
 from ..store import Store
 from ..tar.write import Entry
+from ..threads import Stop
 from .listing import save_layer_records
 
 Output = Callable[[str], None]
@@ -37,6 +38,8 @@ class BuildContext:
     offline: bool
     output: Output  # receives progress lines and the output of build steps
     registries: registry.Registries | None = None  # for image layers with a registry reference
+    step: Output = lambda text: None  # receives what the builder does now ("running the script"), for a live line
+    stop: Stop = field(default_factory=Stop)  # set when the build stops: a builder stops what it runs (a container)
 
 
 def write_entries(ctx: BuildContext, entries: Sequence[Entry]) -> LayerBlob:

@@ -110,7 +110,8 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
     """Run the script mounted at SCRIPT_PATH in a container of ``image``; the paths it changed that ``keep``
     accepts become one layer. The change set comes from the engine's container diff and the files from its
     mounted root filesystem, so capturing costs in proportion to the change, not to the image. The output
-    streams to ``ctx.output`` and to a log file in the store."""
+    streams to ``ctx.output`` and to a log file in the store. When ``ctx.stop`` is set the container is killed
+    and removed, and :class:`~ocibuild.threads.Stopped`, or the engine's error, is raised."""
     # the pid keeps two builds of the same layer (into two stores, say) from removing each other's container
     container = f"ocibuild-{re.sub(r'[^a-z0-9_.-]', '-', name.lower())}-{key.hex[:12]}-{os.getpid()}"
     log_path = ctx.store.private_dir("logs") / f"{name}-{key.hex[:12]}.log"
@@ -120,14 +121,21 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
             def tee(line: str) -> None:
                 log_file.write(line + "\n")
                 ctx.output(line)
+                ctx.stop.check()  # a container that started after the stop's kill ends at its next line
 
-            engine.run(image, ["/bin/sh", "-eu", SCRIPT_PATH], name=container, mounts=mounts, env=env,
-                       workdir=workdir, network=network, output=tee, what=f"layer '{name}'")
+            ctx.step("running the script")
+            with ctx.stop.hook(lambda: engine.kill_container(container)):  # the build stops: kill it
+                engine.run(image, ["/bin/sh", "-eu", SCRIPT_PATH], name=container, mounts=mounts, env=env,
+                           workdir=workdir, network=network, output=tee, what=f"layer '{name}'")
+        ctx.stop.check()
+        ctx.step("capturing the changes")
         changes = engine.diff(container)
         if engine.needs_unshare():
             return _capture_in_user_namespace(ctx, engine, container, changes, keep, name)
         return capture_container(ctx, engine, container, changes, keep, what=f"layer '{name}'")
     finally:
+        if ctx.stop.is_set():  # started after the stop's kill: killed now (rm alone waits 10 s for sh to exit)
+            engine.kill_container(container)
         engine.remove_container(container)
 
 

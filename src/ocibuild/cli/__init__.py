@@ -5,7 +5,8 @@ With ``--json`` stdout holds exactly one JSON document; progress goes to stderr.
 
 :mod:`.dispatch` holds the parser and the table of commands; each group of commands has a module of its own:
 :mod:`.build` (plan, build, lock, verify, gc), :mod:`.transfer` (push, push-cache, pull-cache, login),
-:mod:`.airgap` (export, import, inventory), :mod:`.run` (run, shell, doctor); :mod:`.common` what they share.
+:mod:`.airgap` (export, import, inventory), :mod:`.run` (run, shell, doctor); :mod:`.common` what they share;
+:mod:`.progress` the progress on stderr (a live display on a terminal, timestamped lines otherwise, none with -q).
 Start-up time is part of every command's time (a no-op build, a push that finds everything present), so the
 modules only some commands need (planner, bundle, engine, doctor: zstandard, isal, python-on-whales) are imported
 in the functions that use them.

@@ -18,7 +18,9 @@ from ..errors import OcibuildError, UsageError
 from ..recipe.lock import load_lock
 from ..recipe.project import PROJECT_FILE
 from ..store import Store
-from .common import engine_factory, open_store, print_json, print_layers, progress, project_of, registries_of
+from .common import (build_jobs, engine_factory, open_store, print_json, print_layers, project_of, registries_of,
+                     transfer_jobs)
+from .progress import Progress, progress_of
 
 # planner, resolve and teamcache are imported where they are used: `verify` and `gc` need none of them.
 if TYPE_CHECKING:
@@ -63,11 +65,11 @@ def remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Regis
     if reference is None or args.offline or all(layer.status != "build" for layer in plan.layers):
         return plan, None
     client = registries.client(reference.registry)
-    plan, remotes = teamcache.remote_status(plan, client, reference.repository, jobs=args.jobs)
+    plan, remotes = teamcache.remote_status(plan, client, reference.repository, jobs=transfer_jobs(args))
     return plan, (client, reference.repository, remotes)
 
 
-def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Registries, *,
+def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Registries, progress: Progress, *,
                 only: Sequence[str] = ()) -> Plan:
     """The plan (of ``only`` and what they need, or of every layer), with what the team cache holds pulled."""
     from .. import teamcache
@@ -76,19 +78,26 @@ def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Reg
     plan, remote = remote_plan(args, plan, registries)
     if remote is not None:
         client, repository, remotes = remote
-        plan = teamcache.pull_layers(plan, store, client, repository, remotes, jobs=args.jobs, output=progress)
+        with progress.transfer(f"pulling from {client.registry}/{repository}", lambda: registries.stats.downloaded,
+                               registry.missing_bytes(store, remotes.values())):
+            plan = teamcache.pull_layers(plan, store, client, repository, remotes, jobs=transfer_jobs(args),
+                                         output=progress.line)
     return plan
 
 
 def build_project(args: argparse.Namespace, config: Config, store: Store, *,
                   strict: bool = False) -> tuple[Plan, BuildResult]:
-    """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
+    """Plan, pull from the cache what it holds, build the rest (``--jobs`` layers at once), assemble: `build`,
+    and the first half of `run`. Its progress display is gone when it returns."""
     from .. import planner
 
     registries = registries_of(config)
-    plan = pulled_plan(args, store, registries)
-    result = planner.build(plan, store, offline=args.offline, strict=strict, output=progress,
-                           engine=engine_factory(config, plan.project, args.engine), registries=registries)
+    jobs = build_jobs(args)
+    with progress_of(args, jobs=jobs) as progress:
+        plan = pulled_plan(args, store, registries, progress)
+        result = planner.build(plan, store, offline=args.offline, strict=strict, jobs=jobs, output=progress.line,
+                               events=progress.event, engine=engine_factory(config, plan.project, args.engine),
+                               registries=registries)
     return plan, result
 
 
@@ -120,7 +129,8 @@ def build_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.to_dict())
     else:
-        print_layers(result.to_dict(), file=sys.stderr)
+        if not args.quiet:
+            print_layers(result.to_dict(), file=sys.stderr)
         print(f"{plan.project.image.name} {result.image.digest}")
     return 0
 
@@ -135,9 +145,12 @@ def _build_layers(args: argparse.Namespace, config: Config, store: Store) -> int
             raise UsageError(f"build {' '.join(args.layers)}: {option} concerns the image, and building only some "
                              "layers makes none", f"leave out {option}, or the layer names")
     registries = registries_of(config)
-    plan = pulled_plan(args, store, registries, only=args.layers)
-    built = planner.build_layers(plan, store, offline=args.offline, output=progress,
-                                 engine=engine_factory(config, plan.project, args.engine), registries=registries)
+    jobs = build_jobs(args)
+    with progress_of(args, jobs=jobs) as progress:
+        plan = pulled_plan(args, store, registries, progress, only=args.layers)
+        built = planner.build_layers(plan, store, offline=args.offline, jobs=jobs, output=progress.line,
+                                     events=progress.event, engine=engine_factory(config, plan.project, args.engine),
+                                     registries=registries)
     doc = {**built.to_dict(), "digest": None}
     if args.json:
         print_json(doc)

@@ -1,5 +1,5 @@
-"""What the commands share: progress lines, the error report, the store and project a command works on, and
-the printing of layers and JSON."""
+"""What the commands share: the error report, the store and project a command works on, how many jobs, and
+the printing of layers and JSON (progress is :mod:`.progress`'s)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,6 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger("ocibuild")  # the name --debug has always shown before a traceback
-
-
-def progress(line: str) -> None:
-    """Progress lines, and the output of build steps, to stderr (stdout is for results, and --json)."""
-    print(line, file=sys.stderr, flush=True)
 
 
 #: A command: the parsed arguments in, the exit code out.
@@ -55,6 +50,18 @@ def project_of(args: argparse.Namespace) -> Project:
 
 def registries_of(config: Config) -> registry.Registries:
     return registry.Registries(insecure=config.insecure_registries)
+
+
+def transfer_jobs(args: argparse.Namespace) -> int:
+    """Blobs transferred at once: --jobs, else the registry's default."""
+    return int(args.jobs or registry.DEFAULT_JOBS)
+
+
+def build_jobs(args: argparse.Namespace) -> int:
+    """Layers built at once: --jobs, else by the cores and memory of the machine."""
+    from ..threads import default_jobs
+
+    return int(args.jobs or default_jobs())
 
 
 def engine_factory(config: Config, project: Project, choice: str | None) -> Callable[[], Engine]:

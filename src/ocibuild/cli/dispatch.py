@@ -28,7 +28,7 @@ common commands:
   ocibuild push-cache REF     push the built layers to a registry cache
   ocibuild pull-cache REF     fetch the layers this project needs from it
 
-Global options (-C, --store, --debug) go before or after the command. `ocibuild COMMAND --help` describes a \
+Global options (-C, --store, --debug, -q) go before or after the command. `ocibuild COMMAND --help` describes a \
 command; the README describes the recipes."""
 
 COMMANDS: dict[str, Command] = {
@@ -56,12 +56,16 @@ def parser() -> argparse.ArgumentParser:
     transfer_options = argparse.ArgumentParser(add_help=False)
     transfer_options.add_argument("--jobs", type=_jobs, default=registry.DEFAULT_JOBS,
                                   help=f"blobs transferred in parallel (default: {registry.DEFAULT_JOBS})")
+    build_options = argparse.ArgumentParser(add_help=False)
+    build_options.add_argument("--jobs", type=_jobs, default=None,
+                               help="layers built at once (default: one per core, fewer when memory is short), and "
+                                    f"blobs transferred at once (default: {registry.DEFAULT_JOBS})")
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument("--cache", metavar="REF", help="registry repository of the layer cache (default: [cache] ref)")
 
     sub = Subparsers(parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND"))
     # in the order `ocibuild --help` lists them
-    _build_commands(sub, common, cache, transfer_options)
+    _build_commands(sub, common, cache, transfer_options, build_options)
     _registry_commands(sub, common, cache, transfer_options)
     _store_commands(sub, common)
     return parser
@@ -91,7 +95,7 @@ class Subparsers:
 
 
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    """-C, --store and --debug, before the command (``top``, as `git -C` and `podman --root`) and after it.
+    """-C, --store, --debug and -q, before the command (``top``, as `git -C` and `podman --root`) and after it.
     After the command they default to SUPPRESS: argparse then leaves out what was not given there, so a value
     given before the command survives (one given after it wins)."""
     def default(value: Any) -> Any:
@@ -101,17 +105,19 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     parser.add_argument("--store", metavar="DIR", default=default(None),
                         help="local OCI layout store (default: $OCIBUILD_STORE or ~/.cache/ocibuild/store)")
     parser.add_argument("--debug", action="store_true", default=default(False), help="log details and show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="no progress: only results and errors")
 
 
 def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: argparse.ArgumentParser,
-                    transfer: argparse.ArgumentParser) -> None:
-    """plan, build, run, shell, doctor, lock."""
+                    transfer: argparse.ArgumentParser, building: argparse.ArgumentParser) -> None:
+    """plan, build, run, shell, doctor, lock (``building``: the --jobs of the commands that build layers)."""
     p = sub.add_parser("plan", parents=[common, cache, transfer],
                        help="show each layer's key and whether it is cached (or can be pulled)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--offline", action="store_true", help="never touch the network")
 
-    p = sub.add_parser("build", parents=[common, cache, transfer], help="build missing layers and assemble the image")
+    p = sub.add_parser("build", parents=[common, cache, building], help="build missing layers and assemble the image")
     p.add_argument("layers", nargs="*", metavar="LAYER", help="only these layers and the layers they need (pulled "
                    "from the team cache or built), and no image")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
@@ -120,11 +126,11 @@ def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: arg
     p.add_argument("--output", metavar="oci-archive:PATH", help="also write the image as an oci-archive")
     p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine for run layers")
 
-    p = sub.add_parser("run", parents=[common, cache, transfer],
+    p = sub.add_parser("run", parents=[common, cache, building],
                        help="run the compile step (or COMMAND) in the assembled image")
     run.add_options(p)
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="command instead of [run] command")
-    p = sub.add_parser("shell", parents=[common, cache, transfer],
+    p = sub.add_parser("shell", parents=[common, cache, building],
                        help="an interactive shell in the assembled image, set up as for the compile step")
     run.add_options(p)
 

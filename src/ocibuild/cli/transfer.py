@@ -16,7 +16,8 @@ from ..errors import OcibuildError
 from ..net import auth
 from ..store import Store
 from .build import load_plan
-from .common import print_json, progress, project_of, registries_of
+from .common import print_json, project_of, registries_of
+from .progress import progress_of
 
 if TYPE_CHECKING:
     from ..planner import Plan
@@ -33,8 +34,10 @@ def push_command(args: argparse.Namespace) -> int:
     reference = registry.parse_repository(args.ref)
     client = registries.client(reference.registry)
     tag = str(reference.digest) if reference.digest and not reference.tag else reference.tag or "latest"
-    status = registry.push_manifests(client, store, reference.repository, [(tag, image)], jobs=args.jobs,
-                                     output=progress)[tag]
+    with progress_of(args) as progress, \
+            progress.transfer(f"pushing to {client.registry}/{reference.repository}", lambda: registries.stats.uploaded):
+        status = registry.push_manifests(client, store, reference.repository, [(tag, image)], jobs=args.jobs,
+                                         output=progress.line)[tag]
     doc: dict[str, Any] = {"ref": f"{reference.registry}/{reference.repository}:{tag}",
                            "digest": str(image.digest), "status": status}
     return _finish(args, doc, registries, start)
@@ -47,7 +50,8 @@ def push_cache_command(args: argparse.Namespace) -> int:
     start = time.monotonic()
     plan = load_plan(args, store, registries, offline=False)
     client, repository, cache = _cache(args, plan, registries, args.ref or args.cache_option)
-    statuses = teamcache.push_layers(plan, store, client, repository, jobs=args.jobs, output=progress)
+    with progress_of(args) as progress, progress.transfer(f"pushing to {cache}", lambda: registries.stats.uploaded):
+        statuses = teamcache.push_layers(plan, store, client, repository, jobs=args.jobs, output=progress.line)
     doc: dict[str, Any] = {"cache": cache, "layers": [{"name": l.name, "key": str(l.key), "status": statuses[l.name]}
                                                       for l in plan.layers]}
     return _finish(args, doc, registries, start)
@@ -71,7 +75,10 @@ def pull_cache_command(args: argparse.Namespace) -> int:
         layers.append({"name": layer.name, "key": str(layer.key), "status": status, "bytes": size})
     doc: dict[str, Any] = {"cache": cache, "layers": layers, "bytes": registry.missing_bytes(store, remotes.values())}
     if not args.plan:
-        done = teamcache.pull_layers(remote_plan, store, client, repository, remotes, jobs=args.jobs, output=progress)
+        with progress_of(args) as progress, \
+                progress.transfer(f"pulling from {cache}", lambda: registries.stats.downloaded, doc["bytes"]):
+            done = teamcache.pull_layers(remote_plan, store, client, repository, remotes, jobs=args.jobs,
+                                         output=progress.line)
         for entry, layer in zip(layers, done.layers):
             entry["status"] = layer.status
     return _finish(args, doc, registries, start)

@@ -105,8 +105,7 @@ def _one_try(sink: Sink, get: Get, size: int | None, what: str, error: Failure, 
         if not ask_again:
             expected = size if size is not None else _announced_size(response, offset)
             before = sink.size
-            problem = _copy(response, sink, view, expected)
-            counts.add(downloaded=sink.size - before)
+            problem = _copy(response, sink, view, expected, counts)
     if ask_again:
         return _one_try(sink, get, size, what, error, counts, view)
     if problem is not None:
@@ -115,11 +114,12 @@ def _one_try(sink: Sink, get: Get, size: int | None, what: str, error: Failure, 
                                progressed=sink.size > before)
 
 
-def _copy(response: Response, sink: Sink, view: memoryview, expected: int | None) -> str | None:
-    """The body into the sink; what went wrong, or None."""
+def _copy(response: Response, sink: Sink, view: memoryview, expected: int | None, counts: Counts) -> str | None:
+    """The body into the sink, counted as it arrives (a live display shows it); what went wrong, or None."""
     try:
         while n := response.readinto(view):
             sink.write(view[:n])
+            counts.add(downloaded=n)
     except OSError as err:
         return one_line(err)
     return None if expected is None or sink.size >= expected else "the body ended early"
