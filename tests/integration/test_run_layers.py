@@ -203,3 +203,49 @@ def test_run_layer_with_the_store_under_dot_cache(tmp_path: Path) -> None:
     ran = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", str(store_dir), "--", "cat", "/ok"],
                          capture_output=True, text=True, timeout=600)
     assert ran.returncode == 0 and ran.stdout.strip() == "ok", ran.stderr
+
+
+CACHED_LAYER = 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'
+CACHE_SCRIPT = """
+# the caches: /srv/dir is in the image; /new/sub/cache is not, so podman makes it (and /new/sub, /new)
+mkdir -p /opt
+if [ -f /srv/dir/fetched ]; then echo "kept: $(cat /srv/dir/fetched)" > /opt/saw; else echo none > /opt/saw; fi
+echo "round {round}" > /srv/dir/fetched
+echo data > /new/sub/cache/data
+"""
+
+
+def test_run_layer_caches_persist_between_builds_outside_the_layer_and_its_key(tmp_path: Path) -> None:
+    """A run layer's caches: what the first build writes there the second build of a changed recipe reads; the
+    layer holds none of it (nor the mount points podman made), the key ignores the list, gc --caches removes it."""
+    caches = 'caches = ["/srv/dir", "/new/sub/cache"]\n'
+    root = project(tmp_path, {"app": CACHED_LAYER + caches}, {"layers/app/s.sh": CACHE_SCRIPT.format(round=1)})
+    store_dir = tmp_path / "store"
+    first = build(root, store_dir)
+    store = Store.open(store_dir)
+    listing = layer_listing(store, "bb", 1)
+    assert listing["opt/saw"].startswith("file:") and not any(p.startswith(("srv", "new")) for p in listing)
+    [cache_dir] = [c for c in (store_dir / "ocibuild" / "caches").glob("*/podman/layers/app/*") if c.is_dir()
+                   and (c / "fetched").exists()]
+    assert (cache_dir / "fetched").read_text() == "round 1\n"
+
+    # the key does not depend on the caches: without them, or with others, the layer is cached
+    (root / "layers/app/layer.toml").write_text(CACHED_LAYER)
+    assert [l["status"] for l in build(root, store_dir)["layers"]] == ["cached", "cached"]
+    (root / "layers/app/layer.toml").write_text(CACHED_LAYER + caches)
+
+    (root / "layers/app/s.sh").write_text(CACHE_SCRIPT.format(round=2))  # a changed recipe: the layer rebuilds
+    second = build(root, store_dir)
+    assert [l["status"] for l in second["layers"]] == ["cached", "built"] and second["digest"] != first["digest"]
+    listing = layer_listing(Store.open(store_dir), "bb", 1)
+    assert listing["opt/saw"].startswith("file:") and not any(p.startswith(("srv", "new")) for p in listing)
+    assert (cache_dir / "fetched").read_text() == "round 2\n"
+    out = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", str(store_dir), "--", "cat", "/opt/saw"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "kept: round 1", out.stderr
+
+    removed = json.loads(subprocess.run([*OCIBUILD, "gc", "--store", str(store_dir), "--caches", "--json"],
+                                        capture_output=True, text=True, timeout=600).stdout)["caches"]
+    assert sorted((c["layer"], c["path"]) for c in removed) == [("app", "/new/sub/cache"), ("app", "/srv/dir")]
+    assert not cache_dir.exists()
+    assert Store.open(store_dir).verify() == []

@@ -29,11 +29,11 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LEAVES | {"oci", "store", "net"},
     "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import
     "engine": LEAVES | {"oci"},
-    "runcache": LEAVES | {"store"},  # the compile step's cache directories under the store
+    "runcache": LEAVES | {"store"},  # the cache directories of the compile step and of run layers, in the store
     "doctor": LEAVES | {"config", "engine"},
     "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
-                       "resolve"},
+                       "resolve", "runcache"},
     "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},

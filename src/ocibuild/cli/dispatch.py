@@ -176,7 +176,8 @@ def _store_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     sub.add_parser("verify", parents=[common], help="check every blob and reference in the store")
     p = sub.add_parser("gc", parents=[common], help="remove blobs no tag or cache entry reaches")
-    p.add_argument("--caches", action="store_true", help="also remove the compile step's caches ([run] caches)")
+    p.add_argument("--caches", action="store_true", help="also remove the caches of the compile step ([run] caches) and of run "
+                   "layers (caches in layer.toml)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

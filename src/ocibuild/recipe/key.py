@@ -4,7 +4,9 @@ What enters a layer's cache key (:func:`cache_key`), and nothing else:
 
 - ``format``: :data:`KEY_FORMAT`, bumped whenever the bytes ocibuild writes for the same inputs change;
 - ``kind`` and the normalised recipe: every schema key of the kind with defaults filled in, except
-  ``description`` and ``needs`` (needs enter through their keys);
+  ``description``, ``needs`` (needs enter through their keys) and a run layer's ``caches`` (directories kept
+  between builds outside the layer, as BuildKit leaves ``RUN --mount=type=cache`` out of its cache key: what
+  apt keeps there changes how fast the layer builds, not what it holds);
 - ``epoch``: ``[image] source_date_epoch``, the clamp for every mtime in the layer;
 - ``inputs``: ``{"name", "digest"}`` for every input, where name is a project-relative path or a URL and digest
   the sha256 of its content (a copy tree's digest covers each entry's relative path, type, executable bit,
@@ -22,7 +24,7 @@ digests, the planner finds (it reads the files and the lock); this module only a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +51,18 @@ class Input:
 def cache_key(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys: Sequence[Digest],
               platform: Platform) -> Digest:
     """The input-addressed key of ``layer`` (see the module docstring for exactly what enters it)."""
+    return key_of(key_document(layer, epoch, inputs, need_keys, platform))
+
+
+def key_of(document: Mapping[str, Any]) -> Digest:
+    """The key a key document makes: the sha256 of its canonical JSON."""
+    return Digest.of(canonical_json(document))
+
+
+def key_document(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys: Sequence[Digest],
+                 platform: Platform) -> dict[str, Any]:
+    """The canonical key document of ``layer``, which :func:`cache_key` hashes (recorded in its cache entry, so
+    `ocibuild explain` can say what changed)."""
     document: dict[str, Any] = {
         "format": KEY_FORMAT,
         "kind": layer.kind,
@@ -59,13 +73,15 @@ def cache_key(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys
     }
     if layer.kind in PLATFORM_KINDS:
         document["platform"] = {"os": platform.os, "architecture": platform.architecture, "variant": platform.variant}
-    return Digest.of(canonical_json(document))
+    return document
 
 
 def _recipe(layer: LayerRecipe) -> dict[str, Any]:
     """The normalised recipe as it enters the cache key (InputRefs as plain dicts, without their unset fields)."""
     out: dict[str, Any] = {}
     for key, value in layer.options.items():
+        if key == "caches":
+            continue
         if key == "inputs":
             value = [{k: v for k, v in vars(i).items() if v is not None} for i in value]
         out[key] = value
