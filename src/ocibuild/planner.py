@@ -10,7 +10,7 @@ cached exactly when its entry's tag is present.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from . import oci, registry
 from .errors import LayerConflict, LockError, RecipeError
 from .inputs import StatCache, Tree, tree_digest, walk_tree
-from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, canonical_json
-from .recipe.key import KEY_FORMAT, Input, cache_key
+from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest
+from .recipe.key import KEY_FORMAT, Input, key_document, key_of
 from .recipe.lock import Lock
 from .recipe.project import LayerRecipe, Project
 from .resolve import lock_source
@@ -44,6 +44,7 @@ class LayerPlan:
     recipe: LayerRecipe
     key: Digest
     inputs: tuple[Input, ...]
+    document: Mapping[str, Any] = field(compare=False, repr=False)  # the key document, whose hash ``key`` is
     status: str  # plan: "cached" | "pull" | "build"; after build: "cached" | "pulled" | "built"
     # a copy layer's tree when planning had to walk it in full (the tree cache did not know it), for the builder
     tree: Tree | None = field(default=None, compare=False)
@@ -153,10 +154,11 @@ def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache,
         if any(need not in keys for need in layer.needs):
             unlocked.append(Unlocked(layer, None, tuple(inputs)))
             continue
-        key = cache_key(layer, epoch, inputs, [keys[n] for n in layer.needs], project.image.platform)
+        document = key_document(layer, epoch, inputs, [keys[n] for n in layer.needs], project.image.platform)
+        key = key_of(document)
         keys[layer.name] = key
         status = "cached" if index.find(cache_tag(layer.name, key)) is not None else "build"
-        layers.append(LayerPlan(layer, key, tuple(inputs), status, tree))
+        layers.append(LayerPlan(layer, key, tuple(inputs), document, status, tree))
     return Plan(project, tuple(layers), stat_cache, tuple(unlocked))
 
 
@@ -340,7 +342,11 @@ def _build_run_layer(ctx: BuildContext, plan: Plan, done: Sequence[LayerPlan], l
 
 def merge_key(plan: Plan) -> Digest:
     """The key of the bookkeeping merge layer of ``plan``: the keys of every layer below it."""
-    return Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [str(layer.key) for layer in plan.layers]}))
+    return key_of(_merge_document(plan))
+
+
+def _merge_document(plan: Plan) -> dict[str, Any]:
+    return {"format": KEY_FORMAT, "merge": [str(layer.key) for layer in plan.layers]}
 
 
 def _merge_layer(plan: Plan, store: Store, get_context: Callable[[], BuildContext],
@@ -349,10 +355,11 @@ def _merge_layer(plan: Plan, store: Store, get_context: Callable[[], BuildContex
     or None when stacking alone gives the right files. Keyed by the keys of every layer below; cached like a
     layer, and "nothing to merge" is remembered per key, so a no-op build imports no module that makes layers."""
     project = plan.project
-    key = merge_key(plan)
-    recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", project.layer_names,
+    document = _merge_document(plan)
+    key = key_of(document)
+    recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", tuple(l.name for l in plan.layers),
                          "package bookkeeping of independent layers, merged", {})
-    merge = LayerPlan(recipe, key, (), "cached")
+    merge = LayerPlan(recipe, key, (), document, "cached")
     marker = store.private_dir("merge") / key.hex
     if store.resolve(cache_tag(MERGE_LAYER, key)) is not None:
         return merge
