@@ -249,3 +249,55 @@ def test_run_layer_caches_persist_between_builds_outside_the_layer_and_its_key(t
     assert sorted((c["layer"], c["path"]) for c in removed) == [("app", "/new/sub/cache"), ("app", "/srv/dir")]
     assert not cache_dir.exists()
     assert Store.open(store_dir).verify() == []
+
+
+def explain(root: Path, store: Path, layer: str, *extra: str) -> dict:
+    result = subprocess.run([*OCIBUILD, "explain", layer, "--json", "-C", str(root), "--store", str(store), *extra],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def named(doc: dict) -> list[tuple[str, str | None]]:
+    return [(d["what"], d["name"]) for d in doc["differences"]]
+
+
+def test_explain_names_what_changed_in_a_run_layer_against_the_store_and_the_cache(tmp_path: Path,
+                                                                                   registry) -> None:
+    """One input file, one recipe field, one need changed in turn: explain names each, in the store, and in the
+    registry cache for a store that has no entry of the layer; a layer never built says so."""
+    layer = 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\ninputs = ["data.txt", "other.txt"]\nnetwork = false\n'
+    root = project(tmp_path, {"app": layer},
+                   {"layers/app/s.sh": "mkdir -p /opt && cat /ocibuild/inputs/data.txt > /opt/data\n",
+                    "layers/app/data.txt": "1\n", "layers/app/other.txt": "same\n"})
+    store, cache = tmp_path / "store", f"{registry.host}/explain/cache"
+    build(root, store)
+    assert explain(root, store, "app")["status"] == "cached"
+
+    (root / "layers/app/data.txt").write_text("2\n")
+    doc = explain(root, store, "app")
+    assert doc["status"] == "build" and doc["compared"]["where"] == "store"
+    assert named(doc) == [("input", "layers/app/data.txt")]
+    (root / "layers/app/data.txt").write_text("1\n")
+
+    (root / "layers/app/layer.toml").write_text(layer + 'workdir = "/opt"\n')
+    assert [(d["name"], d["before"], d["now"]) for d in explain(root, store, "app")["differences"]] == [
+        ("workdir", "/", "/opt")]
+    (root / "layers/app/layer.toml").write_text(layer)
+
+    (root / "rootfs/etc/motd").write_text("a new base\n")
+    doc = explain(root, store, "app")
+    assert named(doc) == [("need", "base")] and doc["differences"][0]["status"] == "build"
+    (root / "rootfs/etc/motd").write_text("old\n")
+
+    # a store without the layer's entries, and the registry cache that has them
+    subprocess.run([*OCIBUILD, "push-cache", cache, "-C", str(root), "--store", str(store)], check=True,
+                   capture_output=True, timeout=600)
+    (root / "layers/app/other.txt").write_text("changed\n")
+    fresh = tmp_path / "fresh"
+    doc = explain(root, fresh, "app", "--cache", cache)
+    assert doc["compared"]["where"] == cache and named(doc) == [("input", "layers/app/other.txt")]
+    assert explain(root, fresh, "app", "--offline")["compared"] is None  # the store alone has none
+
+    never = explain(root, fresh, "app", "--cache", f"{registry.host}/explain/empty")
+    assert (never["status"], never["compared"]) == ("build", None)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__, registry
-from . import airgap, build, run, transfer
+from . import airgap, build, explain, run, transfer
 from .common import Command
 
 # What `ocibuild --help` says about the tool, before and after the list of commands.
@@ -23,6 +23,7 @@ common commands:
   ocibuild plan               each layer's key and status (cached, pull, build)
   ocibuild build              build what changed, assemble the image
   ocibuild build LAYER...     only these layers and what they need, no image
+  ocibuild explain LAYER      why a layer is not cached: what changed since its last entry
   ocibuild run [-- CMD...]    build if needed, run the compile step (or CMD)
   ocibuild shell              an interactive shell in the image, set up as for run
   ocibuild push-cache REF     push the built layers to a registry cache
@@ -32,7 +33,8 @@ Global options (-C, --store, --debug) go before or after the command. `ocibuild 
 command; the README describes the recipes."""
 
 COMMANDS: dict[str, Command] = {
-    "plan": build.plan_command, "build": build.build_command, "lock": build.lock_command,
+    "plan": build.plan_command, "build": build.build_command, "explain": explain.explain_command,
+    "lock": build.lock_command,
     "verify": build.verify_command, "gc": build.gc_command,
     "run": run.run_command, "shell": run.shell_command, "doctor": run.doctor_command,
     "push": transfer.push_command, "push-cache": transfer.push_cache_command,
@@ -105,7 +107,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: argparse.ArgumentParser,
                     transfer: argparse.ArgumentParser) -> None:
-    """plan, build, run, shell, doctor, lock."""
+    """plan, build, explain, run, shell, doctor, lock."""
     p = sub.add_parser("plan", parents=[common, cache, transfer],
                        help="show each layer's key and whether it is cached (or can be pulled)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -119,6 +121,13 @@ def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: arg
     p.add_argument("--strict", action="store_true", help="fail when independent layers write the same path")
     p.add_argument("--output", metavar="oci-archive:PATH", help="also write the image as an oci-archive")
     p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine for run layers")
+
+    p = sub.add_parser("explain", parents=[common, cache, transfer],
+                       help="why a layer is not cached: what in its key differs from its last entry in the store "
+                            "(or the cache)")
+    p.add_argument("layer", metavar="LAYER", help="a layer of ocibuild.toml")
+    p.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    p.add_argument("--offline", action="store_true", help="never touch the network: look only in the store")
 
     p = sub.add_parser("run", parents=[common, cache, transfer],
                        help="run the compile step (or COMMAND) in the assembled image")

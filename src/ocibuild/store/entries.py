@@ -168,6 +168,26 @@ def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob],
     return add_cache_entries(store, {tag: descriptor}, what=f"layer '{layer.name}'")[tag]
 
 
+def entry_tag_pattern(name: str) -> re.Pattern[str]:
+    """The tags the cache entries of layer ``name`` can have: ``<name as in cache_tag>-<64 hex>``."""
+    return re.compile(re.escape(cache_tag(name, Digest("sha256", "0" * 64))[:-64]) + "[0-9a-f]{64}")
+
+
+def entries_of(store: Store, name: str) -> list[tuple[str, ImageConfig]]:
+    """The cache entries of layer ``name`` in the store (tag, config), in the order they were added: a tag is
+    appended to index.json when it arrives (a build, pull-cache or import) and never moved. An entry whose name
+    label is another layer's (two names can lower to one tag) is left out."""
+    pattern = entry_tag_pattern(name)
+    found = []
+    for descriptor in store.index().manifests:
+        tag = descriptor.ref_name or ""
+        if pattern.fullmatch(tag):
+            config = store.get_config(store.get_manifest(descriptor.digest).config.digest)
+            if config.labels.get(LABEL_PREFIX + "name", name) == name:
+                found.append((tag, config))
+    return found
+
+
 def entry_layers(store: Store, layer: EntryLayer) -> list[LayerBlob]:
     """The layers recorded in ``layer``'s cache entry."""
     descriptor = store.resolve(cache_tag(layer.name, layer.key))
