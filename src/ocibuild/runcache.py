@@ -80,6 +80,7 @@ def layer_caches(store: Store, project_root: Path, engine: str, layer: str, path
         return
     layer_dir = _engine_dir(store, project_root, engine) / _LAYERS / layer
     with _flocked(layer_dir / _LOCK, waiting):
+        _engine_dir(store, project_root, engine)  # again: gc --caches may have removed it while this waited
         yield _make(layer_dir, paths)
 
 

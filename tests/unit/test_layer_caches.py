@@ -138,6 +138,7 @@ def test_a_build_that_waited_while_gc_removed_the_caches_locks_the_new_lock_file
         finally:
             os.close(fd)
         assert all(host.is_dir() for host, _ in dirs)  # and its directories are there again
+        assert [c.project for c in runcache.list_caches(store)] == [str(tmp_path)] * 2  # named as before
     finally:
         release.set()
         thread.join(60)
