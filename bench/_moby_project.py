@@ -36,6 +36,9 @@ ENV = {"GOPATH": "/go:/usr/share/gocode", "GO111MODULE": "off", "GOPROXY": "off"
        "DOCKER_BUILDTAGS": "apparmor seccomp",
        "PATH": "/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 EXTRA_TOOL = "jq"
+#: apt's downloads and lists, kept between builds of each run layer (ocibuild: `caches` in its layer.toml; buildah:
+#: `RUN --mount=type=cache`), so a changed recipe fetches only what it adds
+APT_CACHES = ("/var/cache/apt", "/var/lib/apt/lists")
 
 
 def apt_get(*args: str, cwd: Path | None = None) -> None:
@@ -116,13 +119,13 @@ def script(name: str, round_mark: str = "") -> str:
 
 
 def containerfile(scripts: dict[str, str]) -> str:
-    """The chained Containerfile of the same steps: each script as one RUN (comment lines dropped, apt's lists and
-    downloads removed at its end, which ocibuild leaves out of run layers by default), then the COPYs."""
+    """The chained Containerfile of the same steps: each script as one RUN (comment lines dropped) with apt's lists
+    and downloads in cache mounts, as ocibuild's run layers have them (`caches`), then the COPYs."""
     lines = ["FROM localhost/moby-base:latest", "ENV " + " ".join(f'{k}="{v}"' for k, v in ENV.items())]
+    mounts = " ".join(f"--mount=type=cache,target={path},sharing=locked" for path in APT_CACHES)
     for name in RUN_LAYERS:
         body = [line for line in scripts[name].splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        body += ["apt-get clean", "rm -rf /var/lib/apt/lists/*"]
-        lines.append("RUN set -eu; \\\n    " + "; \\\n    ".join(body))
+        lines.append(f"RUN {mounts} set -eu; \\\n    " + "; \\\n    ".join(body))
     for part, target in COPY_LAYERS.values():
         lines.append(f"COPY src/{part} {target}")
     lines.append(f"WORKDIR {WORKDIR}")
@@ -144,9 +147,10 @@ def write_project(round_mark: str = "") -> None:
         f'env = {{ VERSION = "{version}", DOCKER_GITCOMMIT = "{commit}" }}\nnetwork = false\n'))
     write_if_changed(PROJECT / "layers/base/layer.toml", f'kind = "image"\nref = "oci-archive:{BASE}:base"\n')
     scripts = {name: script(name, round_mark) for name in RUN_LAYERS}
+    caches = ", ".join(json.dumps(path) for path in APT_CACHES)
     for name in RUN_LAYERS:
         write_if_changed(PROJECT / f"layers/{name}/layer.toml",
-                         f'kind = "run"\nneeds = ["{NEEDS[name]}"]\nscript = "install.sh"\n')
+                         f'kind = "run"\nneeds = ["{NEEDS[name]}"]\nscript = "install.sh"\ncaches = [{caches}]\n')
         write_if_changed(PROJECT / f"layers/{name}/install.sh", scripts[name])
     for name, (part, target) in COPY_LAYERS.items():
         write_if_changed(PROJECT / f"layers/{name}/layer.toml",

@@ -76,7 +76,9 @@ class Storage:
         return ["podman", *self.args, *args]
 
     def buildah(self, *args: str) -> list[str]:
-        return ["buildah", *self.args, *args]
+        """buildah on this storage, its RUN cache mounts (in $TMPDIR/buildah-cache) in the storage's folder too, so
+        that wipe() empties them as ocibuild's fresh store empties its layers' caches."""
+        return ["env", f"TMPDIR={self.root}", "buildah", *self.args, *args]
 
     def wipe(self) -> None:
         """Remove every container and image, unmount what is left, delete both folders."""

@@ -15,7 +15,7 @@ cached exactly when its entry's tag is present.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,8 +24,8 @@ from . import bookkeeping, oci, registry
 from .errors import LayerConflict, LockError, RecipeError
 from .events import Events, LayerEvent, event_lines
 from .inputs import StatCache, Tree, tree_digest, walk_tree
-from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, canonical_json
-from .recipe.key import KEY_FORMAT, Input, cache_key
+from .oci import Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform
+from .recipe.key import KEY_FORMAT, Input, key_document, key_of
 from .recipe.lock import Lock
 from .recipe.project import LayerRecipe, Project
 from .resolve import describe_source, lock_platform, lock_source
@@ -51,6 +51,7 @@ class LayerPlan:
     recipe: LayerRecipe
     key: Digest
     inputs: tuple[Input, ...]
+    document: Mapping[str, Any] = field(compare=False, repr=False)  # the key document, whose hash ``key`` is
     status: str  # plan: "cached" | "pull" | "build"; after build: "cached" | "pulled" | "built"
     # a copy layer's tree when planning had to walk it in full (the tree cache did not know it), for the builder
     tree: Tree | None = field(default=None, compare=False)
@@ -169,10 +170,11 @@ def make_plan(project: Project, store: Store, lock: Lock, stat_cache: StatCache,
         if any(need not in keys for need in layer.needs):
             unlocked.append(Unlocked(layer, None, tuple(inputs)))
             continue
-        key = cache_key(layer, epoch, inputs, [keys[n] for n in layer.needs], project.image.platform)
+        document = key_document(layer, epoch, inputs, [keys[n] for n in layer.needs], project.image.platform)
+        key = key_of(document)
         keys[layer.name] = key
         status = "cached" if index.find(cache_tag(layer.name, key)) is not None else "build"
-        layers.append(LayerPlan(layer, key, tuple(inputs), status, tree))
+        layers.append(LayerPlan(layer, key, tuple(inputs), document, status, tree))
     return Plan(project, tuple(layers), stat_cache, tuple(unlocked))
 
 
@@ -400,13 +402,17 @@ class MergeInputs:
     stack: tuple[LayerPlan, ...]
 
     @property
-    def key(self) -> Digest:
-        """The merge layer's key: name, key and needs of each layer of the stack (which holds the holders), and
-        the key format. Nothing else enters the merge, so a layer outside the stack (a project's source) never
-        changes it."""
-        return Digest.of(canonical_json({"format": KEY_FORMAT, "merge": [
+    def document(self) -> dict[str, Any]:
+        """The merge layer's key document: name, key and needs of each layer of the stack (which holds the
+        holders), and the key format. Nothing else enters the merge, so a layer outside the stack (a project's
+        source) never changes it."""
+        return {"format": KEY_FORMAT, "merge": [
             {"name": layer.name, "key": str(layer.key), "needs": list(layer.recipe.needs),
-             "holds": layer.name in self.holders} for layer in self.stack]}))
+             "holds": layer.name in self.holders} for layer in self.stack]}
+
+    @property
+    def key(self) -> Digest:
+        return key_of(self.document)
 
 
 def merge_inputs(plan: Plan, store: Store) -> MergeInputs | None:
@@ -457,10 +463,11 @@ def _merge_layer(plan: Plan, store: Store, get_context: Callable[[], BuildContex
     inputs = merge_inputs(plan, store)
     if inputs is None:
         return None
-    key = inputs.key
+    document = inputs.document
+    key = key_of(document)
     recipe = LayerRecipe(MERGE_LAYER, "merge", project.root / "ocibuild.toml", inputs.holders,
                          "package bookkeeping of independent layers, merged", {})
-    merge = LayerPlan(recipe, key, (), "cached")
+    merge = LayerPlan(recipe, key, (), document, "cached")
     marker = store.private_dir("merge") / key.hex
     if store.resolve(cache_tag(MERGE_LAYER, key)) is not None:
         return merge

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import registry
-from .oci import Reference
+from .oci import ImageConfig, Reference
 from .planner import Output, Plan
-from .store.entries import add_cache_entries, cache_tag
+from .store.entries import LABEL_PREFIX, add_cache_entries, cache_tag, entry_tag_pattern
 from .recipe.project import Project
 from .store import Store
 
@@ -59,3 +59,21 @@ def push_layers(plan: Plan, store: Store, client: registry.Client, repository: s
                                      output=output, immutable=True)
     result.update({name: pushed[tag] for name, tag, _ in tagged})
     return result
+
+
+def cache_entries(client: registry.Client, repository: str, store: Store, name: str, *,
+                  jobs: int = registry.DEFAULT_JOBS) -> list[tuple[str, ImageConfig]]:
+    """The cache entries of layer ``name`` in the registry (tag, config), in the registry's tag order (it keeps no
+    other). Only their configs move, into the store (small; gc removes them unless the entry is pulled later)."""
+    pattern = entry_tag_pattern(name)
+    tags = [tag for tag in client.list_tags(repository) if pattern.fullmatch(tag)]
+    found = registry.find_manifests(client, repository, tags, jobs=jobs)
+    entries = [(tag, fetched) for tag, fetched in found.items() if fetched is not None]
+    out = []
+    with store.lease():
+        for tag, fetched in entries:
+            client.fetch_blob(repository, fetched.manifest.config, store)
+            config = store.get_config(fetched.manifest.config.digest)
+            if config.labels.get(LABEL_PREFIX + "name", name) == name:
+                out.append((tag, config))
+    return out

@@ -168,3 +168,44 @@ def test_rootless_privileged_is_refused_and_caches_are_writable_and_removable(us
         assert not any((base / "store/ocibuild/caches").iterdir())
     finally:
         remove(user, base, store)
+
+
+def test_rootless_run_layer_caches_are_writable_kept_and_removable(user: pwd.struct_passwd,
+                                                                   python_path: str) -> None:
+    """A run layer's cache is writable for the container's root (the user), what the script writes there as
+    another user (as apt writes partial/ as _apt) is there for the next build of a changed recipe, and `gc
+    --caches` removes it through podman unshare."""
+    base = Path(f"/tmp/ocibuild-rlc-{os.getpid()}")  # short: podman refuses a runroot over 50 characters
+    shutil.rmtree(base, ignore_errors=True)
+    project = base / "project"
+    busybox_rootfs(project / "rootfs")
+    (project / "layers/base").mkdir(parents=True)
+    (project / "layers/base/layer.toml").write_text('kind = "copy"\nfrom = "rootfs"\nto = "/"\n')
+    (project / "layers/app").mkdir()
+    (project / "layers/app/layer.toml").write_text('kind = "run"\nneeds = ["base"]\nscript = "s.sh"\n'
+                                                   'network = false\ncaches = ["/var/cache/pkgs"]\n')
+    script = ("mkdir -p /opt && (cat /var/cache/pkgs/partial/f 2>/dev/null || echo cold) > /opt/saw\n"
+              "mkdir -p /var/cache/pkgs/partial && echo warm > /var/cache/pkgs/partial/f\n"
+              "chown -R 42:0 /var/cache/pkgs/partial && chmod 700 /var/cache/pkgs/partial\n")
+    (project / "layers/app/s.sh").write_text(script)
+    (project / "ocibuild.toml").write_text('[image]\nname = "rllc"\nlayers = ["base", "app"]\n[run]\nnetwork = false\n')
+    config = own_storage(base)
+    base.chmod(0o755)
+    subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
+    store = str(base / "store")
+    try:
+        first = as_user(user, project, python_path, "build", "--store", store, config=config)
+        assert first.returncode == 0, first.stderr
+        (project / "layers/app/s.sh").write_text(script + "# changed\n")
+        second = as_user(user, project, python_path, "build", "--store", store, config=config)
+        assert second.returncode == 0, second.stderr
+        saw = as_user(user, project, python_path, "run", "--store", store, "--", "cat", "/opt/saw", config=config)
+        assert saw.returncode == 0 and saw.stdout.strip() == "warm", saw.stderr
+        [cache] = (base / "store/ocibuild/caches").glob("*/podman/layers/app/*/")
+        assert cache.stat().st_uid == user.pw_uid and (cache / "partial").stat().st_uid != user.pw_uid
+        removed = as_user(user, project, python_path, "gc", "--store", store, "--caches", config=config)
+        assert removed.returncode == 0, removed.stderr
+        assert f"removed the cache /var/cache/pkgs of layer 'app' of {project} (podman)" in removed.stdout
+        assert not any((base / "store/ocibuild/caches").iterdir())
+    finally:
+        remove(user, base, store)

@@ -274,3 +274,101 @@ def test_a_failing_run_layer_kills_the_running_one_and_names_itself(tmp_path: Pa
     assert [(d.ref_name or "").split("-")[0] for d in store.index().manifests] == ["base"]
     assert store.verify() == []
     assert "ocibuild-b-" not in podman("ps", "-a", "--format", "{{.Names}}").stdout
+
+
+CACHED_LAYER = 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'
+CACHE_SCRIPT = """
+# the caches: /srv/dir is in the image; /new/sub/cache is not, so podman makes it (and /new/sub, /new)
+mkdir -p /opt
+if [ -f /srv/dir/fetched ]; then echo "kept: $(cat /srv/dir/fetched)" > /opt/saw; else echo none > /opt/saw; fi
+echo "round {round}" > /srv/dir/fetched
+echo data > /new/sub/cache/data
+"""
+
+
+def test_run_layer_caches_persist_between_builds_outside_the_layer_and_its_key(tmp_path: Path) -> None:
+    """A run layer's caches: what the first build writes there the second build of a changed recipe reads; the
+    layer holds none of it (nor the mount points podman made), the key ignores the list, gc --caches removes it."""
+    caches = 'caches = ["/srv/dir", "/new/sub/cache"]\n'
+    root = project(tmp_path, {"app": CACHED_LAYER + caches}, {"layers/app/s.sh": CACHE_SCRIPT.format(round=1)})
+    store_dir = tmp_path / "store"
+    first = build(root, store_dir)
+    store = Store.open(store_dir)
+    listing = layer_listing(store, "bb", 1)
+    assert listing["opt/saw"].startswith("file:") and not any(p.startswith(("srv", "new")) for p in listing)
+    [cache_dir] = [c for c in (store_dir / "ocibuild" / "caches").glob("*/podman/layers/app/*") if c.is_dir()
+                   and (c / "fetched").exists()]
+    assert (cache_dir / "fetched").read_text() == "round 1\n"
+
+    # the key does not depend on the caches: without them, or with others, the layer is cached
+    (root / "layers/app/layer.toml").write_text(CACHED_LAYER)
+    assert [l["status"] for l in build(root, store_dir)["layers"]] == ["cached", "cached"]
+    (root / "layers/app/layer.toml").write_text(CACHED_LAYER + caches)
+
+    (root / "layers/app/s.sh").write_text(CACHE_SCRIPT.format(round=2))  # a changed recipe: the layer rebuilds
+    second = build(root, store_dir)
+    assert [l["status"] for l in second["layers"]] == ["cached", "built"] and second["digest"] != first["digest"]
+    listing = layer_listing(Store.open(store_dir), "bb", 1)
+    assert listing["opt/saw"].startswith("file:") and not any(p.startswith(("srv", "new")) for p in listing)
+    assert (cache_dir / "fetched").read_text() == "round 2\n"
+    out = subprocess.run([*OCIBUILD, "run", "-C", str(root), "--store", str(store_dir), "--", "cat", "/opt/saw"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "kept: round 1", out.stderr
+
+    removed = json.loads(subprocess.run([*OCIBUILD, "gc", "--store", str(store_dir), "--caches", "--json"],
+                                        capture_output=True, text=True, timeout=600).stdout)["caches"]
+    assert sorted((c["layer"], c["path"]) for c in removed) == [("app", "/new/sub/cache"), ("app", "/srv/dir")]
+    assert not cache_dir.exists()
+    assert Store.open(store_dir).verify() == []
+
+
+def explain(root: Path, store: Path, layer: str, *extra: str) -> dict:
+    result = subprocess.run([*OCIBUILD, "explain", layer, "--json", "-C", str(root), "--store", str(store), *extra],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def named(doc: dict) -> list[tuple[str, str | None]]:
+    return [(d["what"], d["name"]) for d in doc["differences"]]
+
+
+def test_explain_names_what_changed_in_a_run_layer_against_the_store_and_the_cache(tmp_path: Path,
+                                                                                   registry) -> None:
+    """One input file, one recipe field, one need changed in turn: explain names each, in the store, and in the
+    registry cache for a store that has no entry of the layer; a layer never built says so."""
+    layer = 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\ninputs = ["data.txt", "other.txt"]\nnetwork = false\n'
+    root = project(tmp_path, {"app": layer},
+                   {"layers/app/s.sh": "mkdir -p /opt && cat /ocibuild/inputs/data.txt > /opt/data\n",
+                    "layers/app/data.txt": "1\n", "layers/app/other.txt": "same\n"})
+    store, cache = tmp_path / "store", f"{registry.host}/explain/cache"
+    build(root, store)
+    assert explain(root, store, "app")["status"] == "cached"
+
+    (root / "layers/app/data.txt").write_text("2\n")
+    doc = explain(root, store, "app")
+    assert doc["status"] == "build" and doc["compared"]["where"] == "store"
+    assert named(doc) == [("input", "layers/app/data.txt")]
+    (root / "layers/app/data.txt").write_text("1\n")
+
+    (root / "layers/app/layer.toml").write_text(layer + 'workdir = "/opt"\n')
+    assert [(d["name"], d["before"], d["now"]) for d in explain(root, store, "app")["differences"]] == [
+        ("workdir", "/", "/opt")]
+    (root / "layers/app/layer.toml").write_text(layer)
+
+    (root / "rootfs/etc/motd").write_text("a new base\n")
+    doc = explain(root, store, "app")
+    assert named(doc) == [("need", "base")] and doc["differences"][0]["status"] == "build"
+    (root / "rootfs/etc/motd").write_text("old\n")
+
+    # a store without the layer's entries, and the registry cache that has them
+    subprocess.run([*OCIBUILD, "push-cache", cache, "-C", str(root), "--store", str(store)], check=True,
+                   capture_output=True, timeout=600)
+    (root / "layers/app/other.txt").write_text("changed\n")
+    fresh = tmp_path / "fresh"
+    doc = explain(root, fresh, "app", "--cache", cache)
+    assert doc["compared"]["where"] == cache and named(doc) == [("input", "layers/app/other.txt")]
+    assert explain(root, fresh, "app", "--offline")["compared"] is None  # the store alone has none
+
+    never = explain(root, fresh, "app", "--cache", f"{registry.host}/explain/empty")
+    assert (never["status"], never["compared"]) == ("build", None)

@@ -30,15 +30,16 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LEAVES | {"oci", "store", "net"},
     "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import
     "engine": LEAVES | {"oci"},
-    "runcache": LEAVES | {"store"},  # the compile step's cache directories under the store
+    "runcache": LEAVES | {"store"},  # the cache directories of the compile step and of run layers, in the store
     "bookkeeping": LEAVES | {"oci", "store"},  # package bookkeeping files, and each layer's record of them
     "doctor": LEAVES | {"config", "engine"},
     "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
-                       "resolve", "bookkeeping"},
+                       "resolve", "bookkeeping", "runcache"},
     "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build",
                          "bookkeeping", "events"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
+    "explain": LEAVES | {"oci", "recipe", "store", "planner"},  # `ocibuild explain`: key documents compared
     "cli": {"*"},
 }
 # inside a package: module -> the siblings it may import (the package's own __init__ is named by the package)

@@ -85,6 +85,10 @@ def test_build_then_everything_cached(make_project, tmp_path: Path, store: Store
         labels = store.get_config(entry.config.digest).labels
         assert labels["dev.ocibuild.layer.key"] == str(layer.key)
         assert json.loads(labels["dev.ocibuild.layer.inputs"]) == [i.to_dict() for i in layer.inputs]
+        # and what its key was made of: the key document (whose hash is the key) and the needs' names
+        assert oci.Digest.of(labels["dev.ocibuild.layer.document"].encode()) == layer.key
+        assert json.loads(labels["dev.ocibuild.layer.document"]) == json.loads(json.dumps(layer.document))
+        assert json.loads(labels["dev.ocibuild.layer.needs"]) == list(layer.recipe.needs)
 
 
 def test_only_the_changed_layer_and_its_dependents_rebuild(make_project, tmp_path: Path, store: Store) -> None:

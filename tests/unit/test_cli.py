@@ -82,7 +82,7 @@ def test_global_option_after_the_command_wins_over_one_before() -> None:
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_takes_the_global_options_on_either_side(command: str) -> None:
-    needs = {"push": ["R"], "login": ["R"], "export": ["P"], "import": ["P"]}.get(command, [])
+    needs = {"push": ["R"], "login": ["R"], "export": ["P"], "import": ["P"], "explain": ["L"]}.get(command, [])
     for argv in (["-C", "d", "--store", "s", "--debug", command, *needs],
                  [command, *needs, "-C", "d", "--store", "s", "--debug"]):
         args = parser().parse_args(argv)

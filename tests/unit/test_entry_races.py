@@ -27,11 +27,12 @@ import pytest
 
 from ocibuild import archive as oci_archive, oci
 from ocibuild.errors import EntryConflict, StoreError
-from ocibuild.oci import Descriptor, Digest, ImageConfig, LayerBlob, Manifest
+from ocibuild.oci import Descriptor, Digest, ImageConfig, LayerBlob, Manifest, canonical_json
 from ocibuild.store import Store
 from ocibuild.store.entries import LABEL_PREFIX, add_cache_entries, cache_tag, is_cache_tag, put_cache_entry
 
-KEYS = [Digest.of(f"key {n}".encode()) for n in range(4)]
+DOCUMENTS = {Digest.of(canonical_json({"key": n})): {"key": n} for n in range(4)}  # key -> its key document
+KEYS = list(DOCUMENTS)
 STEPS = 12  # per worker
 THREADS = 3
 PROCESSES = 2
@@ -51,16 +52,21 @@ def _tar(key: Digest, other: bool = False) -> bytes:
 @dataclass(frozen=True)
 class _Recipe:
     kind: str = "copy"
+    needs: tuple[()] = ()
 
 
 @dataclass(frozen=True)
 class _Layer:
-    """What put_cache_entry records of a planned layer."""
+    """What put_cache_entry records of a planned layer; its key document is any one that hashes to its key."""
 
     name: str
     key: Digest
     recipe: _Recipe = _Recipe()
     inputs: tuple[()] = ()
+
+    @property
+    def document(self) -> dict[str, int]:
+        return DOCUMENTS[self.key]
 
 
 def _entry(store: Store, key: Digest, *, label_key: Digest, media_type: str, other: bool = False) -> Descriptor:

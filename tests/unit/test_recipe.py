@@ -8,12 +8,13 @@ import pytest
 from conftest import run_ocibuild
 from ocibuild.errors import LockError, RecipeError
 from ocibuild.oci import Digest, Platform
-from ocibuild.recipe.key import Input, cache_key
+from ocibuild.recipe.key import Input, cache_key, key_document
 from ocibuild.recipe.lock import Lock, LockEntry, load_lock
 from ocibuild.recipe.project import load_project
 from ocibuild.recipe.schema import reference_table
 
 COPY = 'kind = "copy"\nfrom = "src"\nto = "/app"\n'
+RUN = 'kind = "run"\nscript = "s.sh"\n'
 
 
 def test_loads_defaults_and_order(make_project) -> None:
@@ -57,6 +58,19 @@ def test_loads_defaults_and_order(make_project) -> None:
         ({"a": COPY}, "[run]\ncaches = [\"/c/../etc\"]\n", "must be an absolute path"),
         ({"a": COPY}, "[run]\ncaches = [\"/c\", \"/c/\"]\n", "cache '/c' is also a mount or listed twice"),
         ({"a": COPY}, "[run]\nmounts = [\"out:/c\"]\ncaches = [\"/c\"]\n", "cache '/c' is also a mount"),
+        ({"a": RUN + 'caches = ["var/cache/apt"]\n'}, "",
+         "layers/a/layer.toml: cache 'var/cache/apt' must be an absolute path in the container, not /"),
+        ({"a": RUN + 'caches = ["/"]\n'}, "", "layers/a/layer.toml: cache '/' must be an absolute path"),
+        ({"a": RUN + 'caches = ["/var/cache/../../etc"]\n'}, "", "layers/a/layer.toml: cache '/var/cache/../../etc' "
+                                                                   "must be an absolute path"),
+        ({"a": RUN + 'caches = "/var/cache/apt"\n'}, "", "layers/a/layer.toml: 'caches' must be a list of strings"),
+        ({"a": RUN + 'caches = ["/var/cache/apt", "/var/cache/apt/archives"]\n'}, "",
+         "layers/a/layer.toml: caches '/var/cache/apt' and '/var/cache/apt/archives' overlap"),
+        ({"a": RUN + 'caches = ["/var/cache/apt", "/var/cache/apt/"]\n'}, "",
+         "layers/a/layer.toml: caches '/var/cache/apt' and '/var/cache/apt' overlap"),
+        ({"a": RUN + 'caches = ["/ocibuild/inputs"]\n'}, "", "layers/a/layer.toml: cache '/ocibuild/inputs' is under "
+                                                               "/ocibuild"),
+        ({"a": COPY + 'caches = ["/var/cache/apt"]\n'}, "", "layers/a/layer.toml: unknown key 'caches'"),
     ],
 )
 def test_bad_recipes_name_the_file(make_project, layers, image, message) -> None:
@@ -97,6 +111,20 @@ def test_key_ignores_description_and_compression(make_project) -> None:
     assert cache_key(one, 0, inputs, [], amd64) != cache_key(one, 1, inputs, [], amd64)
     assert cache_key(one, 0, inputs, [], amd64) != cache_key(one, 0, [Input("src", Digest.of(b"y"))], [], amd64)
     assert cache_key(one, 0, inputs, [], amd64) != cache_key(one, 0, inputs, [Digest.of(b"need")], amd64)
+
+
+def test_run_layer_caches_are_normalised_and_outside_the_key(make_project) -> None:
+    """A run layer's caches are kept outside the layer, so (as BuildKit's cache mounts) they are not in its key:
+    adding, changing or removing them reuses the layer."""
+    root = make_project({"a": RUN})
+    plain = load_project(root).layer("a")
+    assert plain.strings("caches") == ()
+    (root / "layers/a/layer.toml").write_text(RUN + 'caches = ["/var/cache/apt/", "//var/lib/apt/lists"]\n')
+    cached = load_project(root).layer("a")
+    assert cached.strings("caches") == ("/var/cache/apt", "/var/lib/apt/lists")
+    inputs, amd64 = [Input("layers/a/s.sh", Digest.of(b"x"))], Platform("linux", "amd64")
+    assert cache_key(plain, 0, inputs, [], amd64) == cache_key(cached, 0, inputs, [], amd64)
+    assert "caches" not in json.dumps(key_document(cached, 0, inputs, [], amd64))
 
 
 def test_lock_round_trip(tmp_path: Path) -> None:

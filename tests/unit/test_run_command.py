@@ -148,7 +148,7 @@ def test_gc_caches_removes_and_names_them(env: Path, project: Path, store: Store
     assert entry["path"] == "/root/.cache/go-build" and entry["bytes"] >= 1000
     assert not cache.exists() and not any((store.root / "ocibuild" / "caches").iterdir())
     assert main(["gc", "--store", str(store.root), "--caches"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "no compile caches to remove"
+    assert capsys.readouterr().out.splitlines()[-1] == "no caches to remove"
 
 
 def test_gc_caches_prints_what_it_removed(env: Path, project: Path, store: Store,

@@ -17,6 +17,7 @@ from ocibuild import oci
 from ocibuild.errors import BlobNotFound, DigestMismatch, FormatError, StoreError
 from ocibuild.oci import Descriptor, Digest, ImageConfig, Index, Manifest
 from ocibuild.store import Store
+from ocibuild.store.entries import add_cache_entries
 
 
 @pytest.fixture
@@ -615,12 +616,15 @@ def test_three_writers_of_one_partial_never_commit_each_others_file(store: Store
 
 
 def _put_entry(store: Store, key: Digest, *, label: str | None = None, diff_ids: int = 1,
-               layer_size: int | None = None) -> tuple[str, Descriptor]:
+               layer_size: int | None = None, document: str | None = None) -> tuple[str, Descriptor]:
     """A one-layer cache entry tagged for ``key`` as it would be by hand (not through the checked door), with its
-    key label, diff_ids count or layer size broken on demand: (its tag, its layer descriptor)."""
+    key label, diff_ids count or layer size broken on demand, and a key document label when given: (its tag, its
+    layer descriptor)."""
     blob, diff_id = tar_gz({"f": key.hex.encode()})
     layer = store.put(blob, oci.LAYER_GZIP)
     labels = {"dev.ocibuild.layer.key": str(key) if label is None else label}
+    if document is not None:
+        labels["dev.ocibuild.layer.document"] = document
     config = store.put(ImageConfig(diff_ids=(diff_id,) * diff_ids, labels=labels).to_json(), oci.OCI_CONFIG)
     listed = layer if layer_size is None else Descriptor(layer.media_type, layer.digest, layer_size)
     tag = f"src-{key.hex}"
@@ -644,6 +648,29 @@ def test_verify_names_a_cache_entry_without_a_key_label(store: Store) -> None:
     key = Digest.of(b"k1")
     tag, _ = _put_entry(store, key, label="")
     assert store.verify() == [f"cache entry '{tag}': its key label is '', its tag names the key {key}"]
+
+
+def test_verify_accepts_an_entry_whose_key_document_is_its_key_and_names_one_whose_is_not(store: Store) -> None:
+    document = '{"format":3,"kind":"copy"}'
+    key = Digest.of(document.encode())
+    _put_entry(store, key, document=document)
+    assert store.verify() == []
+    other = Digest.of(b"k2")
+    tag, _ = _put_entry(store, other, document=document)
+    assert store.verify() == [f"cache entry '{tag}': its key document hashes to {key}, its tag names {other}"]
+
+
+def test_an_entry_whose_key_document_is_another_key_is_not_added(store: Store) -> None:
+    document = '{"format":3,"kind":"copy"}'
+    other = Digest.of(b"k2")
+    blob, diff_id = tar_gz({"f": b"x"})
+    layer = store.put(blob, oci.LAYER_GZIP)
+    labels = {"dev.ocibuild.layer.key": str(other), "dev.ocibuild.layer.document": document}
+    config = store.put(ImageConfig(diff_ids=(diff_id,), labels=labels).to_json(), oci.OCI_CONFIG)
+    descriptor = store.put_manifest(Manifest(config, (layer,)))
+    with pytest.raises(StoreError, match="its key document hashes to"):
+        add_cache_entries(store, {f"src-{other.hex}": descriptor}, what="pull")
+    assert store.resolve(f"src-{other.hex}") is None
 
 
 def test_verify_names_a_cache_entry_whose_diff_ids_do_not_match_its_layers(store: Store) -> None:

@@ -1,6 +1,8 @@
 """``run`` layers: a script run in a container on the stack of the layer's needs; what it changed becomes the
 layer. The stack is staged into the engine as an image (:func:`staged`); the change set comes from the engine's
-container diff and the files from its mounted root filesystem (:func:`capture`).
+container diff and the files from its mounted root filesystem (:func:`capture`). The layer's ``caches`` are
+directories of the store (:func:`ocibuild.runcache.layer_caches`) bind-mounted into the container: a mount's
+content never shows in the container diff, so it never enters the layer.
 
 Rootless podman keeps a container's files under subordinate ids, so there the capture runs as a process of its
 own inside ``podman unshare``: ``python -m ocibuild.build.run`` (see :func:`_capture_main`).
@@ -19,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .. import oci
+from .. import oci, runcache
 from ..archive import write_oci_archive
 from ..tar import read
 from ..engine import BindMount, Engine
@@ -99,19 +101,28 @@ def build_run(ctx: BuildContext, engine: Engine, layer: LayerRecipe, key: Digest
         raise OcibuildError(f"layer '{layer.name}' is a run layer with network = true, which --offline forbids",
                             "bring the layer from a connected machine (`ocibuild export` / `import`)")
     keep = CaptureFilter((*VOLATILE, *layer.strings("exclude")))
-    return [run_and_capture(ctx, engine, image, name=layer.name, key=key, mounts=run_inputs(ctx, layer),
-                            env=layer.table("env"), workdir=layer.str_("workdir"), network=layer.bool_("network"),
-                            keep=keep)]
+    caches = layer.strings("caches")
+
+    def waiting() -> None:
+        ctx.output(f"layer '{layer.name}': waiting for its caches, which another ocibuild process is using")
+
+    with runcache.layer_caches(ctx.store, ctx.project_root, engine.name, layer.name, caches,
+                               waiting=waiting) as dirs:
+        mounts = [*run_inputs(ctx, layer), *(BindMount(host, path) for host, path in dirs)]
+        return [run_and_capture(ctx, engine, image, name=layer.name, key=key, mounts=mounts, env=layer.table("env"),
+                                workdir=layer.str_("workdir"), network=layer.bool_("network"), keep=keep,
+                                mount_points=caches)]
 
 
 def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str, key: Digest,
                     mounts: Sequence[BindMount], env: Mapping[str, str], workdir: str, network: bool,
-                    keep: CaptureFilter) -> LayerBlob:
+                    keep: CaptureFilter, mount_points: Sequence[str] = ()) -> LayerBlob:
     """Run the script mounted at SCRIPT_PATH in a container of ``image``; the paths it changed that ``keep``
-    accepts become one layer. The change set comes from the engine's container diff and the files from its
-    mounted root filesystem, so capturing costs in proportion to the change, not to the image. The output
-    streams to ``ctx.output`` and to a log file in the store. When ``ctx.stop`` is set the container is killed
-    and removed, and :class:`~ocibuild.threads.Stopped`, or the engine's error, is raised."""
+    accepts become one layer, less ``mount_points`` (see :func:`without_mount_points`). The change set comes from
+    the engine's container diff and the files from its mounted root filesystem, so capturing costs in proportion
+    to the change, not to the image. The output streams to ``ctx.output`` and to a log file in the store. When
+    ``ctx.stop`` is set the container is killed and removed, and :class:`~ocibuild.threads.Stopped`, or the
+    engine's error, is raised."""
     # the pid keeps two builds of the same layer (into two stores, say) from removing each other's container
     container = f"ocibuild-{re.sub(r'[^a-z0-9_.-]', '-', name.lower())}-{key.hex[:12]}-{os.getpid()}"
     log_path = ctx.store.private_dir("logs") / f"{name}-{key.hex[:12]}.log"
@@ -129,7 +140,7 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
                            workdir=workdir, network=network, output=tee, what=f"layer '{name}'")
         ctx.stop.check()
         ctx.step("capturing the changes")
-        changes = engine.diff(container)
+        changes = without_mount_points(engine.diff(container), mount_points)
         if engine.needs_unshare():
             return _capture_in_user_namespace(ctx, engine, container, changes, keep, name)
         return capture_container(ctx, engine, container, changes, keep, what=f"layer '{name}'")
@@ -137,6 +148,22 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
         if ctx.stop.is_set():  # started after the stop's kill: killed now (rm alone waits 10 s for sh to exit)
             engine.kill_container(container)
         engine.remove_container(container)
+
+
+def without_mount_points(changes: Mapping[str, str], points: Sequence[str]) -> dict[str, str]:
+    """``changes`` less the mount points ``points`` (absolute, normalised) and what lies below them, and less the
+    directories the engine added only to hold one (it makes a missing mount point, and its missing parents, in the
+    container): those are the same whatever the mounts, so the layer is too, as its key promises."""
+    def under(path: str, top: str) -> bool:
+        return path == top or path.startswith(top + "/")
+
+    kept = {path: kind for path, kind in changes.items() if not any(under(path, point) for point in points)}
+    holders = sorted((path for path, kind in kept.items() if kind == "A" and any(under(p, path) for p in points)),
+                     key=lambda path: -path.count("/"))  # the deepest first: its parent may then hold nothing
+    for holder in holders:
+        if not any(path != holder and under(path, holder) for path in kept):
+            del kept[holder]
+    return kept
 
 
 def capture_container(ctx: BuildContext, engine: Engine, container: str, changes: Mapping[str, str],

@@ -193,31 +193,39 @@ def verify_command(args: argparse.Namespace) -> int:
 def gc_command(args: argparse.Namespace) -> int:
     config, store = open_store(args)
     removed, freed = store.gc()
-    caches = _remove_caches(config, store) if args.caches else None
+    caches = None
+    if args.caches:
+        with progress_of(args) as progress:
+            caches = _remove_caches(config, store, progress)
     if args.json:
         doc: dict[str, object] = {"removed": removed, "bytes": freed}
         if caches is not None:
-            doc["caches"] = [{"project": c.project, "engine": c.engine, "path": c.path, "bytes": c.bytes}
-                             for c in caches]
+            doc["caches"] = [{"project": c.project, "engine": c.engine, "path": c.path, "bytes": c.bytes,
+                              "layer": c.layer} for c in caches]
         print_json(doc)
         return 0
     print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
     if caches is not None:
         for c in caches:
-            print(f"removed the cache {c.path} of {c.project} ({c.engine}), {c.bytes / 1e6:.1f} MB")
+            of = f"layer '{c.layer}' of {c.project}" if c.layer is not None else c.project
+            print(f"removed the cache {c.path} of {of} ({c.engine}), {c.bytes / 1e6:.1f} MB")
         if not caches:
-            print("no compile caches to remove")
+            print("no caches to remove")
     return 0
 
 
-def _remove_caches(config: Config, store: Store) -> list[runcache.CacheDir]:
-    """`gc --caches`. Rootless, what a container wrote as another user is removed inside podman's namespace."""
+def _remove_caches(config: Config, store: Store, progress: Progress) -> list[runcache.CacheDir]:
+    """`gc --caches`: the compile step's caches and run layers'. Rootless, what a container wrote as another user is
+    removed inside podman's namespace."""
     def fallback(path: Path) -> None:
         from ..engine import Engine
 
         engine = Engine.detect("podman", config.engine_args)
         if not engine.needs_unshare():
-            raise OcibuildError(f"cannot remove the compile caches {path}", "check the store's permissions")
+            raise OcibuildError(f"cannot remove the caches {path}", "check the store's permissions")
         engine.unshare(["rm", "-rf", str(path)], b"", what=f"removing {path}")
 
-    return runcache.remove(store, fallback=fallback)
+    def waiting(layer: str) -> None:
+        progress.line(f"waiting for the build of layer '{layer}' to finish with its caches")
+
+    return runcache.remove(store, fallback=fallback, waiting=waiting)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__, registry
-from . import airgap, build, run, transfer
+from . import airgap, build, explain, run, transfer
 from .common import Command
 
 # What `ocibuild --help` says about the tool, before and after the list of commands.
@@ -23,6 +23,7 @@ common commands:
   ocibuild plan               each layer's key and status (cached, pull, build)
   ocibuild build              build what changed, assemble the image
   ocibuild build LAYER...     only these layers and what they need, no image
+  ocibuild explain LAYER      why a layer is not cached: what changed since its last entry
   ocibuild run [-- CMD...]    build if needed, run the compile step (or CMD)
   ocibuild shell              an interactive shell in the image, set up as for run
   ocibuild push-cache REF     push the built layers to a registry cache
@@ -32,7 +33,8 @@ Global options (-C, --store, --debug, -q) go before or after the command. `ocibu
 command; the README describes the recipes."""
 
 COMMANDS: dict[str, Command] = {
-    "plan": build.plan_command, "build": build.build_command, "lock": build.lock_command,
+    "plan": build.plan_command, "build": build.build_command, "explain": explain.explain_command,
+    "lock": build.lock_command,
     "verify": build.verify_command, "gc": build.gc_command,
     "run": run.run_command, "shell": run.shell_command, "doctor": run.doctor_command,
     "push": transfer.push_command, "push-cache": transfer.push_cache_command,
@@ -111,7 +113,7 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: argparse.ArgumentParser,
                     transfer: argparse.ArgumentParser, building: argparse.ArgumentParser) -> None:
-    """plan, build, run, shell, doctor, lock (``building``: the --jobs of the commands that build layers)."""
+    """plan, build, explain, run, shell, doctor, lock (``building``: the --jobs of the commands that build layers)."""
     p = sub.add_parser("plan", parents=[common, cache, transfer],
                        help="show each layer's key and whether it is cached (or can be pulled)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -125,6 +127,13 @@ def _build_commands(sub: Subparsers, common: argparse.ArgumentParser, cache: arg
     p.add_argument("--strict", action="store_true", help="fail when independent layers write the same path")
     p.add_argument("--output", metavar="oci-archive:PATH", help="also write the image as an oci-archive")
     p.add_argument("--engine", choices=("auto", "podman", "nerdctl"), help="container engine for run layers")
+
+    p = sub.add_parser("explain", parents=[common, cache, transfer],
+                       help="why a layer is not cached: what in its key differs from its last entry in the store "
+                            "(or the cache)")
+    p.add_argument("layer", metavar="LAYER", help="a layer of ocibuild.toml")
+    p.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    p.add_argument("--offline", action="store_true", help="never touch the network: look only in the store")
 
     p = sub.add_parser("run", parents=[common, cache, building],
                        help="run the compile step (or COMMAND) in the assembled image")
@@ -182,7 +191,8 @@ def _store_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
     sub.add_parser("verify", parents=[common], help="check every blob and reference in the store")
     p = sub.add_parser("gc", parents=[common], help="remove blobs no tag or cache entry reaches")
-    p.add_argument("--caches", action="store_true", help="also remove the compile step's caches ([run] caches)")
+    p.add_argument("--caches", action="store_true", help="also remove the caches of the compile step ([run] caches) and of run "
+                   "layers (caches in layer.toml)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 

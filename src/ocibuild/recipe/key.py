@@ -4,7 +4,9 @@ What enters a layer's cache key (:func:`cache_key`), and nothing else:
 
 - ``format``: :data:`KEY_FORMAT`, bumped whenever the bytes ocibuild writes for the same inputs change;
 - ``kind`` and the normalised recipe: every schema key of the kind with defaults filled in, except
-  ``description`` and ``needs`` (needs enter through their keys);
+  ``description``, ``needs`` (needs enter through their keys) and a run layer's ``caches`` (directories kept
+  between builds outside the layer, as BuildKit leaves ``RUN --mount=type=cache`` out of its cache key: what
+  apt keeps there changes how fast the layer builds, not what it holds);
 - ``epoch``: ``[image] source_date_epoch``, the clamp for every mtime in the layer;
 - ``inputs``: ``{"name", "digest"}`` for every input, where name is a project-relative path or a URL and digest
   the sha256 of its content (a copy tree's digest covers each entry's relative path, type, executable bit,
@@ -22,7 +24,7 @@ digests, the planner finds (it reads the files and the lock); this module only a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +51,18 @@ class Input:
 def cache_key(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys: Sequence[Digest],
               platform: Platform) -> Digest:
     """The input-addressed key of ``layer`` (see the module docstring for exactly what enters it)."""
+    return key_of(key_document(layer, epoch, inputs, need_keys, platform))
+
+
+def key_of(document: Mapping[str, Any]) -> Digest:
+    """The key a key document makes: the sha256 of its canonical JSON."""
+    return Digest.of(canonical_json(document))
+
+
+def key_document(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys: Sequence[Digest],
+                 platform: Platform) -> dict[str, Any]:
+    """The canonical key document of ``layer``, which :func:`cache_key` hashes (recorded in its cache entry, so
+    `ocibuild explain` can say what changed)."""
     document: dict[str, Any] = {
         "format": KEY_FORMAT,
         "kind": layer.kind,
@@ -59,14 +73,78 @@ def cache_key(layer: LayerRecipe, epoch: int, inputs: Sequence[Input], need_keys
     }
     if layer.kind in PLATFORM_KINDS:
         document["platform"] = {"os": platform.os, "architecture": platform.architecture, "variant": platform.variant}
-    return Digest.of(canonical_json(document))
+    return document
 
 
 def _recipe(layer: LayerRecipe) -> dict[str, Any]:
     """The normalised recipe as it enters the cache key (InputRefs as plain dicts, without their unset fields)."""
     out: dict[str, Any] = {}
     for key, value in layer.options.items():
+        if key == "caches":
+            continue
         if key == "inputs":
             value = [{k: v for k, v in vars(i).items() if v is not None} for i in value]
         out[key] = value
     return out
+
+
+_KNOWN = ("format", "kind", "recipe", "epoch", "inputs", "needs", "platform")  # a key document's fields
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One way a key document differs from an earlier one. ``what``: "format", "kind", "recipe" (``name`` the
+    field), "epoch", "input" (``name`` the input), "need" (``name`` the layer), "platform", or another top-level
+    key of the document; ``before`` and ``now`` its values (None: absent then, or now)."""
+
+    what: str
+    name: str | None
+    before: Any
+    now: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"what": self.what, "name": self.name, "before": self.before, "now": self.now}
+
+
+def differences(before: Mapping[str, Any], before_needs: Sequence[str], now: Mapping[str, Any],
+                now_needs: Sequence[str]) -> list[Difference]:
+    """What differs between two key documents (as JSON values: lists, not tuples), in the document's order:
+    recipe fields, inputs and needs one by one (needs named by ``*_needs``, the names of the keys each lists)."""
+    found: list[Difference] = []
+    for field in (*_KNOWN, *sorted((set(before) | set(now)) - set(_KNOWN))):
+        old, new = before.get(field), now.get(field)
+        if old == new:
+            continue
+        if field == "recipe" and isinstance(old, dict) and isinstance(new, dict):
+            found += _changed("recipe", old, new)
+        elif field == "inputs" and isinstance(old, list) and isinstance(new, list):
+            found += _changed("input", _by_name(old), _by_name(new))
+        elif field == "needs" and isinstance(old, list) and isinstance(new, list):
+            found += _changed("need", _named(old, before_needs), _named(new, now_needs))
+        elif field == "platform":
+            found.append(Difference("platform", None, _platform(old), _platform(new)))
+        else:
+            found.append(Difference(field, None, old, new))
+    return found
+
+
+def _changed(what: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Difference]:
+    names = list(old) + [name for name in new if name not in old]
+    return [Difference(what, name, old.get(name), new.get(name)) for name in names if old.get(name) != new.get(name)]
+
+
+def _by_name(inputs: Sequence[Any]) -> dict[str, Any]:
+    return {str(i.get("name")): i.get("digest") for i in inputs if isinstance(i, dict)}
+
+
+def _named(keys: Sequence[Any], names: Sequence[str]) -> dict[str, Any]:
+    """Need keys by name; by position (``#1``…) when the names do not match the keys (an entry that lacks them)."""
+    if len(names) != len(keys):
+        names = [f"#{i + 1}" for i in range(len(keys))]
+    return dict(zip(names, keys))
+
+
+def _platform(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    return "/".join(str(value[k]) for k in ("os", "architecture", "variant") if value.get(k))

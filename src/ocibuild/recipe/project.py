@@ -230,7 +230,7 @@ def _run(root: Path, data: Mapping[str, Any]) -> RunSpec:
         if not ENV_NAME.fullmatch(name):
             raise RecipeError(f"{PROJECT_FILE}: [run] pass_env {name!r} is not a variable name",
                               "list names only (letters, digits, '_'); set values in [run] env")
-    caches = tuple(_cache_path(c) for c in run_data["caches"])
+    caches = tuple(cache_path(f"{PROJECT_FILE}: [run]", c, "/root/.cache/go-build") for c in run_data["caches"])
     taken = [m.container.rstrip("/") or "/" for m in mounts]
     for path in caches:
         if path in taken:
@@ -241,12 +241,28 @@ def _run(root: Path, data: Mapping[str, Any]) -> RunSpec:
                    run_data["pass_env"], run_data["privileged"], caches)
 
 
-def _cache_path(text: str) -> str:
+def cache_path(where: str, text: str, example: str) -> str:
+    """A ``caches`` entry (``[run]``, or a run layer's), normalised: an absolute container path, not ``/``."""
     pure = PurePosixPath(text)
-    if not pure.is_absolute() or ".." in pure.parts or str(pure) == "/":
-        raise RecipeError(f"{PROJECT_FILE}: [run] cache {text!r} must be an absolute path in the container, not /",
-                          "write e.g. caches = [\"/root/.cache/go-build\"]")
-    return str(pure)
+    if not pure.is_absolute() or ".." in pure.parts or str(pure) in ("/", "//"):
+        raise RecipeError(f"{where} cache {text!r} must be an absolute path in the container, not /",
+                          f"write e.g. caches = [\"{example}\"] in {where.split(':')[0]}")
+    return "/" + str(pure).lstrip("/")
+
+
+def _layer_caches(where: str, paths: tuple[str, ...]) -> tuple[str, ...]:
+    """A run layer's ``caches``: absolute, not ``/``, each once, none below another nor at ocibuild's own mount
+    points under ``/ocibuild``."""
+    caches = tuple(cache_path(f"{where}:", text, "/var/cache/apt") for text in paths)
+    for i, path in enumerate(caches):
+        if path == "/ocibuild" or path.startswith("/ocibuild/"):
+            raise RecipeError(f"{where}: cache {path!r} is under /ocibuild, where ocibuild mounts the script and "
+                              "inputs", f"choose another path in {where}")
+        for other in caches[:i]:
+            if path == other or path.startswith(other + "/") or other.startswith(path + "/"):
+                raise RecipeError(f"{where}: caches {other!r} and {path!r} overlap",
+                                  f"list each directory once in {where}, none inside another")
+    return caches
 
 
 def _mount(root: Path, text: str) -> Mount:
@@ -312,6 +328,7 @@ def _check_layer(where: str, kind: str, values: dict[str, Any]) -> None:
         values["script"] = relative_path(where, "script", values["script"])
         if not values["workdir"].startswith("/"):
             raise RecipeError(f"{where}: workdir {values['workdir']!r} must be an absolute path")
+        values["caches"] = _layer_caches(where, values["caches"])
     elif kind == "bootstrap":
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", values["suite"]):
             raise RecipeError(f"{where}: suite {values['suite']!r} is not a suite name like 'bookworm'")

@@ -96,6 +96,9 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("env", "table of strings", False, {}, "environment of the script"),
         Key("workdir", "string", False, "/", "working directory of the script"),
         Key("exclude", "list of strings", False, [], "paths dropped from the result, beyond the default list"),
+        Key("caches", "list of strings", False, [],
+            "absolute paths in the container (e.g. /var/cache/apt) kept between builds of this layer, under the "
+            "store per project, engine and layer; never in the layer, never in its key"),
     ),
 }
 KINDS = ("bootstrap", "image", "archive", "copy", "run")

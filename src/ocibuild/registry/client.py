@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 _MONOLITHIC_MAX = 32 << 20
 _CHUNK = 128 << 20
 _MANIFEST_MAX = 4 << 20  # the distribution spec's limit for a manifest
+_TAGS_PAGE = 1000
+_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 
 
@@ -106,6 +109,31 @@ class Client(Transport):
                                 "the registry or a proxy corrupted it; " + RERUN, code="DIGEST_INVALID",
                                 retryable=True)
         return data, media_type, digest
+
+    def list_tags(self, repository: str) -> list[str]:
+        """Every tag of ``repository``, page after page (``Link: <…>; rel="next"``); [] when it does not exist."""
+        tags: list[str] = []
+        path = f"/v2/{repository}/tags/list?n={_TAGS_PAGE}"
+        while path:
+            what = f"list the tags of {self.registry}/{repository}"
+            with self.request("GET", path, scopes=scopes_of(repository, False), ok=(200, 404), what=what) as response:
+                if response.status_code == 404:
+                    return tags
+                try:
+                    data = response.read(_MANIFEST_MAX + 1)
+                except OSError as err:
+                    raise RegistryError(f"{what}: {one_line(err)}", RERUN, retryable=True) from None
+                link = response.headers.get("Link", "")
+            try:
+                page = json.loads(data).get("tags") or []
+            except (ValueError, AttributeError):
+                raise RegistryError(f"{what}: the answer is not a JSON object", code="UNSUPPORTED") from None
+            if len(data) > _MANIFEST_MAX or not all(isinstance(tag, str) for tag in page):
+                raise RegistryError(f"{what}: the answer is not a list of tags", code="UNSUPPORTED")
+            tags += page
+            match = _NEXT.search(link)
+            path = match.group(1) if match and match.group(1).startswith(f"/v2/{repository}/tags/list") else ""
+        return tags
 
     def push_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> Digest:
         """PUT our exact manifest bytes under a tag (or digest)."""

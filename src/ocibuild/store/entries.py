@@ -2,9 +2,12 @@
 
 An entry is an OCI image manifest tagged ``<name>-<64 hex of the key>`` (:func:`cache_tag`) in the store's
 index.json, whose layers are the layer blobs and whose config carries ``rootfs.diff_ids`` and the labels
-``dev.ocibuild.layer.{name,kind,key,inputs}``. A layer is cached exactly when its entry's tag is present. The
-registry cache holds the same entries under the same tags, so this format is a contract with other ocibuild
-installations (and with peers such as oras, which read them).
+``dev.ocibuild.layer.{name,kind,key,inputs,document,needs}``: ``document`` is the canonical key document (its
+sha256 is the key), ``needs`` the names of the needs whose keys it lists, in its order; with them `ocibuild
+explain` says what changed since an entry was made (entries made before they were recorded lack both, and
+stay valid). A layer is cached exactly when its entry's tag is present. The registry cache holds the same
+entries under the same tags, so this format is a contract with other ocibuild installations (and with peers
+such as oras, which read them).
 
 Every entry enters through :func:`add_cache_entries` (a build through :func:`put_cache_entry`; pull-cache and
 import directly), which checks that the entry's key label is the key its tag names and that its diff_ids match its
@@ -17,10 +20,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import EntryConflict, OcibuildError, StoreError
-from ..oci import OCI_CONFIG, Descriptor, Digest, ImageConfig, LayerBlob, Manifest
+from ..oci import OCI_CONFIG, Descriptor, Digest, ImageConfig, LayerBlob, Manifest, canonical_json
 
 if TYPE_CHECKING:  # annotations only: a Protocol class costs start-up time, and a cached build imports this module
     from . import Store
@@ -32,8 +35,12 @@ if TYPE_CHECKING:  # annotations only: a Protocol class costs start-up time, and
         @property
         def kind(self) -> str: ...
 
+        @property
+        def needs(self) -> Sequence[str]: ...
+
     class EntryLayer(Protocol):
-        """What an entry records of a planned layer (``planner.LayerPlan`` is one): name, kind, key and inputs."""
+        """What an entry records of a planned layer (``planner.LayerPlan`` is one): name, kind, key, inputs, the
+        key document, and the needs' names (of its recipe)."""
 
         @property
         def name(self) -> str: ...
@@ -47,8 +54,11 @@ if TYPE_CHECKING:  # annotations only: a Protocol class costs start-up time, and
         @property
         def inputs(self) -> Sequence[_Input]: ...
 
+        @property
+        def document(self) -> Mapping[str, Any]: ...
 
-LABEL_PREFIX = "dev.ocibuild.layer."  # the entry's config labels: <prefix>{name,kind,key,inputs}
+
+LABEL_PREFIX = "dev.ocibuild.layer."  # the entry's config labels: <prefix>{name,kind,key,inputs,document,needs}
 
 
 def cache_tag(name: str, key: Digest) -> str:
@@ -73,11 +83,15 @@ def tag_key(ref_name: str) -> Digest | None:
 
 def entry_problems(tag: str, manifest: Manifest, config: ImageConfig) -> list[str]:
     """What is wrong with the entry ``tag`` names (its manifest and config), one line each: its key label is not
-    the key of its tag, or it has not one diff_id per layer. Layer sizes are checked by verify's walk."""
+    the key of its tag, its key document (when it has one) does not hash to that key, or it has not one diff_id
+    per layer. Layer sizes are checked by verify's walk."""
     problems: list[str] = []
     label = config.labels.get(LABEL_PREFIX + "key")
     if label != str(tag_key(tag)):
         problems.append(f"cache entry '{tag}': its key label is {label!r}, its tag names the key {tag_key(tag)}")
+    document = _document_key(config)
+    if document is not None and document != tag_key(tag):
+        problems.append(f"cache entry '{tag}': its key document hashes to {document}, its tag names {tag_key(tag)}")
     if len(config.diff_ids) != len(manifest.layers):
         problems.append(f"cache entry '{tag}': {len(manifest.layers)} layers but {len(config.diff_ids)} diff_ids")
     return problems
@@ -119,10 +133,21 @@ def _check_entry(store: Store, tag: str, descriptor: Descriptor, where: str) -> 
     if label != f"sha256:{match.group(1)}":
         raise StoreError(f"{where}{descriptor.digest} is not the cache entry {tag} (its key label is {label!r})",
                          "something else was recorded under that tag; delete it and build or push it again")
+    document = _document_key(config)
+    if document is not None and document.hex != match.group(1):
+        raise StoreError(f"{where}{descriptor.digest} is not the cache entry {tag} (its key document hashes to "
+                         f"{document})", "something else was recorded under that tag; delete it and build or push it "
+                         "again")
     if len(config.diff_ids) != len(manifest.layers):
         raise StoreError(f"{where}cache entry {tag} ({descriptor.digest}) has {len(manifest.layers)} layers but "
                          f"{len(config.diff_ids)} diff_ids", "delete it and build or push it again")
     return config.diff_ids
+
+
+def _document_key(config: ImageConfig) -> Digest | None:
+    """The key an entry's key document makes (the sha256 of the label's bytes), None when it records none."""
+    label = config.labels.get(LABEL_PREFIX + "document")
+    return None if label is None else Digest.of(label.encode())
 
 
 def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob], *, architecture: str) -> Descriptor:
@@ -132,6 +157,8 @@ def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob],
         LABEL_PREFIX + "kind": layer.recipe.kind,
         LABEL_PREFIX + "key": str(layer.key),
         LABEL_PREFIX + "inputs": json.dumps([i.to_dict() for i in layer.inputs], sort_keys=True, separators=(",", ":")),
+        LABEL_PREFIX + "document": canonical_json(layer.document).decode(),
+        LABEL_PREFIX + "needs": json.dumps(list(layer.recipe.needs), separators=(",", ":")),
     }
     config = ImageConfig(diff_ids=tuple(b.diff_id for b in built), architecture=architecture, labels=labels)
     config_descriptor = store.put(config.to_json(), OCI_CONFIG)
@@ -139,6 +166,26 @@ def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob],
     descriptor = store.put_manifest(manifest)
     tag = cache_tag(layer.name, layer.key)
     return add_cache_entries(store, {tag: descriptor}, what=f"layer '{layer.name}'")[tag]
+
+
+def entry_tag_pattern(name: str) -> re.Pattern[str]:
+    """The tags the cache entries of layer ``name`` can have: ``<name as in cache_tag>-<64 hex>``."""
+    return re.compile(re.escape(cache_tag(name, Digest("sha256", "0" * 64))[:-64]) + "[0-9a-f]{64}")
+
+
+def entries_of(store: Store, name: str) -> list[tuple[str, ImageConfig]]:
+    """The cache entries of layer ``name`` in the store (tag, config), in the order they were added: a tag is
+    appended to index.json when it arrives (a build, pull-cache or import) and never moved. An entry whose name
+    label is another layer's (two names can lower to one tag) is left out."""
+    pattern = entry_tag_pattern(name)
+    found = []
+    for descriptor in store.index().manifests:
+        tag = descriptor.ref_name or ""
+        if pattern.fullmatch(tag):
+            config = store.get_config(store.get_manifest(descriptor.digest).config.digest)
+            if config.labels.get(LABEL_PREFIX + "name", name) == name:
+                found.append((tag, config))
+    return found
 
 
 def entry_layers(store: Store, layer: EntryLayer) -> list[LayerBlob]:
