@@ -29,11 +29,12 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LEAVES | {"oci", "store", "net"},
     "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import
     "engine": LEAVES | {"oci"},
+    "engineimages": LEAVES | {"oci", "store", "engine", "archive"},  # what ocibuild loaded into an engine
     "runcache": LEAVES | {"store"},  # the compile step's cache directories under the store
     "doctor": LEAVES | {"config", "engine"},
     "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
-                       "resolve"},
+                       "engineimages", "resolve"},
     "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},
     "cli": {"*"},

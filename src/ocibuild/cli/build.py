@@ -24,17 +24,18 @@ from .common import engine_factory, open_store, print_json, print_layers, progre
 if TYPE_CHECKING:
     from ..oci import Descriptor
     from ..planner import BuildResult, Plan
+    from ..recipe.project import Project
 
 
 def load_plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None, *,
-              offline: bool, resolve: bool = True, only: Sequence[str] = ()) -> Plan:
-    """The plan of the project at ``-C`` (with ``only``: of those layers and the layers they need). With
-    ``resolve``, moving inputs missing from ocibuild.lock are resolved first (not ``offline``: only those that need
-    no network) and the lock is written; without, it is only read."""
+              offline: bool, resolve: bool = True, only: Sequence[str] = (), project: Project | None = None) -> Plan:
+    """The plan of the project at ``-C`` (or of ``project``, read from it already; with ``only``: of those layers
+    and the layers they need). With ``resolve``, moving inputs missing from ocibuild.lock are resolved first (not
+    ``offline``: only those that need no network) and the lock is written; without, it is only read."""
     from .. import planner
     from ..inputs import StatCache
 
-    project = project_of(args)
+    project = project or project_of(args)
     unknown = [name for name in only if name not in project.layer_names]
     if unknown:
         raise UsageError(f"{args.command}: no layer {', '.join(repr(n) for n in unknown)} in {PROJECT_FILE}",
@@ -68,11 +69,11 @@ def remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Regis
 
 
 def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Registries, *,
-                only: Sequence[str] = ()) -> Plan:
+                only: Sequence[str] = (), project: Project | None = None) -> Plan:
     """The plan (of ``only`` and what they need, or of every layer), with what the team cache holds pulled."""
     from .. import teamcache
 
-    plan = load_plan(args, store, registries, offline=args.offline, only=only)
+    plan = load_plan(args, store, registries, offline=args.offline, only=only, project=project)
     plan, remote = remote_plan(args, plan, registries)
     if remote is not None:
         client, repository, remotes = remote
@@ -80,13 +81,14 @@ def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Reg
     return plan
 
 
-def build_project(args: argparse.Namespace, config: Config, store: Store, *,
-                  strict: bool = False) -> tuple[Plan, BuildResult]:
-    """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`."""
+def build_project(args: argparse.Namespace, config: Config, store: Store, *, strict: bool = False,
+                  project: Project | None = None) -> tuple[Plan, BuildResult]:
+    """Plan, pull from the cache what it holds, build the rest, assemble: `build`, and the first half of `run`
+    (which may pass the project, read already)."""
     from .. import planner
 
     registries = registries_of(config)
-    plan = pulled_plan(args, store, registries)
+    plan = pulled_plan(args, store, registries, project=project)
     result = planner.build(plan, store, offline=args.offline, strict=strict, output=progress,
                            engine=engine_factory(config, plan.project, args.engine), registries=registries)
     return plan, result
@@ -178,17 +180,25 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def gc_command(args: argparse.Namespace) -> int:
+    from .. import engineimages
+
     config, store = open_store(args)
     removed, freed = store.gc()
+    engine = engineimages.gc(store)
     caches = _remove_caches(config, store) if args.caches else None
     if args.json:
-        doc: dict[str, object] = {"removed": removed, "bytes": freed}
+        doc: dict[str, object] = {"removed": removed, "bytes": freed,
+                                  "engine": [{"engine": r.engine, "kind": r.kind, "id": r.id, "names": list(r.names)}
+                                             for r in engine]}
         if caches is not None:
             doc["caches"] = [{"project": c.project, "engine": c.engine, "path": c.path, "bytes": c.bytes}
                              for c in caches]
         print_json(doc)
         return 0
     print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
+    for r in engine:
+        print(f"removed the {r.engine} {r.kind} {r.id[:12] if r.kind == 'image' else r.id}"
+              + (f" ({', '.join(r.names)})" if r.names else ""))
     if caches is not None:
         for c in caches:
             print(f"removed the cache {c.path} of {c.project} ({c.engine}), {c.bytes / 1e6:.1f} MB")
