@@ -239,7 +239,7 @@ class Engine:
             image_id = out.strip().splitlines()[-1] if out.strip() else image_id
             by_path = [n for n in self.image_names(image_id) or () if n.startswith(f"localhost{alias}:")]
             if by_path:
-                self._call("untag", image_id, *by_path, what=f"untag {image_id[:12]}")
+                self.untag(image_id, by_path)
         elif not present:
             self._call("load", "--input", str(archive()), what=f"loading image {tag}")
             return image_id
@@ -266,11 +266,14 @@ class Engine:
                          what=f"images {repository}")
         return {str(i["Id"]): [str(n) for n in i.get("Names") or ()] for i in json.loads(out or "[]")}
 
+    def untag(self, image_id: str, names: Sequence[str]) -> None:
+        self._call("untag", image_id, *names, what=f"untag {image_id[:12]}")
+
     def remove_image(self, image_id: str, names: Sequence[str]) -> bool:
         """Remove image ``image_id``, first taking off ``names`` (all of its names), never by force: False when a
         container still uses it (then it stays, without those names)."""
         if names:
-            self._call("untag", image_id, *names, what=f"untag {image_id[:12]}")
+            self.untag(image_id, names)
         try:
             whales_run([*self.cmd, "rmi", image_id])
         except self._error as err:

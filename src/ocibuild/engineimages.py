@@ -5,7 +5,7 @@ Names, with ``H`` the first 12 hex digits of the sha256 of the store's path (two
 ``[image] name`` keep their own images in one engine):
 
 - ``localhost/NAME:H``: the image `ocibuild run` and `shell` run, NAME being ``[image] name`` in lowercase with
-  any other character than letters, digits, ``.``, ``_`` and ``-`` made ``-`` (``--source-mount`` runs the image
+  each run of characters other than letters and digits made ``-`` (``--source-mount`` runs the image
   ``NAME-source-mount``: the stack without the mounted copy layers);
 - ``localhost/ocibuild-stage:H-KEY``: the stack a run layer runs on (KEY: 16 hex digits of the layer's key).
 
@@ -14,8 +14,9 @@ private area: ``ocibuild/engine/<hash>.json`` = ``{"engine": "podman", "args": [
 "stale": [id, ...]}``. ``images`` is what each name was last loaded as; ``stale`` what ocibuild loaded and no
 longer runs: the image a new one replaced, a stage once its layer is built. Stale images are removed when
 `ocibuild run` loads a new image, and by `ocibuild gc` — never by force: one a container still uses stays
-listed until a later try. An image that got a name ocibuild did not give it is no longer ocibuild's: it is
-dropped from the record and left alone.
+listed until a later try. An image that also has a name ocibuild did not give it for this store (a user's
+tag, another store's image of the same content) is no longer this store's: its names from this store are taken
+off, and the image is left to whoever else names it.
 
 The record lets a no-op `ocibuild run` skip everything but one question to the engine (does it still hold that
 id?), asked while ocibuild plans (:meth:`Engine.has_image_later`).
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import Engine
-from .errors import EngineError
+from .errors import EngineError, StoreError
 from .files import atomic_write
 from .oci import Descriptor
 from .store import Store
@@ -109,7 +110,11 @@ def _record(store: Store, engine: Engine) -> Iterator[dict[str, Any]]:
         before = json.dumps(doc, sort_keys=True)
         yield doc
         if json.dumps(doc, sort_keys=True) != before:
-            atomic_write(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+            try:
+                atomic_write(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+            except OSError as err:
+                raise StoreError(f"write {path}: {err.strerror}", "check the store's permissions and free space") \
+                    from None
 
 
 def load(store: Store, engine: Engine, tag: str, image: Descriptor, name: str, *,
@@ -181,11 +186,15 @@ def sweep(store: Store, engine: Engine, *, stages: bool = False) -> list[Removed
     settled = []
     for image_id in candidates:
         names = None if image_id in current else engine.image_names(image_id)
-        if names is not None and all(_ours(store, n) for n in names):
+        ours = [n for n in names or () if _ours(store, n)]
+        if names is not None and len(ours) < len(names):  # named by someone else too (another store): theirs now
+            if ours:
+                engine.untag(image_id, ours)
+        elif names is not None:
             if not engine.remove_image(image_id, names):
                 continue  # a container uses it: next time
             removed.append(Removed(engine.name, "image", image_id, tuple(names)))
-        settled.append(image_id)  # removed, gone, run again, or named by someone else since (theirs now)
+        settled.append(image_id)  # removed, gone, run again, or left to whoever else names it
     with _record(store, engine) as changed:
         changed["stale"] = [i for i in changed["stale"] if i not in settled]
     return removed
@@ -215,6 +224,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _gone(args: list[Any]) -> bool:
+    """The engine's storage (``--root DIR``) no longer exists: nothing of ours is left there, and asking the
+    engine would make it again."""
+    return any(a == "--root" and i + 1 < len(args) and not Path(str(args[i + 1])).exists() for i, a in enumerate(args))
+
+
 def gc(store: Store) -> list[Removed]:
     """`ocibuild gc`: in every engine ocibuild loaded images of ``store`` into, remove what :func:`sweep` removes,
     stages included. An engine no longer installed is skipped."""
@@ -222,7 +237,7 @@ def gc(store: Store) -> list[Removed]:
     for path in sorted(store.private_dir(_DIR).glob("*.json")):
         doc = _read(path)
         name, args = doc.get("engine"), doc.get("args")
-        if not isinstance(name, str) or not isinstance(args, list) or shutil.which(name) is None:
+        if not isinstance(name, str) or not isinstance(args, list) or shutil.which(name) is None or _gone(args):
             continue
         try:
             removed += sweep(store, Engine(name, [str(a) for a in args]), stages=True)

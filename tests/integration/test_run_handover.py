@@ -169,3 +169,34 @@ def test_stages_go_when_the_image_is_loaded_and_gc_removes_a_leftover(tmp_path: 
     record.write_text(json.dumps({**doc, "stale": []}))  # as if the build was killed before it retired the stage
     removed = json.loads(run_ocibuild("gc", "--store", where[3], "--json").stdout)["engine"]
     assert [(r["kind"], r["id"]) for r in removed] == [("image", stage)] and stages() == []
+
+
+def test_an_image_two_stores_share_goes_only_when_neither_names_it(tmp_path: Path, podman: Podman) -> None:
+    """Two checkouts of one project build the same images: each names the run image and the stage of its run
+    layer; loading a new image in one only takes that one's names off, and an image goes when neither names it."""
+    tool = 'kind = "run"\nscript = "tool.sh"\nneeds = ["base"]\n'
+    roots = [busybox_project(tmp_path / side, {"tool": tool, "src": SOURCE},
+                             {"src/main.go": "package main\n", "layers/tool/tool.sh": "echo 1 > /opt-tool\n",
+                              "rootfs/etc/test": f"{tmp_path.name}\n"}, image=f'workdir = "{WORKDIR}"\n', run=RUN)
+             for side in ("a", "b")]
+    wheres = [["-C", str(root), "--store", str(root.parent / "store")] for root in roots]
+    stage_names = [f"localhost/ocibuild-stage:{engine_name(w).split(':')[1]}-" for w in wheres]
+
+    def named(prefix: str) -> dict[str, list[str]]:
+        listed = json.loads(podman("images", "--format", "json").stdout)
+        return {i["Id"]: sorted(n for n in i.get("Names") or () if n.startswith(prefix)) for i in listed
+                if any(n.startswith(prefix) for n in i.get("Names") or ())}
+
+    for where in wheres:
+        run_ocibuild("build", *where)
+    [(stage, both)] = named("localhost/ocibuild-stage:").items()
+    assert len(both) == 2
+    run_ocibuild("run", *wheres[0])  # a's stage is stale: only its name goes
+    assert named("localhost/ocibuild-stage:") == {stage: [n for n in both if n.startswith(stage_names[1])]}
+    run_ocibuild("run", *wheres[1])
+    [shared] = images_named(podman, engine_name(wheres[0]))
+    assert not image_exists(podman, stage) and named("localhost/bb:") == {shared: sorted(map(engine_name, wheres))}
+    for where in wheres:
+        edit(where)
+        run_ocibuild("run", *where)
+    assert not image_exists(podman, shared)

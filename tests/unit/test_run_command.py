@@ -247,3 +247,20 @@ def test_source_mount_runs_the_stack_without_the_copy_layers_it_mounts(make_proj
     assert mounted.layer_names == ("base", "docs", "gen")  # docs is mounted too, but gen needs it
     assert mounted.image.layers == mounted.layer_names and mounted.image.name == "dev-source-mount"
     assert (mounted.image.workdir, mounted.image.env) == (project.image.workdir, project.image.env)
+
+
+def test_gc_leaves_an_engine_storage_that_is_gone_alone(env: Path, store: Store, capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """gc asks each engine a record names, except one whose storage (--root) was removed: asking podman would make
+    it again, and nothing of ours can be left there."""
+    for root in (env / "gone", env):
+        args = ["--root", str(root)]
+        record = hashlib.sha256(json.dumps(["podman", *args]).encode()).hexdigest()[:16]
+        (store.private_dir("engine") / f"{record}.json").write_text(json.dumps(
+            {"engine": "podman", "args": args, "images": {}, "stale": ["ab" * 32]}))
+    assert main(["gc", "--store", str(store.root), "--json"]) == 0
+    asked = engine_lines(env, "podman")
+    assert f"--root {env} rmi {'ab' * 32}" in asked and not (env / "gone").exists()
+    assert all(line.startswith(f"--root {env} ") for line in asked)
+    assert json.loads(capsys.readouterr().out)["engine"] == [
+        {"engine": "podman", "kind": "image", "id": "ab" * 32, "names": []}]
