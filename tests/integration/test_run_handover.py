@@ -182,20 +182,22 @@ def test_an_image_two_stores_share_goes_only_when_neither_names_it(tmp_path: Pat
     wheres = [["-C", str(root), "--store", str(root.parent / "store")] for root in roots]
     stage_names = [f"localhost/ocibuild-stage:{engine_name(w).split(':')[1]}-" for w in wheres]
 
-    def named(prefix: str) -> dict[str, list[str]]:
+    def named(*prefixes: str) -> dict[str, list[str]]:
+        """The images with a name of these stores starting so (the session's storage is shared): id → those names."""
         listed = json.loads(podman("images", "--format", "json").stdout)
-        return {i["Id"]: sorted(n for n in i.get("Names") or () if n.startswith(prefix)) for i in listed
-                if any(n.startswith(prefix) for n in i.get("Names") or ())}
+        return {i["Id"]: sorted(n for n in i.get("Names") or () if n.startswith(prefixes)) for i in listed
+                if any(n.startswith(prefixes) for n in i.get("Names") or ())}
 
     for where in wheres:
         run_ocibuild("build", *where)
-    [(stage, both)] = named("localhost/ocibuild-stage:").items()
+    [(stage, both)] = named(*stage_names).items()
     assert len(both) == 2
     run_ocibuild("run", *wheres[0])  # a's stage is stale: only its name goes
-    assert named("localhost/ocibuild-stage:") == {stage: [n for n in both if n.startswith(stage_names[1])]}
+    assert named(*stage_names) == {stage: [n for n in both if n.startswith(stage_names[1])]}
     run_ocibuild("run", *wheres[1])
     [shared] = images_named(podman, engine_name(wheres[0]))
-    assert not image_exists(podman, stage) and named("localhost/bb:") == {shared: sorted(map(engine_name, wheres))}
+    assert not image_exists(podman, stage) and named(*map(engine_name, wheres)) == {
+        shared: sorted(map(engine_name, wheres))}
     for where in wheres:
         edit(where)
         run_ocibuild("run", *where)
