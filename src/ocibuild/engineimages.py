@@ -182,7 +182,7 @@ def sweep(store: Store, engine: Engine, *, stages: bool = False) -> list[Removed
     candidates = [i for i in record.get("stale", []) if isinstance(i, str)]
     if stages and engine.name == "podman":
         candidates += [i for i, names in engine.images_named(STAGE_REPOSITORY).items()
-                       if i not in candidates and names and all(_ours(store, n) for n in names)]
+                       if i not in candidates and any(_ours(store, n) for n in names)]
     settled = []
     for image_id in candidates:
         names = None if image_id in current else engine.image_names(image_id)
