@@ -14,7 +14,8 @@ PHASES = (("merge layer", ("_merge_layer",)), ("run layers", ("_build_run_layer"
           ("assemble (conflict check, image)", ("assemble",)), ("plan (keys, input trees)", ("load_plan", "make_plan")),
           ("ocibuild run", ("run_command",)))
 OPERATIONS = (("stage the stack into podman", ("staged", "Engine.load_from_layout")),
-              ("remove the container", ("Engine.remove_container",)), ("the compile step", ("Engine.run_attached",)),
+              ("remove the container", ("Engine.remove_container",)),
+              ("the compile step (when ocibuild stays its parent)", ("Engine.supervise",)),
               ("the script in its container", ("Engine.run",)), ("podman diff", ("Engine.diff",)),
               ("capture: mount, read the changes, write the blob", ("capture_container",)),
               ("read layers (listings, bookkeeping files)",

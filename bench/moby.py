@@ -390,15 +390,16 @@ def settle(oci: Ocibuild) -> str:
 
 def scenario_compile_mount(oci: Ocibuild, runs: int) -> dict[str, object]:
     image = settle(oci)  # the image before the edits: podman's side needs no rebuild
+    run(oci.cmd("run", "--source-mount", "--", "true"), env=oci.env)  # untimed: its image (no source) assembled once
     try:
-        times = interleave({"ocibuild run --source-mount": ocibuild_run_case(oci, "compile-mount", rebuilds=True,
+        times = interleave({"ocibuild run --source-mount": ocibuild_run_case(oci, "compile-mount", rebuilds=False,
                                                                              extra=["--source-mount"]),
                             "podman run -v src": podman_case(oci.engine, lambda: image, "compile-mount",
                                                              source_mount=True)}, runs, before_run=edit)
     finally:
         restore_edit()
-    return report("moby compile step with the source mounted, after an edit (today ocibuild still rebuilds the "
-                  "source layer)", times, [("podman / ocibuild", "podman run -v src", "ocibuild run --source-mount")],
+    return report("moby compile step with the source mounted, after an edit (the mounted source layer is left "
+                  "out of the image: nothing rebuilds)", times, [("podman / ocibuild", "podman run -v src", "ocibuild run --source-mount")],
                   extra={"load": os.getloadavg()})
 
 

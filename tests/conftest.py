@@ -107,9 +107,10 @@ def podman_leaves_nothing(request: pytest.FixtureRequest, tmp_path_factory: pyte
     with its own storage); at the end the host's podman storage must hold no image or container of this session.
 
     Only what this session could have made counts, so images other processes make meanwhile do not: an image is
-    ours when a name of it holds pytest's base temporary directory (podman names an image pulled from
-    ``oci:PATH`` after PATH) or the alias ocibuild made for such a path (see ``engine.podman_layout_path``); a
-    container is ours when its image is. The session's own storage must hold no container either: ocibuild
+    ours when a store under pytest's base temporary directory records it as loaded into the host's storage (see
+    ``ocibuild.engineimages``), or when a name of it holds that directory (podman names an image pulled from
+    ``oci:PATH`` after PATH, a name ocibuild drops right after) or the alias ocibuild made for such a path (see
+    ``engine.podman_layout_path``); a container is ours when its image is. The session's own storage must hold no container either: ocibuild
     removes every container it starts."""
     if not any(item.get_closest_marker("podman") for item in request.session.items):
         yield
@@ -140,10 +141,15 @@ def host_leftovers(basetemp: Path) -> list[str]:
     containers = subprocess.run([exe, "ps", "--all", "--format", "json"], capture_output=True, text=True,
                                 timeout=120)
     assert listed.returncode == 0 and containers.returncode == 0, listed.stderr + containers.stderr
+    recorded = set()
+    for record in basetemp.glob("**/ocibuild/engine/*.json"):
+        doc = json.loads(record.read_text())
+        if "--root" not in doc.get("args", []):  # loaded into the host's storage
+            recorded.update([*doc.get("images", {}).values(), *doc.get("stale", [])])
     found, ids = [], set()
     for image in json.loads(listed.stdout or "[]"):
         names = [name for name in image.get("Names") or () if any(path in name for path in ours)]
-        if names:
+        if names or image["Id"] in recorded:
             found.append(f"image {image['Id'][:12]} {' '.join(names)}")
             ids.add(image["Id"])
     for container in json.loads(containers.stdout or "[]"):

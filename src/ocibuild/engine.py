@@ -14,18 +14,21 @@ recording stand-in. It lacks ``diff``/``mount``, so run layers need podman; ``oc
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import signal
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import EngineError, StepFailed
 
@@ -35,6 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINES = ("podman", "nerdctl")
+#: Signals Python starts ignoring, which a program it starts should get back at their default.
+_PYTHON_IGNORES = {signal.SIGPIPE, signal.SIGXFSZ}
+#: Signals :meth:`Engine.supervise` passes on to the engine when they were sent to ocibuild alone.
+_FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+#: siginfo's si_code of a signal the kernel sent (a terminal's ^C, ^\, hang-up: the whole process group got it).
+_SI_KERNEL = 0x80
 Output = Callable[[str], None]
 
 
@@ -69,6 +78,39 @@ def _docker_exception() -> type[DockerException]:
 def _stderr_of(err: DockerException) -> str:
     text = err.stderr or ""
     return " ".join(line.strip() for line in text.strip().splitlines()[-3:]) or f"exit code {err.return_code}"
+
+
+def created_mount_points(mounts: Sequence[BindMount]) -> list[Path]:
+    """The host paths the engine will create for ``mounts``: a mount whose container path lies inside another
+    bind-mounted directory needs its mount point in that directory, and the runtime makes a missing one there —
+    on the host (an empty directory, or an empty file for a file). Outermost first, for
+    :func:`remove_mount_points` after the container."""
+    created: list[Path] = []
+    for mount in mounts:
+        target = PurePosixPath(mount.container)
+        around = [m for m in mounts if PurePosixPath(m.container) in target.parents]
+        if not around:
+            continue
+        parent = max(around, key=lambda m: len(PurePosixPath(m.container).parts))
+        path = parent.host
+        for part in target.relative_to(PurePosixPath(parent.container)).parts:
+            path = path / part
+            if path not in created and not os.path.lexists(path):
+                created.append(path)
+    return sorted(created, key=lambda p: len(p.parts))
+
+
+def remove_mount_points(paths: Sequence[Path]) -> None:
+    """Remove what :func:`created_mount_points` named, innermost first, where it is still an empty directory or
+    an empty file (something written there since stays)."""
+    for path in reversed(paths):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            elif path.is_file() and not path.is_symlink() and path.stat().st_size == 0:
+                path.unlink()
+        except OSError as err:
+            log.warning("left the mount point %s: %s", path, err.strerror)
 
 
 _NAME_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
@@ -117,9 +159,19 @@ class Engine:
         self.name = name
         self.executable = executable or shutil.which(name) or name
         self.args = tuple(args)
-        self._client = _whales().DockerClient(client_call=[self.executable, *self.args],
-                                              client_type="podman" if name == "podman" else "nerdctl")
-        self._error = _docker_exception()
+        self._whales_client: Any = None
+
+    @property
+    def _client(self) -> Any:
+        """python-on-whales' client, made on first use: management calls only (see the module docstring)."""
+        if self._whales_client is None:
+            self._whales_client = _whales().DockerClient(client_call=self.cmd,
+                                                         client_type="podman" if self.name == "podman" else "nerdctl")
+        return self._whales_client
+
+    @property
+    def _error(self) -> type[DockerException]:
+        return _docker_exception()
 
     @classmethod
     def detect(cls, choice: str = "auto", args: Sequence[str] = ()) -> Engine:
@@ -136,7 +188,8 @@ class Engine:
 
     @property
     def cmd(self) -> list[str]:
-        return [str(part) for part in self._client.client_config.docker_cmd]
+        """The engine's command line up to its subcommand: the executable and the user's global flags."""
+        return [self.executable, *self.args]
 
     def _call(self, *args: str, what: str) -> str:
         try:
@@ -154,25 +207,80 @@ class Engine:
 
     # ---- images ----
 
-    def has_image(self, image_id: str) -> bool:
+    def has_image_later(self, image_id: str) -> Callable[[], bool]:
+        """Start asking whether the engine holds ``image_id`` and return the function that waits for the answer:
+        the question (podman's start-up, 0.04–0.08 s) runs while ocibuild plans. No python-on-whales: this is on the
+        path of a no-op ``ocibuild run``."""
+        import subprocess
+
+        question = ["image", "exists", image_id] if self.name == "podman" else ["image", "inspect", image_id]
         try:
-            return bool(self._client.image.exists(image_id))
-        except self._error:
-            return False
+            process = subprocess.Popen([*self.cmd, *question], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        except OSError:
+            return lambda: False
+        return lambda: process.wait() == 0
 
-    def load_from_layout(self, layout: Path, tag: str, image_id: str, archive: Callable[[], Path]) -> str:
-        """Make the image ``tag`` of the OCI layout ``layout`` available; returns the engine's image id.
+    def has_image(self, image_id: str) -> bool:
+        return self.has_image_later(image_id)()
 
-        podman copies from the layout and skips layers it already holds; nerdctl can only load an archive,
-        made by ``archive()`` when needed. Nothing moves when the engine already has ``image_id``."""
-        if self.has_image(image_id):
+    def load_from_layout(self, layout: Path, tag: str, image_id: str, name: str, archive: Callable[[], Path], *,
+                         present: bool | None = None) -> str:
+        """Make the image ``tag`` of the OCI layout ``layout`` available as ``name``; returns the engine's image id.
+
+        podman copies from the layout and skips layers it already holds; it names an image pulled from a layout
+        after the layout's path, a name dropped here. nerdctl can only load an archive, made by ``archive()``
+        (named ``name``) when needed. Nothing moves when the engine already has ``image_id`` (``present``: known
+        already, else asked)."""
+        if present is None:
+            present = self.has_image(image_id)
+        if not present and self.name == "podman":
+            alias = podman_layout_path(layout)
+            out = self._call("pull", "--quiet", f"oci:{alias}:{tag}", what=f"loading image {tag}")
+            image_id = out.strip().splitlines()[-1] if out.strip() else image_id
+            by_path = [n for n in self.image_names(image_id) or () if n.startswith(f"localhost{alias}:")]
+            if by_path:
+                self.untag(image_id, by_path)
+        elif not present:
+            self._call("load", "--input", str(archive()), what=f"loading image {tag}")
             return image_id
-        if self.name == "podman":
-            source = f"oci:{podman_layout_path(layout)}:{tag}"
-            out = self._call("pull", "--quiet", source, what=f"loading image {tag}")
-            return out.strip().splitlines()[-1] if out.strip() else image_id
-        self._call("load", "--input", str(archive()), what=f"loading image {tag}")
+        self._call("tag", image_id, name, what=f"tag {image_id[:12]} {name}")
         return image_id
+
+    def image_names(self, image_id: str) -> list[str] | None:
+        """The names of image ``image_id``; None when the engine does not hold it."""
+        try:
+            out = whales_run([*self.cmd, "image", "inspect", "--format", "{{json .RepoTags}}", image_id])
+        except self._error as err:
+            if "image not known" in (err.stderr or "") or "no such image" in (err.stderr or "").lower():
+                return None
+            raise EngineError(f"{self.name} image inspect {image_id[:12]} failed: {_stderr_of(err)}",
+                              self._hint()) from None
+        except FileNotFoundError:
+            raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
+        names = json.loads(str(out).strip().splitlines()[-1] if str(out).strip() else "null")
+        return [str(n) for n in names or ()]
+
+    def images_named(self, repository: str) -> dict[str, list[str]]:
+        """The images with a name in ``repository``: id → every name of it."""
+        out = self._call("images", "--format", "json", "--filter", f"reference={repository}",
+                         what=f"images {repository}")
+        return {str(i["Id"]): [str(n) for n in i.get("Names") or ()] for i in json.loads(out or "[]")}
+
+    def untag(self, image_id: str, names: Sequence[str]) -> None:
+        self._call("untag", image_id, *names, what=f"untag {image_id[:12]}")
+
+    def remove_image(self, image_id: str, names: Sequence[str]) -> bool:
+        """Remove image ``image_id``, first taking off ``names`` (all of its names), never by force: False when a
+        container still uses it (then it stays, without those names)."""
+        if names:
+            self.untag(image_id, names)
+        try:
+            whales_run([*self.cmd, "rmi", image_id])
+        except self._error as err:
+            log.info("%s keeps image %s: %s", self.name, image_id[:12], _stderr_of(err))
+            return False
+        return True
 
     # ---- containers ----
 
@@ -225,18 +333,18 @@ class Engine:
         except FileNotFoundError:
             raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
 
-    def run_attached(self, image: str, command: Sequence[str], *, mounts: Sequence[BindMount],
-                     env: Mapping[str, str | None], workdir: str | None, interactive: bool, network: bool = True,
-                     privileged: bool = False, tty: bool | None = None) -> int:
-        """The compile step (and ``ocibuild shell``): the container's output straight on our terminal; returns
-        its exit code. ``interactive`` passes our stdin (``-i``); ``tty`` allocates a terminal (``-t``; None:
-        when interactive and both stdin and stdout are terminals). An ``env`` value of None passes the variable
-        by name (``-e NAME``): the engine reads it from our environment, so a secret is not on its command line."""
+    def run_command_line(self, image: str, command: Sequence[str], *, mounts: Sequence[BindMount],
+                         env: Mapping[str, str | None], workdir: str | None, interactive: bool, network: bool = True,
+                         privileged: bool = False, tty: bool | None = None) -> list[str]:
+        """The compile step's (and ``ocibuild shell``'s) command line, for :meth:`hand_over` or :meth:`supervise`.
+        ``interactive`` passes our stdin (``-i``); ``tty`` allocates a terminal (``-t``; None: when interactive and
+        both stdin and stdout are terminals). An ``env`` value of None passes the variable by name (``-e NAME``):
+        the engine reads it from our environment, so a secret is not on its command line."""
         if privileged:
             self.check_privileged()
         if tty is None:
             tty = interactive and os.isatty(0) and os.isatty(1)
-        argv = ["run", "--rm", "--pull=never"] + ([] if network else ["--network=none"])
+        argv = [*self.cmd, "run", "--rm", "--pull=never"] + ([] if network else ["--network=none"])
         argv += ["--privileged"] if privileged else []
         argv += (["-i"] if interactive else []) + (["-t"] if tty else [])
         for m in mounts:
@@ -245,14 +353,54 @@ class Engine:
             argv += ["-e", key if value is None else f"{key}={value}"]
         if workdir:
             argv += ["-w", workdir]
-        argv += [image, *command]
+        return [*argv, image, *command]
+
+    def hand_over(self, argv: Sequence[str]) -> NoReturn:
+        """Become the engine running ``argv`` (exec): its signals, terminal and exit code are then the engine's
+        own, and ocibuild costs nothing while the container runs. Signals Python ignores (SIGPIPE, SIGXFSZ) are
+        given back their default first, as a shell would start the engine."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for sig in _PYTHON_IGNORES:
+            signal.signal(sig, signal.SIG_DFL)
         try:
-            whales_run([*self.cmd, *argv], capture_stdout=False, capture_stderr=False)
-        except self._error as err:
-            return int(err.return_code)
-        except FileNotFoundError:
-            raise EngineError(f"{self.executable} is not installed", "install podman, or run `ocibuild doctor`") from None
-        return 0
+            os.execvp(argv[0], list(argv))
+        except OSError as err:
+            for sig in _PYTHON_IGNORES:
+                signal.signal(sig, signal.SIG_IGN)
+            raise EngineError(f"cannot start {argv[0]}: {err.strerror}", "install podman, or run `ocibuild doctor`") \
+                from None
+
+    def supervise(self, argv: Sequence[str], after: Callable[[], None]) -> int:
+        """Run ``argv`` as our child, then ``after()``; the child's exit code (128 + N when signal N ended it).
+        For when something must happen after the container (see :func:`created_mount_points`); otherwise
+        :meth:`hand_over`. The child gets the terminal as an exec'd engine would: it stays in our process group,
+        so a terminal's ^C, ^\\ or hang-up reaches it directly; the same signals sent to us alone (``kill PID``)
+        are forwarded. They are blocked here and taken with sigtimedwait, so none is lost between the spawn and
+        the wait, and none ends ocibuild before ``after()``."""
+        waited = {*_FORWARDED, signal.SIGCHLD}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+        try:
+            try:
+                pid = os.posix_spawnp(argv[0], list(argv), os.environ, setsigmask=previous,
+                                      setsigdef=_PYTHON_IGNORES)
+            except OSError as err:
+                raise EngineError(f"cannot start {argv[0]}: {err.strerror}",
+                                  "install podman, or run `ocibuild doctor`") from None
+            try:
+                while True:
+                    info = signal.sigtimedwait(waited, 1.0)
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    if info is not None and info.si_signo in _FORWARDED and info.si_code != _SI_KERNEL:
+                        os.kill(pid, info.si_signo)  # sent to us alone; a terminal's reached the child already
+            finally:
+                after()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        code = os.waitstatus_to_exitcode(status)
+        return 128 - code if code < 0 else code
 
     def diff(self, container: str) -> dict[str, str]:
         """Paths the container changed: ``{"/path": "A" | "C" | "D"}``."""
@@ -317,6 +465,13 @@ class Engine:
             self._client.container.kill(container)
         except self._error as err:
             log.debug("could not kill container %s: %s", container, _stderr_of(err))
+
+    def stopped_containers(self, prefix: str) -> list[str]:
+        """The names of the containers whose name starts with ``prefix`` that are not running (created, exited)."""
+        out = self._call("ps", "--all", "--format", "json", "--filter", f"name=^{re.escape(prefix)}",
+                         what=f"ps {prefix}")
+        return [str(name) for c in json.loads(out or "[]") if str(c.get("State", "")).lower() in ("created", "exited")
+                for name in c.get("Names") or () if str(name).startswith(prefix)]
 
     def container_exists(self, container: str) -> bool:
         try:

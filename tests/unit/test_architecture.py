@@ -30,12 +30,13 @@ ALLOWED: dict[str, set[str]] = {
     "registry": LEAVES | {"oci", "store", "net"},
     "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import
     "engine": LEAVES | {"oci"},
+    "engineimages": LEAVES | {"oci", "store", "engine", "archive"},  # what ocibuild loaded into an engine
     "runcache": LEAVES | {"store"},  # the cache directories of the compile step and of run layers, in the store
     "bookkeeping": LEAVES | {"oci", "store"},  # package bookkeeping files, and each layer's record of them
     "doctor": LEAVES | {"config", "engine"},
     "resolve": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry"},
     "build": LEAVES | {"oci", "recipe", "tar", "store", "inputs", "net", "registry", "archive", "engine",
-                       "resolve", "bookkeeping", "runcache"},
+                       "engineimages", "resolve", "bookkeeping", "runcache"},
     "planner": LEAVES | {"oci", "recipe", "store", "inputs", "registry", "engine", "resolve", "build",
                          "bookkeeping", "events"},
     "teamcache": LEAVES | {"oci", "recipe", "store", "registry", "planner"},

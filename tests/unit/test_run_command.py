@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,31 @@ def project(make_project, tmp_path: Path) -> Path:
     return make_project({"src": COPY}, image='workdir = "/src"\n' + RUN, files={"src/main.c": "int main;\n"})
 
 
+class HandedOver(Exception):
+    """The engine took over the process: here it ran as a child, and its exit code ends `main`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def ocibuild(argv: list[str]) -> int:
+    """`main(argv)`, whose process the engine takes over (exec) in `run` and `shell`: its exit code."""
+    try:
+        return main(argv)
+    except HandedOver as handed:
+        return handed.code
+
+
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The stand-ins first on PATH; a private runtime directory; the host variables the tests pass."""
+    """The stand-ins first on PATH; a private runtime directory; the host variables the tests pass; the exec that
+    hands the process over to the engine runs it as a child instead (see :func:`ocibuild`)."""
+
+    def execvp(file: str, argv: list[str]) -> None:
+        raise HandedOver(subprocess.run(argv, env=os.environ, timeout=60).returncode)
+
+    monkeypatch.setattr(os, "execvp", execvp)
     for name in ("podman", "nerdctl"):
         stand_in(tmp_path, name)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
@@ -71,7 +94,7 @@ def image_id(store: Store) -> str:
 def test_shell_command_line(env: Path, project: Path, store: Store, name: str) -> None:
     outside = env / "elsewhere"
     outside.mkdir()
-    code = main(["shell", "-C", str(project), "--store", str(store.root), "--engine", name, "-e", "B=2",
+    code = ocibuild(["shell", "-C", str(project), "--store", str(store.root), "--engine", name, "-e", "B=2",
                  "-e", "HOSTVAR", "-e", "ALSO_UNSET", "-v", f"{outside}:/data:ro"])
     assert code == 0
     cache = cache_dir(store, project, name, "/root/.cache/go-build")
@@ -84,13 +107,13 @@ def test_shell_command_line(env: Path, project: Path, store: Store, name: str) -
 def test_shell_on_a_terminal_gets_one(env: Path, project: Path, store: Store,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)
-    assert main(["shell", "-C", str(project), "--store", str(store.root), "--engine", "podman"]) == 0
+    assert ocibuild(["shell", "-C", str(project), "--store", str(store.root), "--engine", "podman"]) == 0
     assert " --pull=never -i -t -v " in engine_lines(env, "podman")[-1]
 
 
 @pytest.mark.parametrize("name", ["podman", "nerdctl"])
 def test_run_command_line_with_privileged_and_command(env: Path, project: Path, store: Store, name: str) -> None:
-    code = main(["run", "-C", str(project), "--store", str(store.root), "--engine", name, "--privileged",
+    code = ocibuild(["run", "-C", str(project), "--store", str(store.root), "--engine", name, "--privileged",
                  "--", "sh", "-c", "x", "--", "y"])
     assert code == 0
     line = engine_lines(env, name)[-1]
@@ -103,16 +126,17 @@ def test_user_volume_replaces_a_recipe_mount_and_must_exist(env: Path, project: 
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     mine = env / "mine"
     mine.mkdir()
-    assert main(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
+    assert ocibuild(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
                  "-v", f"{mine}:/out/"]) == 0
     line = engine_lines(env, "podman")[-1]
     assert f"-v {mine}:/out/ " in line and f"{project}/out:/out" not in line
-    code = main(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
+    before = len(engine_lines(env, "podman"))
+    code = ocibuild(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
                  "-v", f"{env / 'missing'}:/x"])
     assert code == 125
     err = capsys.readouterr().err
     assert f"error: -v {env / 'missing'}:/x: {env / 'missing'} does not exist" in err and "hint: " in err
-    assert len(engine_lines(env, "podman")) == 3  # image exists, pull, run: nothing ran the second time
+    assert len(engine_lines(env, "podman")) == before  # nothing ran the second time
 
 
 @pytest.mark.parametrize("where", ["flag", "recipe"])
@@ -123,7 +147,7 @@ def test_privileged_is_refused_when_rootless(env: Path, project: Path, store: St
     if where == "recipe":
         with (project / "ocibuild.toml").open("a") as f:
             f.write("privileged = true\n")
-    code = main(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
+    code = ocibuild(["run", "-C", str(project), "--store", str(store.root), "--engine", "podman",
                  *(["--privileged"] if where == "flag" else [])])
     assert code == 125
     err = capsys.readouterr().err.splitlines()
@@ -135,7 +159,7 @@ def test_privileged_is_refused_when_rootless(env: Path, project: Path, store: St
 
 def test_gc_caches_removes_and_names_them(env: Path, project: Path, store: Store,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["shell", "-C", str(project), "--store", str(store.root), "--engine", "podman"]) == 0
+    assert ocibuild(["shell", "-C", str(project), "--store", str(store.root), "--engine", "podman"]) == 0
     cache = cache_dir(store, project, "podman", "/root/.cache/go-build")
     (cache / "objects").mkdir()
     (cache / "objects" / "a.o").write_bytes(b"x" * 1000)
@@ -153,7 +177,7 @@ def test_gc_caches_removes_and_names_them(env: Path, project: Path, store: Store
 
 def test_gc_caches_prints_what_it_removed(env: Path, project: Path, store: Store,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["shell", "-C", str(project), "--store", str(store.root), "--engine", "nerdctl"]) == 0
+    assert ocibuild(["shell", "-C", str(project), "--store", str(store.root), "--engine", "nerdctl"]) == 0
     capsys.readouterr()
     assert main(["gc", "--store", str(store.root), "--caches"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(
@@ -185,3 +209,58 @@ def test_options_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.env == [("A", None), ("B", "x=y")]
     assert args.volume == [(tmp_path / "rel", "/r", False), (Path.home() / "k", "/k", True)]
     assert args.privileged and args.cmd == ["make"]
+
+
+@pytest.mark.parametrize("name", ["podman", "nerdctl"])
+def test_the_image_is_loaded_under_its_name_once_then_asked_about_only(env: Path, project: Path, store: Store,
+                                                                       name: str) -> None:
+    """The first run loads the image and names it after [image] name and the store; a no-op run asks the engine
+    one question (does it hold that id?) and runs. nerdctl's command lines are checked as argv only."""
+    argv = ["run", "-C", str(project), "--store", str(store.root), "--engine", name, "--", "true"]
+    assert ocibuild(argv) == 0
+    image, tag = image_id(store), hashlib.sha256(str(store.root).encode()).hexdigest()[:12]
+    lines = engine_lines(env, name)
+    if name == "podman":
+        assert lines[:5] == [f"image exists {image}", f"pull --quiet oci:{store.root}:dev",
+                             f"image inspect --format {{{{json .RepoTags}}}} {image}",
+                             f"tag {image} localhost/dev:{tag}", "ps --all --format json --filter name=^ocibuild\\-"]
+    else:
+        archive = lines[1].split()[-1]
+        assert lines[:2] == [f"image inspect {image}", f"load --input {archive}"]
+        assert Path(archive).parent == store.root / "ocibuild" / "tmp" and not Path(archive).exists()
+    assert lines[-1].startswith("run --rm --pull=never ") and lines[-1].endswith(f" {image} true")
+    assert ocibuild(argv) == 0
+    question = "image exists" if name == "podman" else "image inspect"
+    assert engine_lines(env, name)[len(lines):] == [f"{question} {image}", lines[-1]]
+
+
+def test_source_mount_runs_the_stack_without_the_copy_layers_it_mounts(make_project) -> None:
+    from ocibuild.cli.run import _without_mounted
+    from ocibuild.recipe.project import load_project
+
+    root = make_project({"base": 'kind = "copy"\nfrom = "rootfs"\nto = "/"\n', "src": COPY,
+                         "docs": 'kind = "copy"\nfrom = "docs"\nto = "/docs"\n',
+                         "gen": 'kind = "run"\nscript = "gen.sh"\nneeds = ["base", "docs"]\n'},
+                        image='workdir = "/src"\nenv = { A = "1" }\n', files={"layers/gen/gen.sh": "true\n"})
+    project = load_project(root)
+    mounted = _without_mounted(project)
+    assert mounted.layer_names == ("base", "docs", "gen")  # docs is mounted too, but gen needs it
+    assert mounted.image.layers == mounted.layer_names and mounted.image.name == "dev-source-mount"
+    assert (mounted.image.workdir, mounted.image.env) == (project.image.workdir, project.image.env)
+
+
+def test_gc_leaves_an_engine_storage_that_is_gone_alone(env: Path, store: Store, capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    """gc asks each engine a record names, except one whose storage (--root) was removed: asking podman would make
+    it again, and nothing of ours can be left there."""
+    for root in (env / "gone", env):
+        args = ["--root", str(root)]
+        record = hashlib.sha256(json.dumps(["podman", *args]).encode()).hexdigest()[:16]
+        (store.private_dir("engine") / f"{record}.json").write_text(json.dumps(
+            {"engine": "podman", "args": args, "images": {}, "stale": ["ab" * 32]}))
+    assert main(["gc", "--store", str(store.root), "--json"]) == 0
+    asked = engine_lines(env, "podman")
+    assert f"--root {env} rmi {'ab' * 32}" in asked and not (env / "gone").exists()
+    assert all(line.startswith(f"--root {env} ") for line in asked)
+    assert json.loads(capsys.readouterr().out)["engine"] == [
+        {"engine": "podman", "kind": "image", "id": "ab" * 32, "names": []}]

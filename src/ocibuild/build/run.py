@@ -21,8 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .. import oci, runcache
-from ..archive import write_oci_archive
+from .. import engineimages, oci, runcache
 from ..tar import read
 from ..engine import BindMount, Engine
 from ..errors import EngineError, OcibuildError
@@ -41,22 +40,20 @@ log = logging.getLogger(__name__)
 def staged(store: Store, config_bytes: bytes, manifest: Manifest, key: Digest, engine: Engine) -> Iterator[str]:
     """The image of ``config_bytes`` and ``manifest`` (a stack of layers, see :func:`planner.image_manifest`),
     tagged in the store for the engine to load while the context lasts; yields the engine's image id. The engine
-    copies only layers it lacks; nothing moves when it has the image. ``key`` names the stage."""
+    copies only layers it lacks; nothing moves when it has the image. ``key`` names the stage, in the store and
+    in the engine (see :mod:`ocibuild.engineimages`), which removes it later: stale once the context ends."""
     tag = f"ocibuild-stage-{key.hex[:16]}"
-    archive = store.private_dir("tmp") / f"{tag}.tar"
     store.put(config_bytes, oci.OCI_CONFIG)
     descriptor = store.put_manifest(manifest)
     store.tag(tag, descriptor)
-
-    def write_archive() -> Path:
-        write_oci_archive(store, descriptor, tag, archive)
-        return archive
-
     try:
-        yield engine.load_from_layout(store.root, tag, Digest.of(config_bytes).hex, write_archive)
+        image = engineimages.stage(store, engine, tag, descriptor, key.hex)
+        try:
+            yield image
+        finally:
+            engineimages.retire(store, engine, image)
     finally:
         store.untag(tag)
-        archive.unlink(missing_ok=True)
 
 
 #: Paths a run layer never keeps (``exclude`` in layer.toml extends the list): scratch space, package-manager

@@ -26,17 +26,18 @@ from .progress import Progress, progress_of
 if TYPE_CHECKING:
     from ..oci import Descriptor
     from ..planner import BuildResult, Plan
+    from ..recipe.project import Project
 
 
 def load_plan(args: argparse.Namespace, store: Store, registries: registry.Registries | None = None, *,
-              offline: bool, resolve: bool = True, only: Sequence[str] = ()) -> Plan:
-    """The plan of the project at ``-C`` (with ``only``: of those layers and the layers they need). With
-    ``resolve``, moving inputs missing from ocibuild.lock are resolved first (not ``offline``: only those that need
-    no network) and the lock is written; without, it is only read."""
+              offline: bool, resolve: bool = True, only: Sequence[str] = (), project: Project | None = None) -> Plan:
+    """The plan of the project at ``-C`` (or of ``project``, read from it already; with ``only``: of those layers
+    and the layers they need). With ``resolve``, moving inputs missing from ocibuild.lock are resolved first (not
+    ``offline``: only those that need no network) and the lock is written; without, it is only read."""
     from .. import planner
     from ..inputs import StatCache
 
-    project = project_of(args)
+    project = project or project_of(args)
     unknown = [name for name in only if name not in project.layer_names]
     if unknown:
         raise UsageError(f"{args.command}: no layer {', '.join(repr(n) for n in unknown)} in {PROJECT_FILE}",
@@ -70,11 +71,11 @@ def remote_plan(args: argparse.Namespace, plan: Plan, registries: registry.Regis
 
 
 def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Registries, progress: Progress, *,
-                only: Sequence[str] = ()) -> Plan:
+                only: Sequence[str] = (), project: Project | None = None) -> Plan:
     """The plan (of ``only`` and what they need, or of every layer), with what the team cache holds pulled."""
     from .. import teamcache
 
-    plan = load_plan(args, store, registries, offline=args.offline, only=only)
+    plan = load_plan(args, store, registries, offline=args.offline, only=only, project=project)
     plan, remote = remote_plan(args, plan, registries)
     if remote is not None:
         client, repository, remotes = remote
@@ -85,16 +86,17 @@ def pulled_plan(args: argparse.Namespace, store: Store, registries: registry.Reg
     return plan
 
 
-def build_project(args: argparse.Namespace, config: Config, store: Store, *,
-                  strict: bool = False) -> tuple[Plan, BuildResult]:
+def build_project(args: argparse.Namespace, config: Config, store: Store, *, strict: bool = False,
+                  project: Project | None = None) -> tuple[Plan, BuildResult]:
     """Plan, pull from the cache what it holds, build the rest (``--jobs`` layers at once), assemble: `build`,
-    and the first half of `run`. Its progress display is gone when it returns."""
+    and the first half of `run` (which may pass the project, read already). Its progress display is gone when it
+    returns."""
     from .. import planner
 
     registries = registries_of(config)
     jobs = build_jobs(args)
     with progress_of(args, jobs=jobs) as progress:
-        plan = pulled_plan(args, store, registries, progress)
+        plan = pulled_plan(args, store, registries, progress, project=project)
         result = planner.build(plan, store, offline=args.offline, strict=strict, jobs=jobs, output=progress.line,
                                events=progress.event, engine=engine_factory(config, plan.project, args.engine),
                                registries=registries)
@@ -191,20 +193,28 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def gc_command(args: argparse.Namespace) -> int:
+    from .. import engineimages
+
     config, store = open_store(args)
     removed, freed = store.gc()
+    engine = engineimages.gc(store)
     caches = None
     if args.caches:
         with progress_of(args) as progress:
             caches = _remove_caches(config, store, progress)
     if args.json:
-        doc: dict[str, object] = {"removed": removed, "bytes": freed}
+        doc: dict[str, object] = {"removed": removed, "bytes": freed,
+                                  "engine": [{"engine": r.engine, "kind": r.kind, "id": r.id, "names": list(r.names)}
+                                             for r in engine]}
         if caches is not None:
             doc["caches"] = [{"project": c.project, "engine": c.engine, "path": c.path, "bytes": c.bytes,
                               "layer": c.layer} for c in caches]
         print_json(doc)
         return 0
     print(f"removed {removed} blobs, {freed / 1e6:.1f} MB")
+    for r in engine:
+        print(f"removed the {r.engine} {r.kind} {r.id[:12] if r.kind == 'image' else r.id}"
+              + (f" ({', '.join(r.names)})" if r.names else ""))
     if caches is not None:
         for c in caches:
             of = f"layer '{c.layer}' of {c.project}" if c.layer is not None else c.project

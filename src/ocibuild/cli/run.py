@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,11 +21,11 @@ from ..config import load_config
 from ..errors import OcibuildError
 from ..recipe.project import ENV_NAME, RunSpec
 from .build import build_project
-from .common import engine_factory, open_store, report
+from .common import engine_factory, open_store, project_of, report
 
 if TYPE_CHECKING:
-    from ..engine import BindMount, Engine
-    from ..planner import BuildResult, Plan
+    from ..engine import BindMount
+    from ..recipe.project import LayerRecipe, Project
     from ..store import Store
 
 #: `ocibuild shell`: bash where the image has it (as Docker's `make shell`), else sh; commands from stdin when
@@ -91,10 +92,18 @@ def shell_command(args: argparse.Namespace) -> int:
 
 
 def _in_container(args: argparse.Namespace, command: list[str], *, shell: bool) -> int:
+    """Build (a no-op when cached), make sure the engine holds the image, then hand the process over to the
+    engine (exec): from there signals, terminal and exit code are the engine's own. Nothing on the no-op path
+    imports python-on-whales: the engine's id of the image comes from the record of what ocibuild loaded (see
+    :mod:`ocibuild.engineimages`), and the one question to the engine — does it still hold it? — runs while
+    ocibuild plans. Only when the engine would create mount points in a mounted host tree does ocibuild stay,
+    as the engine's parent, to remove them afterwards (see :func:`engine.created_mount_points`)."""
+    from .. import engineimages
+    from ..engine import created_mount_points, remove_mount_points
+
     try:
         config, store = open_store(args)
-        plan, result = build_project(args, config, store)
-        project = plan.project
+        project = project_of(args)
         engine = engine_factory(config, project, args.engine)()
         privileged = args.privileged or project.run.privileged
         if privileged:
@@ -103,28 +112,61 @@ def _in_container(args: argparse.Namespace, command: list[str], *, shell: bool) 
         if not command:
             raise OcibuildError("nothing to run: [run] command is empty and no command was given",
                                 "add [run] command = [...] to ocibuild.toml, or run `ocibuild run -- COMMAND`")
-        mounts = _mounts(args, plan, store, engine.name)
-        env = compile_env(project.run, args.env, os.environ)
-        image, workdir = _load_image(store, result, plan, engine)
+        mounts = _mounts(args, project, store, engine.name)
+        image_project = _without_mounted(project) if args.source_mount else project
+        name = engineimages.image_name(image_project.image.name, store)
+        recorded = engineimages.loaded(store, engine, name)
+        present = engine.has_image_later(recorded) if recorded else lambda: False
+        try:
+            _, result = build_project(args, config, store, project=image_project)
+        finally:
+            held = present()  # waited for in any case: no process left behind
+        config_digest = store.get_manifest(result.image.digest).config.digest
+        image = config_digest.hex
+        if not held or recorded != image:
+            image = engineimages.load(store, engine, image_project.image.name, result.image, name,
+                                      present=None if recorded != image else False)
         stdin_tty = sys.stdin.isatty()
-        return engine.run_attached(image, command, mounts=mounts, env=env, workdir=workdir,
-                                   interactive=shell or stdin_tty, tty=stdin_tty if shell else None,
-                                   network=project.run.network and not args.offline, privileged=privileged)
+        env = compile_env(project.run, args.env, os.environ)
+        argv = engine.run_command_line(image, command, mounts=mounts, env=env,
+                                       workdir=store.get_config(config_digest).workdir,
+                                       interactive=shell or stdin_tty, tty=stdin_tty if shell else None,
+                                       network=project.run.network and not args.offline, privileged=privileged)
+        created = created_mount_points(mounts)
+        if not created:
+            engine.hand_over(argv)
+        return engine.supervise(argv, after=lambda: remove_mount_points(created))
     except OcibuildError as err:
         report(err, args.debug)
         return 125
 
 
-def _mounts(args: argparse.Namespace, plan: Plan, store: Store, engine: str) -> list[BindMount]:
+def _without_mounted(project: Project) -> Project:
+    """`--source-mount`'s project: the copy layers it mounts left out (except one a kept layer needs), so an
+    edit of their trees rebuilds nothing, under the image name ``NAME-source-mount`` (the store's ``NAME`` stays
+    the whole image). Environment and workdir are the project's."""
+    from ..engineimages import SOURCE_MOUNT
+
+    mounted = {layer.name for layer in _mounted_layers(project)}
+    needed = set().union(*(project.closure(l.name) for l in project.layers if l.name not in mounted))
+    kept = tuple(l for l in project.layers if l.name not in mounted or l.name in needed)
+    image = replace(project.image, name=project.image.name + SOURCE_MOUNT, layers=tuple(l.name for l in kept))
+    return replace(project, image=image, layers=kept)
+
+
+def _mounted_layers(project: Project) -> list[LayerRecipe]:
+    """The copy layers ``--source-mount`` mounts: every one but a root filesystem copied to / (mounting over /
+    is not a source)."""
+    return [l for l in project.layers if l.kind == "copy" and l.str_("to").rstrip("/")]
+
+
+def _mounts(args: argparse.Namespace, project: Project, store: Store, engine: str) -> list[BindMount]:
     from .. import runcache
     from ..engine import BindMount
 
-    project = plan.project
     mounts = [BindMount(project.root / m.host, m.container, m.read_only) for m in project.run.mounts]
     if args.source_mount:
-        # the trees of copy layers, except a root filesystem copied to / (mounting over / is not a source)
-        mounts += [BindMount(project.root / l.recipe.str_("from"), l.recipe.str_("to"))
-                   for l in plan.layers if l.recipe.kind == "copy" and l.recipe.str_("to").rstrip("/")]
+        mounts += [BindMount(project.root / l.str_("from"), l.str_("to")) for l in _mounted_layers(project)]
     for mount in mounts:
         if not mount.host.exists():
             mount.host.mkdir(parents=True)
@@ -137,22 +179,6 @@ def _mounts(args: argparse.Namespace, plan: Plan, store: Store, engine: str) -> 
                                 "create it first, or fix the path (ocibuild creates only [run] mounts)")
     replaced = {m.container.rstrip("/") for m in own}
     return [m for m in mounts if m.container.rstrip("/") not in replaced] + own
-
-
-def _load_image(store: Store, result: BuildResult, plan: Plan, engine: Engine) -> tuple[str, str | None]:
-    """The image handed to the engine (nothing moves when it has it already): its name there, and its workdir."""
-    from ..archive import write_oci_archive
-
-    name = plan.project.image.name
-    config_digest = store.get_manifest(result.image.digest).config.digest
-
-    def archive() -> Path:
-        path = store.private_dir("tmp") / f"{name}-{os.getpid()}.tar"
-        write_oci_archive(store, result.image, name, path)
-        return path
-
-    image = engine.load_from_layout(store.root, name, config_digest.hex, archive)
-    return image, store.get_config(config_digest).workdir
 
 
 def doctor_command(args: argparse.Namespace) -> int:
