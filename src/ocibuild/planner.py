@@ -286,6 +286,14 @@ class _Builders:
                     Engine.detect(self._plan.project.run.engine)
             return self._engine
 
+    def __enter__(self) -> _Builders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The build is over (done or failed): wait for the engine to remove the containers it ran."""
+        if self._engine is not None:
+            self._engine.wait_removals()
+
     def copy_tree(self, layer: LayerPlan) -> Tree:
         with self._walking:
             return _copy_tree(self._plan, layer)
@@ -303,7 +311,7 @@ def build(plan: Plan, store: Store, *, offline: bool = False, strict: bool = Fal
         raise ValueError("a plan of some layers makes no image: build it with build_layers()")
     builders = _Builders(plan, store, offline, output, events or event_lines(output, prefix=jobs > 1), engine,
                          registries)
-    with store.lease():  # gc waits: blobs written here are unreachable until they are tagged
+    with store.lease(), builders:  # gc waits: blobs written here are unreachable until they are tagged
         result_plan = _build_missing(plan, store, builders, jobs)
         merge = _merge_layer(result_plan, store, builders.context, builders.engine)
         image, warnings = assemble(result_plan, store, strict=strict, output=output, merge=merge)
@@ -318,7 +326,7 @@ def build_layers(plan: Plan, store: Store, *, offline: bool = False, jobs: int =
     ``output`` and ``events`` as for :func:`build`."""
     builders = _Builders(plan, store, offline, output, events or event_lines(output, prefix=jobs > 1), engine,
                          registries)
-    with store.lease():
+    with store.lease(), builders:
         return _build_missing(plan, store, builders, jobs)
 
 

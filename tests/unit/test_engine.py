@@ -265,3 +265,28 @@ def test_a_stopping_build_kills_its_container_at_once_and_tolerates_it_gone(tmp_
     assert log.read_text().splitlines()[-1].endswith("kill ocibuild-go-1")
     failing = write(tmp_path / "bin" / "failing", "#!/bin/sh\necho 'no such container' >&2\nexit 125\n", mode=0o755)
     Engine("podman", executable=str(failing)).kill_container("ocibuild-go-1")  # already gone: nothing to do
+
+
+def test_untag_of_a_name_another_staging_already_dropped_is_no_error(tmp_path: Path) -> None:
+    """Two layers staged at once pull the same stack: both see podman's name for the layout, and the second
+    untag finds it gone ("tag not known"). That is no error; any other failure of untag is."""
+    tool = write(tmp_path / "bin" / "podman", "#!/bin/sh\necho \"Error: $3: tag not known\" >&2\nexit 125\n",
+                 mode=0o755)
+    Engine("podman", executable=str(tool)).untag("ab" * 32, ["localhost/tmp/store:latest"])
+    broken = write(tmp_path / "bin2" / "podman", "#!/bin/sh\necho 'Error: storage is read-only' >&2\nexit 125\n",
+                   mode=0o755)
+    with pytest.raises(EngineError, match="untag abababababab localhost/tmp/store:latest failed: .*read-only"):
+        Engine("podman", executable=str(broken)).untag("ab" * 32, ["localhost/tmp/store:latest"])
+
+
+def test_containers_removed_in_the_background_are_gone_once_waited_for(tmp_path: Path) -> None:
+    """A finished run layer's container is removed on a thread while the build goes on; wait_removals (which
+    every build calls before it returns) returns only once the engine has removed each."""
+    log = tmp_path / "removed"
+    tool = write(tmp_path / "bin" / "podman", f"#!/bin/sh\nsleep 0.5\necho \"$*\" >> {log}\n", mode=0o755)
+    engine = Engine("podman", executable=str(tool))
+    engine.remove_container_later("ocibuild-a-1")
+    engine.remove_container_later("ocibuild-b-1")
+    engine.wait_removals()
+    assert sorted(log.read_text().splitlines()) == ["container rm --force ocibuild-a-1",
+                                                    "container rm --force ocibuild-b-1"]

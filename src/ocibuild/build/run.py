@@ -144,7 +144,9 @@ def run_and_capture(ctx: BuildContext, engine: Engine, image: str, *, name: str,
     finally:
         if ctx.stop.is_set():  # started after the stop's kill: killed now (rm alone waits 10 s for sh to exit)
             engine.kill_container(container)
-        engine.remove_container(container)
+            engine.remove_container(container)
+        else:  # captured, or failed: the build goes on (or reports) while the engine deletes its files
+            engine.remove_container_later(container)
 
 
 def without_mount_points(changes: Mapping[str, str], points: Sequence[str]) -> dict[str, str]:
