@@ -18,9 +18,12 @@ from ..oci import LayerBlob, Digest
 from ..store import Store
 
 
+LISTING_FORMAT = 2  # in each listing's file name: bump it when a fingerprint changes meaning (2: xattrs)
+
+
 def listing_path(store: Store, diff_id: Digest) -> Path:
-    """Where the listing of the layer with ``diff_id`` is cached."""
-    return store.private_dir("listings") / f"{diff_id.hex}.json"
+    """Where the listing of the layer with ``diff_id`` is cached (a listing of another format is not read)."""
+    return store.private_dir("listings") / f"{diff_id.hex}.{LISTING_FORMAT}.json"
 
 
 def save_layer_records(store: Store, diff_id: Digest, listing: Mapping[str, str], kept: Mapping[str, bytes]
