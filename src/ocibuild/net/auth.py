@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-from ..errors import RegistryError
+from ..errors import FormatError, RegistryError
 from ..files import atomic_write
+from ..oci import parse_json
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
 from .session import is_loopback, one_line, printable_url
 
@@ -103,10 +104,9 @@ def _read_auth_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RegistryError(f"{path}: the auth file is not UTF-8 text", _BROKEN_HINT) from None
     try:
-        value = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as err:
-        raise RegistryError(f"{path}, line {err.lineno}: the auth file is not valid JSON ({err.msg})",
-                            _BROKEN_HINT) from None
+        value = parse_json(text, f"{path}: the auth file") if text.strip() else {}
+    except FormatError as err:
+        raise RegistryError(str(err), _BROKEN_HINT) from None
     if not isinstance(value, dict):
         raise RegistryError(f"{path}: the auth file is not a JSON object", _BROKEN_HINT)
     for section in ("auths", "credHelpers"):
@@ -139,9 +139,9 @@ def _credential_helper(helper: str, registry: str, env: Mapping[str, str]) -> Cr
         if result.returncode != 0:
             continue  # "credentials not found in native keychain": try the next name, then anonymous
         try:
-            value = json.loads(result.stdout)
+            value = parse_json(result.stdout, f"the output of docker-credential-{helper}", limit=1 << 20)
             username, secret = value["Username"], value["Secret"]
-        except (ValueError, KeyError, TypeError):
+        except (FormatError, KeyError, TypeError):
             raise RegistryError(f"credential helper docker-credential-{helper} returned malformed output",
                                 _HELPER_HINT) from None
         if isinstance(username, str) and isinstance(secret, str) and secret:
@@ -395,14 +395,14 @@ class Authenticator:
                     raise RetryableFailure(error, delay=parse_retry_after(response.headers.get("Retry-After")))
                 raise error
             try:
-                value = json.loads(response.read(1 << 20))
+                value = parse_json(response.read(1 << 20), "the token response")
                 token = value.get("token") or value.get("access_token")
                 lifetime = float(value.get("expires_in") or 60)
             except OSError as err:  # the body was cut or malformed: worth another try, like any connection error
                 raise RetryableFailure(RegistryError(
                     f"{self.registry}: reading a token from {printable_url(realm)}: {one_line(err)}",
                     "re-run the same command", retryable=True)) from None
-            except (ValueError, AttributeError, TypeError):
+            except (FormatError, ValueError, AttributeError, TypeError):  # float() of a string: ValueError
                 token = None
         if not isinstance(token, str) or not token:
             raise RegistryError(f"{self.registry}: the token server {printable_url(realm)} returned no token",

@@ -9,7 +9,6 @@ go-containerregistry's ``remote/transport`` is to ``remote``).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import RegistryError
+from ..errors import FormatError, RegistryError
 from ..net.auth import DOCKER_HUB, DOCKER_HUB_API, Authenticator, Credentials
 from ..net.retry import RETRY_STATUS, Retrier, RetryableFailure, RetryPolicy, parse_retry_after
 from ..net.session import CAFileError, ProxyError, RedirectRefused, Session, is_loopback, one_line, printable_url
+from ..oci import parse_json
 
 if TYPE_CHECKING:  # imported on first contact with a registry: see ocibuild.net.session
     from ..net.http import Response
@@ -227,10 +227,10 @@ def error_of(response: Response, registry: str, what: str) -> RegistryError:
     status = response.status_code
     code = message = None
     try:
-        value = json.loads(response.read(64 << 10) or b"{}")
+        value = parse_json(response.read(64 << 10) or b"{}", f"{what}: the error response")
         first = (value.get("errors") or [{}])[0]
         code, message = first.get("code"), first.get("message")
-    except (ValueError, AttributeError, TypeError, IndexError, OSError):
+    except (FormatError, AttributeError, TypeError, IndexError, OSError):
         pass
     text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     if status in (401, 403):
