@@ -69,8 +69,7 @@ class Transport:
         self.policy = policy or RetryPolicy()
         self.stats = stats or TransferStats()
         self.retrier = Retrier(self.policy, sleep, lambda: self.stats.add(retries=1))
-        self._session = Session(env, connect_timeout=self.policy.connect_timeout,
-                                read_timeout=self.policy.read_timeout)
+        self._session = Session(env, self.policy)
         self._auth = Authenticator(registry, credentials, plain_http_allowed=self.plain_http_allowed,
                                    send=self._exchange, retrier=self.retrier)
         self._lock = threading.Lock()
