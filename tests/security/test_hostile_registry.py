@@ -19,6 +19,7 @@ import pytest
 
 from ocibuild import oci
 from ocibuild.errors import FetchError, FormatError, RegistryError, StoreError
+from ocibuild.net.auth import Authenticator, Credentials
 from ocibuild.net.download import fetch_file
 from ocibuild.net.retry import Retrier, RetryPolicy
 from ocibuild.oci import Descriptor, Digest
@@ -234,6 +235,46 @@ def test_a_token_response_nested_100000_deep_gives_no_token(hostile: Hostile) ->
     with Client(hostile.host, env={}, policy=QUICK) as client:
         with pytest.raises(RegistryError, match=r"the token server http://.*/token returned no token"):
             client.fetch_manifest("team/x", "v1")
+
+
+# ---- tokens: where they come from, what they hold ---------------------------------------------------------------
+
+@pytest.mark.parametrize("token", ["abc\r\nX-Injected: 1", "abc\ndef", "caf\u00e9", "\u20ac", "a b"])
+def test_a_token_that_cannot_go_into_a_header_is_refused_naming_the_registry(hostile: Hostile, token: str) -> None:
+    _bearer(hostile, f"http://{hostile.host}/token")
+    hostile.routes["/token"] = lambda handler: reply(handler, 200, json.dumps({"token": token}).encode())
+    with Client(hostile.host, env={}, policy=QUICK) as client:
+        with pytest.raises(RegistryError, match=rf"^{hostile.host}: the token server http://{hostile.host}/token "
+                                                "returned a token holding a control character, a space or a "
+                                                "character beyond ASCII") as caught:
+            client.fetch_manifest("team/x", "v1")
+    assert token not in str(caught.value) and "hostile" in (caught.value.hint or "")
+    assert "/v2/team/x/manifests/v1" not in hostile.hits, "the token was never sent"
+
+
+def test_a_plain_http_realm_is_refused_for_a_registry_reached_over_https() -> None:
+    """Even a loopback or insecure registry's token server: the challenge came over https, so the credentials
+    must not leave it for plain HTTP. (Over plain HTTP, as a loopback registry may be reached, it may.)"""
+    sent: list[str] = []
+
+    def send(method: str, url: str, headers: object, body: bytes | None) -> object:
+        sent.append(url)
+        raise AssertionError("nothing is sent")
+
+    creds = Credentials("ci", "secret")
+    auth = Authenticator("127.0.0.1:5000", creds, plain_http_allowed=True, send=send,  # type: ignore[arg-type]
+                         retrier=Retrier(QUICK))
+    auth.learn('Bearer realm="http://127.0.0.1:5001/token",service="r"', "https://127.0.0.1:5000/v2/")
+    with pytest.raises(RegistryError, match=r"^127.0.0.1:5000 asks for a token over plain HTTP "
+                                            r"\(http://127.0.0.1:5001/token\), which would carry the credentials in "
+                                            "the clear; refused: the registry itself is reached over https"):
+        auth.header(("repository:team/x:pull",))
+    assert sent == []
+    auth.learn('Bearer realm="https://auth.example.com/token",service="r"', "https://127.0.0.1:5000/v2/")
+    with pytest.raises(AssertionError, match="nothing is sent"):
+        auth.header(("repository:team/x:pull",))
+    assert sent == ["https://auth.example.com/token?service=r&scope=repository%3Ateam%2Fx%3Apull"], \
+        "a realm on another host, over https, receives them (as Docker Hub's auth.docker.io does)"
 
 
 def test_an_input_sent_a_byte_a_second_is_cut_by_the_minimum_rate(hostile: Hostile, tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ class Transport:
             self._base = base
         with response:
             if response.status_code == 401:
-                self._auth.learn(response.headers.get("WWW-Authenticate", ""))
+                self._auth.learn(response.headers.get("WWW-Authenticate", ""), base)
             elif response.status_code >= 400 and response.status_code not in RETRY_STATUS:
                 raise error_of(response, self.registry, f"{self.registry} is not a registry (GET /v2/)")
 
@@ -165,7 +165,7 @@ class Transport:
 
         def authorized(target: str) -> Mapping[str, str]:
             if urlsplit(target)[:2] != origin:
-                return headers  # credentials never go to another host
+                return headers  # a redirect to another host (blob storage) gets no credentials
             authorization = self._auth.header(scopes)
             return {**headers, "Authorization": authorization} if authorization else headers
 
@@ -175,7 +175,7 @@ class Transport:
         if status in accepted:
             return response
         if status == 401 and urlsplit(url)[:2] == origin and not answered:
-            self._auth.learn(response.headers.get("WWW-Authenticate", ""))
+            self._auth.learn(response.headers.get("WWW-Authenticate", ""), url)
             self._auth.forget(scopes)
             if self._auth.can_answer():
                 response.close()
