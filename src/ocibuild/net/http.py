@@ -22,7 +22,7 @@ timeout that bounds each wait; and once its first byte came, each ``rate_window`
 wait for the first byte, while a server works on a request, is bounded by the read timeout alone): a server that
 sends a byte a second holds a request for a window, not for the deadline.
 
-At ~660 lines this module is past STYLE.md's ~500: the request checks, the reader with its deadline and the
+At ~670 lines this module is past STYLE.md's ~500: the request checks, the reader with its deadline and the
 response framing share one socket and buffer. Should it grow, the framing (``_Head`` to ``Response``) is the room
 to split off.
 """
