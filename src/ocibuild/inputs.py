@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from .errors import FormatError, RecipeError
 from .files import atomic_write
-from .oci import Digest
+from .oci import Digest, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +155,10 @@ class StatCache:
 def _load_json(path: Path | None) -> dict[str, Any]:
     if path is not None:
         try:
-            loaded = json.loads(path.read_bytes())
+            loaded = parse_json(path.read_bytes(), str(path))
             if isinstance(loaded, dict):
                 return loaded
-        except (OSError, ValueError):
+        except (OSError, FormatError):
             pass  # a missing or damaged cache is only slower
     return {}
 

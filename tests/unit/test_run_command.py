@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     hands the process over to the engine runs it as a child instead (see :func:`ocibuild`)."""
 
     def execvp(file: str, argv: list[str]) -> None:
-        raise HandedOver(subprocess.run(argv, env=os.environ, timeout=60).returncode)
+        try:
+            raise HandedOver(subprocess.run(argv, env=os.environ, timeout=60).returncode)
+        finally:  # a real exec leaves no process behind; this one goes on running tests, SIGPIPE ignored again
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_IGN)
 
     monkeypatch.setattr(os, "execvp", execvp)
     for name in ("podman", "nerdctl"):

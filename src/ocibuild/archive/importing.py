@@ -20,7 +20,6 @@ are untouched.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -165,8 +164,8 @@ def _missing(what: str, where: str, digest: Digest) -> FormatError:
 
 def _declared_type(data: bytes) -> str | None:
     try:
-        value = json.loads(data)
-    except ValueError:
+        value = oci.parse_json(data, "a document")
+    except FormatError:
         return None
     media_type = value.get("mediaType") if isinstance(value, dict) else None
     return media_type if isinstance(media_type, str) else None
@@ -318,10 +317,8 @@ def _check_index(archive: _Archive) -> tuple[_IndexGraphChecker, dict[str, Descr
     """The checked graph of the archive's index.json, its tags, and the number of its untagged manifests."""
     what = archive.what
     layout = archive.read_file("oci-layout", 4096)
-    try:
-        version = json.loads(layout).get("imageLayoutVersion")
-    except (ValueError, AttributeError):
-        version = None
+    value = oci.parse_json(layout, f"{what}: oci-layout")
+    version = value.get("imageLayoutVersion") if isinstance(value, dict) else None
     if version != oci.OCI_LAYOUT_VERSION:
         raise FormatError(f"{what}: oci-layout is not imageLayoutVersion {oci.OCI_LAYOUT_VERSION}")
     index = Index.parse(archive.read_file("index.json", _MAX_DOCUMENT), f"{what}: index.json")

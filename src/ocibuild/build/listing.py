@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import bookkeeping, oci
 from ..bookkeeping import Record
+from ..errors import FormatError
 from ..tar import read
 from ..files import atomic_write
 from ..oci import LayerBlob, Digest
@@ -35,10 +36,11 @@ def save_layer_records(store: Store, diff_id: Digest, listing: Mapping[str, str]
 
 def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:
     """The listing of a layer: the recorded one, else read from its blob (and recorded)."""
+    path = listing_path(store, built.diff_id)
     try:
-        listing: dict[str, str] = json.loads(listing_path(store, built.diff_id).read_bytes())
+        listing: dict[str, str] = oci.parse_json(path.read_bytes(), str(path))
         return listing
-    except (OSError, ValueError):
+    except (OSError, FormatError):
         pass
     return _read_blob(store, built)[0]
 

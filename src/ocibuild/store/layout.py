@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from ..errors import BlobNotFound, FormatError, StoreError
 from ..files import atomic_write
-from ..oci import OCI_LAYOUT_VERSION, Descriptor, Digest, Index, canonical_json
+from ..oci import OCI_LAYOUT_VERSION, Descriptor, Digest, Index, canonical_json, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +123,8 @@ class Layout:
         """
         layout = self.root / "oci-layout"
         try:
-            value = json.loads(layout.read_bytes())
-        except (OSError, ValueError) as err:
+            value = parse_json(layout.read_bytes(), "it", limit=4096)
+        except (OSError, FormatError) as err:
             raise StoreError(f"{layout} is not a valid oci-layout file: {err}", hint=STORE_HINT) from err
         if not isinstance(value, dict) or value.get("imageLayoutVersion") != OCI_LAYOUT_VERSION:
             raise StoreError(

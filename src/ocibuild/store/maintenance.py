@@ -8,7 +8,6 @@ what that one refers to is then unknown. Temporary files are removed as describe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import stat
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from ..errors import FormatError, StoreError
 from ..oci import CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, OCI_LAYOUT_VERSION, Descriptor, Digest, ImageConfig, \
-    Index, Manifest
+    Index, Manifest, parse_json
 from .content import BLOB_TMP, Content, sync_dir
 from .entries import entry_problems, is_cache_tag
 from .layout import INDEX_LEFTOVERS, LAYOUT_LEFTOVERS, Layout, hint_for, reason
@@ -174,8 +173,8 @@ def _check_cache_entries(layout: Layout, content: Content) -> list[str]:
 
 def _check_layout_file(path: Path) -> list[str]:
     try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
+        value = parse_json(path.read_bytes(), "it", limit=4096)
+    except (OSError, FormatError) as err:
         return [f"{path} cannot be read: {err}"]
     if not isinstance(value, dict) or value.get("imageLayoutVersion") != OCI_LAYOUT_VERSION:
         return [f"{path}: imageLayoutVersion is not {OCI_LAYOUT_VERSION}"]
