@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import FormatError, RecipeError
-from .files import atomic_write
+from .files import atomic_write, open_regular, read_bounded
 from .oci import Digest
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ RACY_NS = 2_000_000_000  # coarser than any filesystem timestamp tick we meet (F
 IGNORE_FILES = (".containerignore", ".dockerignore")
 TREE_FORMAT = 1  # part of every tree fingerprint: bump it when a tree's digest or its fingerprint changes meaning
 TREE_SLOTS = 64  # trees (root and exclude list) whose latest fingerprint trees.json keeps
+IGNORE_FILE_LIMIT = 4 << 20
+_NAMES = "surrogateescape"  # how os.listdir keeps the bytes of a name that is not UTF-8, and how we get them back
 _CHUNK = 1 << 20
 _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -169,7 +171,7 @@ def hash_file(path: Path) -> str:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open(open_regular(path), "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 h.update(view[:n])
     except OSError as err:
@@ -219,12 +221,13 @@ class IgnoreRules:
         patterns: list[str] = []
         for name in IGNORE_FILES:
             file = root / name
-            if file.is_file():
-                try:
-                    patterns += file.read_text().splitlines()
-                except (OSError, UnicodeDecodeError) as err:
-                    raise RecipeError(f"{file}: cannot read: {err}", "fix or remove the ignore file") from None
-                break
+            try:  # (bytes that are not UTF-8 kept as in names, where they can match)
+                patterns = read_bounded(file, IGNORE_FILE_LIMIT).decode("utf-8", _NAMES).splitlines()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise RecipeError(f"{file}: cannot read: {err.strerror}", "fix or remove the ignore file") from None
+            break
         origins = [f"{file}, line {n}" for n in range(1, len(patterns) + 1)]
         return cls([*patterns, *extra], [*origins, *[where] * len(extra)])
 
@@ -303,7 +306,14 @@ def _scan(root: Path, exclude: Sequence[str], what: str) -> _Scan:
     records: list[tuple[Any, ...]] = []
     if single:
         rules = IgnoreRules(exclude, f"{what}: exclude")
-        st = root.stat()
+        try:
+            st = root.stat()
+        except OSError as err:
+            raise RecipeError(f"{what}: cannot read {root}: {err.strerror}", "check the path and its permissions"
+                              ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeError(f"{what}: {root} is a device, socket or fifo, which a layer cannot hold",
+                              "point 'from' at a directory or a regular file")
         records.append((root.name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
     else:
         rules = IgnoreRules.for_tree(root, exclude, f"{what}: exclude")

@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "threads": {"errors"},
     "events": set(),  # what a build tells its caller while it runs: layer events, their plain lines
     "oci": {"errors"},
-    "config": {"errors"},
+    "config": {"errors", "files"},
     "recipe": LEAVES | {"oci"},  # schema, project, lock, key: the recipe format, ocibuild.lock, cache keys
     "tar": LEAVES | {"oci"},  # write, read (the one parser), extract, codecs
     "store": LEAVES | {"oci"},

@@ -6,13 +6,13 @@ Anything wrong raises :class:`RecipeError` naming the file (and the key), with a
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import RecipeError
+from ..files import NotRegularFile, TooLarge, read_toml
 from ..oci import Platform
 from .schema import KINDS, SCHEMA, SCHEMA_OF_KIND, InputRef, check_sha256, did_you_mean, relative_path, validate
 
@@ -164,14 +164,15 @@ def _rel(path: Path, root: Path) -> str:
 
 def _load_toml(path: Path, root: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return read_toml(path)
     except FileNotFoundError:
         raise RecipeError(f"{_rel(path, root)}: file not found", "create it, or run ocibuild in the project root") from None
-    except tomllib.TOMLDecodeError as err:
+    except (NotRegularFile, TooLarge) as err:
+        raise RecipeError(f"{_rel(path, root)}: {err.strerror}", "make it a regular TOML file") from None
+    except OSError as err:
+        raise RecipeError(f"{_rel(path, root)}: cannot read: {err.strerror}", "check the file's permissions") from None
+    except ValueError as err:
         raise RecipeError(f"{_rel(path, root)}: malformed TOML: {err}", "fix the TOML syntax") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{_rel(path, root)}: cannot read: {err}", "check the file's permissions") from None
 
 
 def _image(data: Mapping[str, Any]) -> ImageSpec:
