@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 from .errors import FormatError, RecipeError
 from .files import atomic_write, open_regular, read_bounded
+from .globs import Matcher, compile_glob
 from .oci import Digest
 
 log = logging.getLogger(__name__)
@@ -180,15 +181,16 @@ def hash_file(path: Path) -> str:
 
 
 class IgnoreRules:
-    """``.containerignore`` / ``.dockerignore`` semantics: globs with ``*``, ``?``, ``**``, ``!`` re-includes;
-    the last matching pattern wins and a pattern matching a directory covers everything below it."""
+    """``.containerignore`` / ``.dockerignore`` semantics: globs with ``*``, ``?``, ``**``, ``[...]`` (see
+    :mod:`ocibuild.globs`, which matches them in linear time), ``!`` re-includes; the last matching pattern wins and
+    a pattern matching a directory covers everything below it."""
 
     def __init__(self, patterns: Iterable[str], where: str | Sequence[str] = "exclude") -> None:
         """``where`` names the patterns' origin in errors: one name for all (``layers/x/layer.toml: exclude``) or
         one per pattern (``src/.containerignore, line 3``)."""
         self.patterns = tuple(patterns)
         origins = [where] * len(self.patterns) if isinstance(where, str) else list(where)
-        self._rules: list[tuple[bool, re.Pattern[str]]] = []
+        self._rules: list[tuple[bool, Matcher]] = []
         for raw, origin in zip(self.patterns, origins, strict=True):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -200,7 +202,7 @@ class IgnoreRules:
             if line in (".", ""):
                 continue
             try:
-                self._rules.append((negate, re.compile(_glob_to_regex(line))))
+                self._rules.append((negate, compile_glob(line)))
             except re.error as err:  # '[]', '[z-a]': refused, as Docker refuses a bad pattern
                 raise RecipeError(f"{origin}: {raw.strip()!r} is not a valid pattern ({err.msg})",
                                   "fix or remove it: a [...] class must list at least one character and a range must "
@@ -211,7 +213,7 @@ class IgnoreRules:
     def excluded(self, path: str) -> bool:
         result = False
         for negate, rule in self._rules:
-            if rule.match(path):
+            if rule(path):
                 result = not negate
         return result
 
@@ -230,40 +232,6 @@ class IgnoreRules:
             break
         origins = [f"{file}, line {n}" for n in range(1, len(patterns) + 1)]
         return cls([*patterns, *extra], [*origins, *[where] * len(extra)])
-
-
-def _glob_to_regex(pattern: str) -> str:
-    out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end == -1:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : end]
-                if body.startswith("^") or body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body}]")
-                i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    # a match on a directory covers everything below it
-    return "".join(out) + "(?:/.*)?$"
 
 
 class _Scan(NamedTuple):

@@ -314,3 +314,16 @@ def test_a_bad_pattern_in_an_ignore_file_is_a_one_line_error_naming_file_and_lin
     ]
     with pytest.raises(RecipeError, match=r"^layers/src/layer.toml: exclude: '\[z-a\]' is not a valid pattern"):
         IgnoreRules(["ok", "[z-a]"], "layers/src/layer.toml: exclude")
+
+
+@pytest.mark.timeout(60, method="thread")  # ``re`` ran past 60 s on this (a signal cannot stop it): a hang guard
+def test_an_ignore_file_pattern_with_many_stars_against_a_long_name_does_not_backtrack(tmp_path: Path) -> None:
+    """`*a*a*a…*b` in a .containerignore, against a long name of `a`s, made `re` try every way of splitting the
+    name between the stars."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / ".containerignore").write_text("*a" * 20 + "*b\n")
+    (tmp_path / "src" / ("a" * 250)).write_text("kept")
+    (tmp_path / "src" / ("a" * 250 + "b")).write_text("excluded")
+    tree = walk_tree(tmp_path / "src", [], StatCache(None), what="t")
+    assert [e.path for e in tree.entries] == ["a" * 250]
+
