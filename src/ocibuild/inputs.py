@@ -375,14 +375,15 @@ def _tree(scan: _Scan, cache: StatCache) -> Tree:
                 append(TreeEntry(record[0], "dir", record[1] & 0o7777))
             else:
                 append(TreeEntry(record[0], "symlink", record[1] & 0o7777, 0, record[2]))
-    entries.sort(key=lambda e: e.path.encode())
+    entries.sort(key=lambda e: e.path.encode("utf-8", _NAMES))
     # the bytes of canonical_json([path, type, "x" | "-", linkname, sha256]) + "\n" per entry, written out by hand
     # (building them through the encoder cost a fifth of a no-op build) and hashed at once
     quote = json.encoder.encode_basestring  # C-accelerated, what canonical_json uses for strings
     executable, plain = '"x"', '"-"'
     text = "".join([f'[{quote(e.path)},"{e.type}",{executable if e.mode & 0o111 else plain},{quote(e.linkname)},'
                     f'"{e.sha256}"]\n' for e in entries])
-    return Tree(tuple(entries), Digest("sha256", hashlib.sha256(text.encode()).hexdigest()))
+    # (surrogateescape: a name that is not UTF-8 is hashed, and stored, as its exact bytes, as tar holds it)
+    return Tree(tuple(entries), Digest("sha256", hashlib.sha256(text.encode("utf-8", _NAMES)).hexdigest()))
 
 
 def _record(scan: _Scan, digest: Digest, cache: StatCache, started: int) -> None:

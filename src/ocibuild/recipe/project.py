@@ -21,6 +21,7 @@ LAYER_FILE = "layer.toml"
 _SECTIONS = ("image", "run", "cache")
 _LAYER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_EPOCH = 0o77777777777  # the largest mtime of a ustar header's 11 octal digits (source_date_epoch clamps mtimes)
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,9 @@ def _image(data: Mapping[str, Any]) -> ImageSpec:
     image_data = validate(f"{PROJECT_FILE}: [image]", data["image"], SCHEMA["image"])
     if image_data["compression"] not in ("zstd", "gzip"):
         raise RecipeError(f"{PROJECT_FILE}: [image] compression must be \"zstd\" or \"gzip\"")
-    if image_data["source_date_epoch"] < 0:
-        raise RecipeError(f"{PROJECT_FILE}: [image] source_date_epoch must not be negative")
+    if not 0 <= image_data["source_date_epoch"] <= MAX_EPOCH:
+        raise RecipeError(f"{PROJECT_FILE}: [image] source_date_epoch must be between 0 and {MAX_EPOCH}",
+                          f"{MAX_EPOCH} (2242-03-16) is the latest time a tar header holds")
     image = ImageSpec(**image_data)
     if not image.layers:
         raise RecipeError(f"{PROJECT_FILE}: [image] layers is empty", "list the layers, bottom first")
