@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from conftest import without_hanging
 from ocibuild import globs
 from ocibuild.globs import compile_glob
 
@@ -110,7 +111,6 @@ def test_normalised_patterns_of_the_ignore_files_take_the_fast_way() -> None:
         assert globs._stays_in_components(globs._tokens(os.path.normpath(pattern))), pattern
 
 
-@pytest.mark.timeout(60, method="thread")  # ``re`` ran for hours on these (and a signal cannot stop it): a hang guard
 @pytest.mark.parametrize("pattern, path", [
     ("*a" * 30 + "*b", "a" * 4000),  # within one component: the fast way
     ("**/" + "*a" * 30 + "*b", "x/" * 50 + "a" * 4000),
@@ -118,8 +118,12 @@ def test_normalised_patterns_of_the_ignore_files_take_the_fast_way() -> None:
     ("x[!.]" + "*a" * 30 + "*b", "x/" + "a" * 4000),
 ])
 def test_many_stars_against_a_long_name_do_not_backtrack(pattern: str, path: str) -> None:
-    assert compile_glob(pattern)(path) is False
-    assert compile_glob(pattern)(path + "b") is True
+    assert without_hanging(_matches, pattern, path) is False
+    assert without_hanging(_matches, pattern, path + "b") is True
+
+
+def _matches(pattern: str, path: str) -> bool:
+    return compile_glob(pattern)(path)
 
 
 def test_an_invalid_class_is_an_re_error() -> None:

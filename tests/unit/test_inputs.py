@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_ocibuild
+from conftest import run_ocibuild, without_hanging
 from ocibuild.errors import RecipeError
 from ocibuild.inputs import IgnoreRules, StatCache, hash_file, tree_digest, walk_tree
 from ocibuild.oci import Digest
@@ -316,7 +316,6 @@ def test_a_bad_pattern_in_an_ignore_file_is_a_one_line_error_naming_file_and_lin
         IgnoreRules(["ok", "[z-a]"], "layers/src/layer.toml: exclude")
 
 
-@pytest.mark.timeout(60, method="thread")  # ``re`` ran past 60 s on this (a signal cannot stop it): a hang guard
 def test_an_ignore_file_pattern_with_many_stars_against_a_long_name_does_not_backtrack(tmp_path: Path) -> None:
     """`*a*a*a…*b` in a .containerignore, against a long name of `a`s, made `re` try every way of splitting the
     name between the stars."""
@@ -324,8 +323,11 @@ def test_an_ignore_file_pattern_with_many_stars_against_a_long_name_does_not_bac
     (tmp_path / "src" / ".containerignore").write_text("*a" * 20 + "*b\n")
     (tmp_path / "src" / ("a" * 250)).write_text("kept")
     (tmp_path / "src" / ("a" * 250 + "b")).write_text("excluded")
-    tree = walk_tree(tmp_path / "src", [], StatCache(None), what="t")
-    assert [e.path for e in tree.entries] == ["a" * 250]
+    assert without_hanging(_walked, tmp_path / "src") == ["a" * 250]
+
+
+def _walked(root: Path) -> list[str]:
+    return [e.path for e in walk_tree(root, [], StatCache(None), what="t").entries]
 
 
 @pytest.mark.timeout(30)  # reading a fifo would wait for a writer forever
