@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import FormatError, RecipeError
-from .files import atomic_write
+from .files import atomic_write, open_regular, read_bounded
+from .globs import Matcher, compile_glob
 from .oci import Digest, parse_json
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ RACY_NS = 2_000_000_000  # coarser than any filesystem timestamp tick we meet (F
 IGNORE_FILES = (".containerignore", ".dockerignore")
 TREE_FORMAT = 2  # part of every tree fingerprint: bump it when a tree's digest or its fingerprint changes meaning
 TREE_SLOTS = 64  # trees (root and exclude list) whose latest fingerprint trees.json keeps
+IGNORE_FILE_LIMIT = 4 << 20
+_NAMES = "surrogateescape"  # how os.listdir keeps the bytes of a name that is not UTF-8, and how we get them back
 _CHUNK = 1 << 20
 _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -178,7 +181,7 @@ def hash_file(path: Path) -> str:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open(open_regular(path), "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 h.update(view[:n])
     except OSError as err:
@@ -187,15 +190,16 @@ def hash_file(path: Path) -> str:
 
 
 class IgnoreRules:
-    """``.containerignore`` / ``.dockerignore`` semantics: globs with ``*``, ``?``, ``**``, ``!`` re-includes;
-    the last matching pattern wins and a pattern matching a directory covers everything below it."""
+    """``.containerignore`` / ``.dockerignore`` semantics: globs with ``*``, ``?``, ``**``, ``[...]`` (see
+    :mod:`ocibuild.globs`, which matches them in linear time), ``!`` re-includes; the last matching pattern wins and
+    a pattern matching a directory covers everything below it."""
 
     def __init__(self, patterns: Iterable[str], where: str | Sequence[str] = "exclude") -> None:
         """``where`` names the patterns' origin in errors: one name for all (``layers/x/layer.toml: exclude``) or
         one per pattern (``src/.containerignore, line 3``)."""
         self.patterns = tuple(patterns)
         origins = [where] * len(self.patterns) if isinstance(where, str) else list(where)
-        self._rules: list[tuple[bool, re.Pattern[str]]] = []
+        self._rules: list[tuple[bool, Matcher]] = []
         for raw, origin in zip(self.patterns, origins, strict=True):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -207,7 +211,7 @@ class IgnoreRules:
             if line in (".", ""):
                 continue
             try:
-                self._rules.append((negate, re.compile(_glob_to_regex(line))))
+                self._rules.append((negate, compile_glob(line)))
             except re.error as err:  # '[]', '[z-a]': refused, as Docker refuses a bad pattern
                 raise RecipeError(f"{origin}: {raw.strip()!r} is not a valid pattern ({err.msg})",
                                   "fix or remove it: a [...] class must list at least one character and a range must "
@@ -218,7 +222,7 @@ class IgnoreRules:
     def excluded(self, path: str) -> bool:
         result = False
         for negate, rule in self._rules:
-            if rule.match(path):
+            if rule(path):
                 result = not negate
         return result
 
@@ -228,48 +232,15 @@ class IgnoreRules:
         patterns: list[str] = []
         for name in IGNORE_FILES:
             file = root / name
-            if file.is_file():
-                try:
-                    patterns += file.read_text().splitlines()
-                except (OSError, UnicodeDecodeError) as err:
-                    raise RecipeError(f"{file}: cannot read: {err}", "fix or remove the ignore file") from None
-                break
+            try:  # (bytes that are not UTF-8 kept as in names, where they can match)
+                patterns = read_bounded(file, IGNORE_FILE_LIMIT).decode("utf-8", _NAMES).splitlines()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise RecipeError(f"{file}: cannot read: {err.strerror}", "fix or remove the ignore file") from None
+            break
         origins = [f"{file}, line {n}" for n in range(1, len(patterns) + 1)]
         return cls([*patterns, *extra], [*origins, *[where] * len(extra)])
-
-
-def _glob_to_regex(pattern: str) -> str:
-    out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end == -1:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : end]
-                if body.startswith("^") or body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body}]")
-                i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    # a match on a directory covers everything below it
-    return "".join(out) + "(?:/.*)?$"
 
 
 class _Scan(NamedTuple):
@@ -313,7 +284,14 @@ def _scan(root: Path, exclude: Sequence[str], what: str) -> _Scan:
     records: list[tuple[Any, ...]] = []
     if single:
         rules = IgnoreRules(exclude, f"{what}: exclude")
-        st = root.stat()
+        try:
+            st = root.stat()
+        except OSError as err:
+            raise RecipeError(f"{what}: cannot read {root}: {err.strerror}", "check the path and its permissions"
+                              ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeError(f"{what}: {root} is a device, socket or fifo, which a layer cannot hold",
+                              "point 'from' at a directory or a regular file")
         records.append((root.name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink,
                         st.st_dev))
     else:
@@ -398,7 +376,7 @@ def _tree(scan: _Scan, cache: StatCache) -> Tree:
     else:
         base = os.path.join(str(scan.root), "")
         linked: dict[tuple[int, int], str] = {}  # (device, inode) of a file of several names -> its first path
-        for record in sorted(scan.records, key=lambda r: r[0].encode()):
+        for record in sorted(scan.records, key=lambda r: r[0].encode("utf-8", _NAMES)):
             kind = record[1] & 0o170000
             if kind == stat.S_IFREG:
                 rel, mode, size, mtime, ctime, ino, nlink, dev = record
@@ -419,7 +397,8 @@ def _tree(scan: _Scan, cache: StatCache) -> Tree:
     executable, plain = '"x"', '"-"'
     text = "".join([f'[{quote(e.path)},"{e.type}",{executable if e.mode & 0o111 else plain},{quote(e.linkname)},'
                     f'"{e.sha256}"{("," + quote(e.capability.hex())) if e.capability else ""}]\n' for e in entries])
-    return Tree(tuple(entries), Digest("sha256", hashlib.sha256(text.encode()).hexdigest()))
+    # (surrogateescape: a name that is not UTF-8 is hashed, and stored, as its exact bytes, as tar holds it)
+    return Tree(tuple(entries), Digest("sha256", hashlib.sha256(text.encode("utf-8", _NAMES)).hexdigest()))
 
 
 def _capability(path: str) -> bytes:

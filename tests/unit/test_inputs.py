@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_ocibuild
+from conftest import run_ocibuild, without_hanging
 from ocibuild.errors import RecipeError
 from ocibuild.inputs import IgnoreRules, StatCache, TreeEntry, hash_file, tree_digest, walk_tree
 from ocibuild.oci import Digest
@@ -361,3 +361,47 @@ def test_a_bad_pattern_in_an_ignore_file_is_a_one_line_error_naming_file_and_lin
     ]
     with pytest.raises(RecipeError, match=r"^layers/src/layer.toml: exclude: '\[z-a\]' is not a valid pattern"):
         IgnoreRules(["ok", "[z-a]"], "layers/src/layer.toml: exclude")
+
+
+def test_an_ignore_file_pattern_with_many_stars_against_a_long_name_does_not_backtrack(tmp_path: Path) -> None:
+    """`*a*a*a…*b` in a .containerignore, against a long name of `a`s, made `re` try every way of splitting the
+    name between the stars."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / ".containerignore").write_text("*a" * 20 + "*b\n")
+    (tmp_path / "src" / ("a" * 250)).write_text("kept")
+    (tmp_path / "src" / ("a" * 250 + "b")).write_text("excluded")
+    assert without_hanging(_walked, tmp_path / "src") == ["a" * 250]
+
+
+def _walked(root: Path) -> list[str]:
+    return [e.path for e in walk_tree(root, [], StatCache(None), what="t").entries]
+
+
+@pytest.mark.timeout(30)  # reading a fifo would wait for a writer forever
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_ignore_file_that_is_a_fifo_or_device_is_refused_not_read_or_skipped(tmp_path: Path, kind: str) -> None:
+    """A .containerignore that is not a regular file was skipped without a word (its patterns not applied); read,
+    a fifo would block and /dev/zero never end."""
+    (tmp_path / "src").mkdir()
+    ignore = tmp_path / "src" / ".containerignore"
+    if kind == "fifo":
+        os.mkfifo(ignore)
+    else:
+        ignore.symlink_to("/dev/zero")
+    with pytest.raises(RecipeError, match=r"\.containerignore: cannot read: not a regular file"):
+        walk_tree(tmp_path / "src", [], StatCache(None), what="t")
+
+
+def test_a_name_that_is_not_utf8_is_kept_as_its_bytes(tmp_path: Path) -> None:
+    """os.listdir gives such a name with surrogate escapes, which the tree digest could not encode (a traceback):
+    the name is hashed as its bytes, and an ignore pattern holding those bytes matches it."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / os.fsdecode(b"caf\xe9.txt")).write_text("latin-1 name")
+    (root / os.fsdecode(b"skip\xff")).write_text("excluded")
+    (root / ".containerignore").write_bytes(b"skip\xff\n")
+    tree = walk_tree(root, [], StatCache(None), what="t")
+    assert [os.fsencode(e.path) for e in tree.entries] == [b"caf\xe9.txt"]
+    assert tree_digest(root, [], StatCache(None), what="t")[0] == tree.digest
+    (root / os.fsdecode(b"caf\xe9.txt")).rename(root / os.fsdecode(b"caf\xe8.txt"))
+    assert walk_tree(root, [], StatCache(None), what="t").digest != tree.digest

@@ -38,8 +38,9 @@ def project(make_project, tmp_path: Path) -> Path:
     return make_project({"src": COPY}, image='workdir = "/src"\n' + RUN, files={"src/main.c": "int main;\n"})
 
 
-class HandedOver(Exception):
-    """The engine took over the process: here it ran as a child, and its exit code ends `main`."""
+class HandedOver(BaseException):
+    """The engine took over the process: here it ran as a child, and its exit code ends `main` (a BaseException,
+    as SystemExit: an exec ends the program, it is no failure `main` reports)."""
 
     def __init__(self, code: int) -> None:
         super().__init__(code)

@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import Any
 
 from .. import oci
 from ..errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
-from ..files import link_or_copy
+from ..files import NotRegularFile, link_or_copy, open_regular
 from ..oci import Descriptor, Digest, Index, Manifest
 from ..store import Store, check_ref_name
 from ..store.entries import add_cache_entries, is_cache_tag
@@ -297,12 +296,12 @@ def _copy_into_store(archive: _Archive, digest: Digest, entry: _Entry,
 def _open_archive(path: Path, what: str) -> int:
     """An fd of the archive at ``path``: a regular file, not compressed."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
+    except NotRegularFile as err:
+        raise UnsafeArchive(f"{what} is {reason(err)}", "import an archive file, not a pipe or device") from None
     except OSError as err:
         raise StoreError(f"{what}: cannot open: {reason(err)}", "check the path") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafeArchive(f"{what} is not a regular file", "import an archive file, not a pipe or device")
         compression = codecs.sniff_compression(os.pread(fd, 8, 0))
         if compression != "none":
             raise UnsafeArchive(f"{what} is {compression}-compressed; only a plain tar (oci-archive) is imported",

@@ -18,13 +18,13 @@ from typing import BinaryIO, cast
 from .. import oci, registry
 from ..bookkeeping import STANZA_FILES
 from ..tar import read, write
-from ..errors import RecipeError
+from ..errors import RecipeError, StoreError
 from ..oci import LayerBlob, Descriptor
 from ..recipe.project import LayerRecipe
 from ..store import Store
 from ..tar.write import Entry
 from ..threads import Stop
-from .listing import save_layer_records
+from .listing import SPACE_HINT, save_layer_records
 
 Output = Callable[[str], None]
 
@@ -70,7 +70,11 @@ def under(dest: str, path: str) -> str:
 @contextmanager
 def temp_file(ctx: BuildContext, suffix: str) -> Iterator[Path]:
     """A scratch file in the store's private area, removed when the context ends."""
-    fd, name = tempfile.mkstemp(suffix=suffix, dir=ctx.store.private_dir("tmp"))
+    directory = ctx.store.private_dir("tmp")
+    try:
+        fd, name = tempfile.mkstemp(suffix=suffix, dir=directory)
+    except OSError as err:
+        raise StoreError(f"create a temporary file in {directory}: {err.strerror or err}", SPACE_HINT) from err
     os.close(fd)
     try:
         yield Path(name)

@@ -16,10 +16,12 @@ from ..errors import FormatError
 from ..tar import read
 from ..files import atomic_write
 from ..oci import LayerBlob, Digest
+from ..errors import StoreError
 from ..store import Store
 
 
 LISTING_FORMAT = 2  # in each listing's file name: bump it when a fingerprint changes meaning (2: xattrs)
+SPACE_HINT = "free disk space and inodes (`ocibuild gc` removes unused blobs), or check the store's permissions"
 
 
 def listing_path(store: Store, diff_id: Digest) -> Path:
@@ -30,8 +32,12 @@ def listing_path(store: Store, diff_id: Digest) -> Path:
 def save_layer_records(store: Store, diff_id: Digest, listing: Mapping[str, str], kept: Mapping[str, bytes]
                        ) -> Record:
     """Record a layer's listing and its bookkeeping record (``kept``: the content of the stanza files it holds)."""
-    atomic_write(listing_path(store, diff_id), json.dumps(listing, sort_keys=True).encode())
-    return bookkeeping.save_record(store, diff_id, listing, kept)
+    try:
+        atomic_write(listing_path(store, diff_id), json.dumps(listing, sort_keys=True).encode())
+        return bookkeeping.save_record(store, diff_id, listing, kept)
+    except OSError as err:  # (a full disk, or no inode left: the layer's blob itself may have fitted)
+        raise StoreError(f"record the listing of layer {diff_id.short} in {store.root}: {err.strerror or err}",
+                         SPACE_HINT) from err
 
 
 def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
 from ..errors import FormatError, RegistryError
-from ..files import atomic_write
+from ..files import atomic_write, read_bounded
 from ..oci import parse_json
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
 from .session import is_loopback, one_line, printable_url
@@ -89,6 +89,7 @@ def auth_files(env: Mapping[str, str] | None = None) -> list[Path]:
     return files
 
 
+AUTH_FILE_LIMIT = 16 << 20  # an auth file is read whole; far more than thousands of registries need
 _BROKEN_HINT = ("fix the file by hand (ocibuild never rewrites an auth file it cannot read: that would lose its "
                 "other entries), or move it away and log in again")
 
@@ -98,7 +99,7 @@ def _read_auth_file(path: Path) -> dict[str, Any]:
     parsed is an error, as in podman and skopeo: read as empty, a typo would make pulls anonymous (failing far
     from the cause) and let ``login`` overwrite every other entry."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, AUTH_FILE_LIMIT).decode()
     except FileNotFoundError:
         return {}
     except OSError as err:

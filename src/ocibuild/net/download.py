@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 from ..errors import DigestMismatch, FetchError, OcibuildError, StoreError
-from ..files import link_or_copy
+from ..files import link_or_copy, open_regular
 from ..oci import Digest
 from ..store import Store
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
@@ -272,7 +272,7 @@ def _verified_local(url: str, digest: Digest, what: str) -> Path:
     if not path.is_file():
         raise FetchError(f"{what}: {path} not found", "fix 'url' (relative paths are from the layer folder)")
     try:
-        with open(path, "rb") as file:
+        with open(open_regular(path), "rb") as file:
             actual = hashlib.file_digest(file, digest.algorithm).hexdigest()
     except OSError as err:
         raise FetchError(f"{what}: {path}: cannot read: {err.strerror}", "check that the file is readable") from None
