@@ -11,6 +11,9 @@ reason; the README shows :func:`matrix_markdown` (a test keeps the two equal).
 The project: a busybox root filesystem (a copy layer, ``base``) and a tarball fetched over HTTP (an archive layer,
 ``tool``), so a full export carries a downloaded input. Podman and buildah work on the session's own storage
 (``podman_storage``), ctr on a daemon of its own, stopped at the end; nothing is left in the host's.
+
+The other direction closes the module: what the clients write (a layer `umoci insert` made, an archive `podman
+save` tagged `localhost/bb-amd64:1`), ocibuild builds on.
 """
 
 from __future__ import annotations
@@ -498,3 +501,56 @@ def test_a_docker_schema2_base_makes_an_image_buildah_and_skopeo_take(builds: di
         run(*buildah, "rm", container)
     run(*buildah, "rmi", "--force", image)
     assert Store.open(store, create=False).verify() == []
+
+
+# ---- foreign inputs: what the clients write, ocibuild reads ---------------------------------------------------------
+
+
+def _build_on(base_ref: str, tmp_path: Path) -> dict[str, Any]:
+    """A project of an `image` layer ``base_ref`` and an independent copy layer (so the build reads both layers'
+    listings, to find paths they disagree about)."""
+    root = tmp_path / "project"
+    write(root / "ocibuild.toml", '[image]\nname = "on-top"\nlayers = ["base", "app"]\n')
+    write(root / "layers/base/layer.toml", f'kind = "image"\nref = "{base_ref}"\n')
+    write(root / "layers/app/layer.toml", 'kind = "copy"\nfrom = "app"\nto = "/app"\n')
+    write(root / "app/hello", "hello\n")
+    doc: dict[str, Any] = ocibuild(_isolated_env(tmp_path), "build", "-C", str(root), "--store", str(tmp_path / "s"))
+    assert Store.open(tmp_path / "s", create=False).verify() == []
+    return doc
+
+
+def test_a_layer_umoci_inserted_is_read(builds: dict[str, Built], tmp_path: Path) -> None:
+    """umoci 0.4's `insert` writes a layer without the end-of-archive blocks, nor the last member's padding (GNU tar
+    and Python's tarfile refuse it; podman and umoci read it): ocibuild builds on it."""
+    built = builds["gzip"]
+    layout = tmp_path / "layout"
+    skopeo("copy", "-q", f"oci:{built.store}:{IMAGE}", f"oci:{layout}:{IMAGE}")
+    write(tmp_path / "extra/etc/inserted", "by umoci\n")
+    run(require("umoci"), "insert", "--image", f"{layout}:{IMAGE}", "--tag", "inserted", str(tmp_path / "extra"),
+        "/")
+    store = Store.open(layout, create=False)
+    inserted = store.get_manifest(store.resolve("inserted").digest).layers[-1]  # type: ignore[union-attr]
+    with store.open_blob(inserted.digest) as blob:
+        plain = gzip.decompress(blob.read())
+    assert not plain.endswith(bytes(512))  # the premise: no end-of-archive block
+    doc = _build_on(f"oci:{layout}:inserted", tmp_path)
+    assert [layer["status"] for layer in doc["layers"]] == ["built", "built"]
+
+
+@pytest.mark.podman
+def test_an_archive_podman_saved_with_a_colon_in_its_tag_is_a_base(builds: dict[str, Built],
+                                                                   request: pytest.FixtureRequest,
+                                                                   tmp_path: Path) -> None:
+    """`podman save` names the image `localhost/bb-amd64:1` in the archive; the ref splits as skopeo splits it."""
+    podman = request.getfixturevalue("podman")
+    image = podman("pull", "-q", f"oci:{builds['gzip'].store}:{IMAGE}").stdout.strip()
+    try:
+        podman("tag", image, "localhost/bb-amd64:1")
+        podman("save", "-q", "--format", "oci-archive", "-o", str(tmp_path / "bb.tar"), "localhost/bb-amd64:1")
+    finally:
+        podman("rmi", "--force", image)
+    with tarfile.open(tmp_path / "bb.tar") as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+    assert [m["annotations"][oci.ANNOTATION_REF_NAME] for m in index["manifests"]] == ["localhost/bb-amd64:1"]
+    doc = _build_on(f"oci-archive:{tmp_path / 'bb.tar'}:localhost/bb-amd64:1", tmp_path)
+    assert [layer["status"] for layer in doc["layers"]] == ["built", "built"]

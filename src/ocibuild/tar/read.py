@@ -12,10 +12,11 @@ it accepts with a :class:`Policy`:
 
 The rules every policy shares:
 
-- A stream must end with an end-of-archive block, or (layers and tarballs: umoci writes layers without one, and
-  GNU tar, podman and containerd read them) exactly where a header would start after its last member; a stream
-  ending elsewhere (inside a header or a member) is truncated or corrupt — this is also what catches a truncated
-  zstd stream, which the zstd reader does not report. Header checksums are checked.
+- A stream must end with an end-of-archive block, or (layers and tarballs) anywhere after its last member's
+  content: where the next header would start, or inside the padding (umoci 0.4's `insert` writes layers without
+  padding or end blocks; podman, containerd and umoci read them). A stream ending elsewhere (inside a header or a
+  member's content) is truncated or corrupt — this is also what catches a truncated zstd stream, which the zstd
+  reader does not report. Header checksums are checked.
 - Extended headers are limited in size (1 MiB for layers); global PAX headers supply defaults for uid, gid, mtime
   and xattrs (not for path, linkpath or size).
 - Paths are normalised: leading './' is dropped (and a leading '/', when the policy takes an absolute path as
@@ -104,7 +105,7 @@ class Policy:
     max_headers: int | None  # headers in the whole archive
     absolute: bool  # a leading '/' is taken as relative to the root; else the entry is refused
     whiteouts: Literal["member", "refuse", "literal"]  # OCI whiteouts: members, refused, or ordinary names
-    end_blocks: int  # zero blocks that end the archive (2, 1, or 0: the stream may also end after a member)
+    end_blocks: int  # zero blocks that end the archive (2, 1, or 0: the stream may also end after a member's content)
     refused_type_note: str  # said after a refused type
     hint_unsafe: str
     hint_corrupt: str
@@ -343,7 +344,13 @@ class _Parser:
             reader = _Data(inp, raw.data_size, raw.name)
             yield raw, reader
             reader.valid = False
-            inp.skip(reader.remaining + (-raw.data_size % _BLOCK))
+            padding = -raw.data_size % _BLOCK
+            if self.policy.end_blocks:
+                inp.skip(reader.remaining + padding)
+            else:
+                inp.skip(reader.remaining)
+                if len(inp.read(padding)) < padding:  # the stream ends after the content, without its padding
+                    return
 
     def _corrupt(self, problem: str) -> UnsafeArchive:
         return UnsafeArchive(f"{self.what} is truncated or corrupt ({problem})", hint=self.policy.hint_corrupt)
