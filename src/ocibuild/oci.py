@@ -424,7 +424,6 @@ class ImageConfig:
             created=value.get("created") if isinstance(value.get("created"), str) else None,
         )
 
-
     @property
     def platform(self) -> Platform | None:
         """The platform the image is for, None when the config names no os or architecture (an artifact's)."""

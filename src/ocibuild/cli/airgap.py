@@ -66,8 +66,8 @@ def export_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(exported.to_dict())
     else:
-        print(f"exported {len(exported.tags)} tags, {len(exported.inputs)} inputs, {exported.blobs} blobs ({exported.bytes / 1e6:.1f} MB) "
-              f"to {path}" + (f"; {exported.skipped} blobs left out (--since)" if since is not None else ""))
+        print(f"exported {len(exported.tags)} tags, {len(exported.inputs)} inputs, {exported.blobs} blobs "
+              f"({exported.bytes / 1e6:.1f} MB) to {path}" + (f"; {exported.skipped} blobs left out (--since)" if since is not None else ""))
     return 0
 
 
