@@ -14,7 +14,7 @@ import itertools
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import FormatError
@@ -392,6 +392,7 @@ class ImageConfig:
     diff_ids: tuple[Digest, ...]
     architecture: str = "amd64"
     os: str = "linux"
+    variant: str | None = None
     env: tuple[str, ...] = ()
     workdir: str | None = None
     cmd: tuple[str, ...] | None = None
@@ -418,6 +419,8 @@ class ImageConfig:
             "config": config,
             "rootfs": {"type": "layers", "diff_ids": [str(d) for d in self.diff_ids]},
         }
+        if self.variant:
+            out["variant"] = self.variant
         if self.history:
             out["history"] = [h.to_dict() for h in self.history]
         if self.created:
@@ -454,10 +457,12 @@ class ImageConfig:
                     )
                 )
         workdir = config.get("WorkingDir")
+        variant = value.get("variant")
         return cls(
             diff_ids=tuple(Digest.parse(d) for d in rootfs["diff_ids"]),
             architecture=str(value.get("architecture", "")),
             os=str(value.get("os", "")),
+            variant=variant if isinstance(variant, str) and variant else None,
             env=strings("Env") or (),
             workdir=workdir if isinstance(workdir, str) and workdir else None,
             cmd=strings("Cmd"),
@@ -467,6 +472,18 @@ class ImageConfig:
             created=value.get("created") if isinstance(value.get("created"), str) else None,
         )
 
+    @property
+    def platform(self) -> Platform | None:
+        """The platform the image is for, None when the config names no os or architecture (an artifact's)."""
+        return Platform(self.os, self.architecture, self.variant) if self.os and self.architecture else None
+
+
+def timestamp(epoch: int) -> str:
+    """``epoch`` (seconds) as the RFC 3339 UTC time image configs and their history carry."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
 
 def layer_media_type(compression: str) -> str:
     """The OCI layer media type for a compression name: 'zstd', 'gzip' or 'none'."""
@@ -474,6 +491,17 @@ def layer_media_type(compression: str) -> str:
         return {"zstd": LAYER_ZSTD, "gzip": LAYER_GZIP, "none": LAYER_TAR}[compression]
     except KeyError:
         raise FormatError(f"unknown compression '{compression}' (use zstd or gzip)") from None
+
+
+_OCI_LAYER_TYPES = {DOCKER_LAYER_GZIP: LAYER_GZIP, DOCKER_LAYER_TAR: LAYER_TAR}
+
+
+def oci_layer(descriptor: Descriptor) -> Descriptor:
+    """A layer's descriptor as an OCI manifest lists it: a Docker schema 2 type becomes the OCI type of the same
+    bytes (``…rootfs.diff.tar.gzip`` is ``…layer.v1.tar+gzip``); buildah refuses an OCI manifest listing Docker
+    types, and skopeo cannot convert one to a Docker archive."""
+    media_type = _OCI_LAYER_TYPES.get(descriptor.media_type)
+    return descriptor if media_type is None else replace(descriptor, media_type=media_type)
 
 
 def layer_compression(media_type: str) -> str:

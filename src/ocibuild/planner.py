@@ -355,7 +355,8 @@ def _build_one(plan: Plan, store: Store, builders: _Builders, layer: LayerPlan) 
         else:
             built = _build_layer(ctx, plan, layer, builders.copy_tree)
         builders.stop.check()  # after a failure nothing more is recorded (gc takes the blobs)
-        put_cache_entry(store, layer, built, architecture=plan.project.image.architecture)
+        put_cache_entry(store, layer, built, platform=plan.project.image.platform,
+                        epoch=plan.project.image.source_date_epoch)
     except BaseException as err:
         stopped = isinstance(err, Stopped) or builders.stop.is_set()  # then a consequence, not the cause
         builders.events(LayerEvent(layer.name, "stopped") if stopped else LayerEvent(layer.name, "failed", str(err)))
@@ -493,7 +494,7 @@ def _merge_layer(plan: Plan, store: Store, get_context: Callable[[], BuildContex
     if built is None:
         marker.write_text("none\n")
         return None
-    put_cache_entry(store, merge, [built], architecture=project.image.architecture)
+    put_cache_entry(store, merge, [built], platform=project.image.platform, epoch=project.image.source_date_epoch)
     return merge
 
 
@@ -528,6 +529,7 @@ def image_manifest(project: Project, store: Store, plans: Sequence[LayerPlan], *
                    cmd: Sequence[str] | None) -> tuple[bytes, Manifest]:
     """Config bytes and manifest of an image stacking the cache entries of ``plans``, bottom first."""
     image = project.image
+    created = oci.timestamp(image.source_date_epoch)
     layers: list[LayerBlob] = []
     history: list[History] = []
     for layer in plans:
@@ -538,7 +540,7 @@ def image_manifest(project: Project, store: Store, plans: Sequence[LayerPlan], *
         for i, _ in enumerate(built):
             suffix = f" [{i + 1}/{len(built)}]" if len(built) > 1 else ""
             history.append(History(f"ocibuild {recipe.kind} layer '{recipe.name}' from {where}{suffix}",
-                                   comment=f"key {layer.key}"))
+                                   created, comment=f"key {layer.key}"))
     config = ImageConfig(
         diff_ids=tuple(b.diff_id for b in layers),
         architecture=image.architecture,
@@ -546,15 +548,10 @@ def image_manifest(project: Project, store: Store, plans: Sequence[LayerPlan], *
         workdir=image.workdir or None,
         cmd=tuple(cmd) if cmd else None,
         history=tuple(history),
-        created=_rfc3339(image.source_date_epoch),
+        created=created,
     )
     config_bytes = config.to_json()
     manifest = Manifest(Descriptor(oci.OCI_CONFIG, Digest.of(config_bytes), len(config_bytes)),
-                        tuple(b.descriptor for b in layers))
+                        tuple(oci.oci_layer(b.descriptor) for b in layers))
     return config_bytes, manifest
 
-
-def _rfc3339(epoch: int) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -131,12 +131,11 @@ def write_lock(project: Project, lock: Lock) -> None:
 
 
 def split_oci_ref(text: str) -> tuple[str, str | None]:
-    """``oci:DIR[:TAG]`` / ``oci-archive:PATH[:TAG]`` → (path, tag or None)."""
-    body = text.split(":", 1)[1]
-    if ":" in body:
-        path, tag = body.rsplit(":", 1)
-        return path, tag or None
-    return body, None
+    """``oci:DIR[:TAG]`` / ``oci-archive:PATH[:TAG]`` → (path, tag or None), split at the first colon after the
+    transport as skopeo splits it: a tag may hold colons (`podman save` names one ``localhost/bb-amd64:1``), a
+    path may not."""
+    path, _, tag = text.split(":", 1)[1].partition(":")
+    return path, tag or None
 
 
 def open_oci_dir(root: Path, layer: LayerRecipe, ref: str) -> tuple[Store, str | None]:

@@ -25,6 +25,7 @@ import pytest
 
 from conftest import Podman, require, write
 from ocibuild import oci
+from ocibuild.archive import INPUT_ARTIFACT
 from ocibuild.store import Store
 from test_run_layers import busybox_rootfs
 
@@ -174,7 +175,7 @@ def _delta(tmp_path: Path, root: Path, connected: Path, airgapped: Path) -> None
         listed = oci.Index.parse(tar.extractfile("index.json").read())  # type: ignore[union-attr]
     tags = {d.ref_name for d in listed.manifests}
     assert {"devenv", *(f"{l['name']}-{l['key'][7:]}" for l in changed["layers"])} <= tags
-    everything = {blob for d in listed.manifests for blob in _closure(source, d)}
+    everything = {blob for d in listed.manifests for blob in _closure(source, Store.open(airgapped), d)}
     wanted = {f"blobs/sha256/{blob.hex}" for blob in everything if str(blob) not in held}
     assert tar_names(delta) - {"oci-layout", "index.json"} == wanted
     assert 0 < len(wanted) < len(everything) / 2
@@ -184,9 +185,9 @@ def _delta(tmp_path: Path, root: Path, connected: Path, airgapped: Path) -> None
     assert Store.open(airgapped).verify() == []
 
 
-def _closure(store: Store, descriptor: oci.Descriptor) -> list[oci.Digest]:
-    name = descriptor.ref_name or ""
-    if name.startswith("ocibuild-input-"):  # made while exporting: the tarball, an empty config, the manifest
-        return [descriptor.digest, oci.Digest.of(b"{}"), oci.Digest.from_hex(name.rsplit("-", 1)[1])]
+def _closure(store: Store, airgapped: Store, descriptor: oci.Descriptor) -> list[oci.Digest]:
+    if descriptor.artifact_type == INPUT_ARTIFACT:  # made while exporting (untagged): the full import brought it
+        manifest = airgapped.get_manifest(descriptor.digest)
+        return [descriptor.digest, manifest.config.digest, *(d.digest for d in manifest.layers)]
     manifest = store.get_manifest(descriptor.digest)
     return [descriptor.digest, manifest.config.digest, *(d.digest for d in manifest.layers)]

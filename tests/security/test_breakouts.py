@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import stat
 import tarfile
 import tracemalloc
@@ -274,11 +275,16 @@ def test_oversize_gnu_longname_is_refused(jail: Jail) -> None:
 def test_truncated_plain_stream(jail: Jail) -> None:
     whole = layer(d("dir"), f("dir/a", os.urandom(20000)), f("dir/b", b"b" * 5000))
     before = jail.snapshot()
-    # inside a header, inside dir/a, right after dir/a's data (where dir/b's header should be), inside dir/b
-    for cut in (700, 512 * 2 + 10000, 512 * 2 + 20480, 512 * 3 + 20480 + 100, 0):
+    # inside a header, inside dir/a, inside dir/b's header, inside dir/b
+    for cut in (700, 512 * 2 + 10000, 512 * 2 + 20480 + 100, 512 * 3 + 20480 + 100, 0):
         with pytest.raises(UnsafeArchive, match="is truncated or corrupt"):
             jail.extract(whole[:cut])
     assert jail.snapshot() == before
+    # right after dir/a's data, where dir/b's header would start: a whole layer without end-of-archive blocks (as
+    # umoci writes them), holding dir and dir/a
+    shutil.rmtree(jail.root / "dir", ignore_errors=True)
+    jail.extract(whole[:512 * 2 + 20480])
+    assert sorted(p.name for p in (jail.root / "dir").iterdir()) == ["a"] and jail.snapshot() == before
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])

@@ -64,20 +64,37 @@ def test_round_trip_carries_tags_blobs_and_inputs(source: Store, target: Store, 
     inputs = oci_archive.downloaded_inputs(source)
     archive = tmp_path / "all.tar"
     result = oci_archive.export_archive(source, archive, ["base-" + "a" * 64, "dev"], inputs=inputs)
-    assert result.tags == ("base-" + "a" * 64, "dev", f"ocibuild-input-{tarball.hex}")
+    assert result.tags == ("base-" + "a" * 64, "dev") and result.inputs == (tarball,)
     # a plain layout: every blob under its digest
     for name, data in members(archive).items():
         if name.startswith("blobs/"):
             assert hashlib.sha256(data).hexdigest() == name.rsplit("/", 1)[1]
     imported = oci_archive.import_archive(target, archive)
-    assert set(imported.tags) == set(result.tags) and imported.inputs == 1
+    assert set(imported.tags) == set(result.tags) and imported.inputs == 1 and imported.untagged == 0
     for tag in ("dev", "base-" + "a" * 64):
         assert target.resolve(tag).digest == source.resolve(tag).digest  # type: ignore[union-attr]
-    artifact = target.get_manifest(target.resolve(f"ocibuild-input-{tarball.hex}").digest)  # type: ignore[union-attr]
-    assert artifact.artifact_type == oci_archive.INPUT_ARTIFACT
     assert (oci_archive.downloads_dir(target) / tarball.hex).read_bytes() == b"release tarball " * 1000
     again = oci_archive.import_archive(target, archive)  # a second import writes nothing
     assert again.blobs == 0 and again.present > 0
+
+
+def test_inputs_travel_untagged_so_image_importers_make_no_image_of_them(source: Store, tmp_path: Path) -> None:
+    """`ctr images import` makes an image of every tagged manifest and unpacks it: each must be an image whose
+    config lists a diff_id per layer. An input artifact is listed without a tag, found by its artifactType."""
+    tarball = add_download(source, b"release tarball")
+    archive = tmp_path / "all.tar"
+    oci_archive.export_archive(source, archive, ["dev"], inputs=oci_archive.downloaded_inputs(source))
+    files = members(archive)
+    listed = oci.Index.parse(files["index.json"]).manifests
+    for descriptor in listed:
+        manifest = Manifest.parse(files[f"blobs/sha256/{descriptor.digest.hex}"])
+        if descriptor.ref_name is None:
+            assert descriptor.artifact_type == manifest.artifact_type == oci_archive.INPUT_ARTIFACT
+            assert [d.digest for d in manifest.layers] == [tarball]
+        else:
+            config = ImageConfig.parse(files[f"blobs/sha256/{manifest.config.digest.hex}"])
+            assert len(config.diff_ids) == len(manifest.layers)
+    assert [d.ref_name for d in listed] == ["dev", None]
 
 
 def test_inventory_and_delta_export(source: Store, target: Store, tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def test_cli_export_import_inventory(make_project: ProjectFactory, tmp_path: Pat
     archive = tmp_path / "devenv.tar"
     assert cli.main(["export", str(archive), "--json", "-C", str(root), "--store", str(connected)]) == 0
     exported = json.loads(capsys.readouterr().out)
-    assert f"ocibuild-input-{sha}" in exported["tags"] and "dev" in exported["tags"]
+    assert exported["inputs"] == [f"sha256:{sha}"] and "dev" in exported["tags"]
     assert cli.main(["import", str(archive), "--store", str(airgapped)]) == 0
     assert "imported" in capsys.readouterr().out
     assert cli.main(["build", "--offline", "--json", "-C", str(root), "--store", str(airgapped)]) == 0
@@ -126,3 +126,29 @@ def test_export_refuses_an_unbuilt_project(make_project: ProjectFactory, tmp_pat
     err = capsys.readouterr().err
     assert "layer 'base'" in err and "ocibuild build" in err
     assert not (tmp_path / "x.tar").exists()
+
+
+def test_export_all_lists_inputs_untagged_even_where_an_older_import_tagged_them(
+        make_project: ProjectFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Archives of earlier versions tagged each input artifact `ocibuild-input-<sha256>`, and importing one kept
+    the tag; `export --all` carries the input untagged all the same (a tagged artifact breaks `ctr images import`)."""
+    from ocibuild.archive import INPUT_ARTIFACT, downloaded_inputs
+    from ocibuild.archive.export import input_artifact
+
+    root, sha = _project(make_project, tmp_path)
+    store_dir = tmp_path / "store"
+    _seed_download(store_dir, tmp_path, sha)
+    assert cli.main(["build", "-C", str(root), "--store", str(store_dir)]) == 0
+    store = Store.open(store_dir)
+    config, manifest_bytes, manifest = input_artifact(downloaded_inputs(store)[0])
+    store.put(config, manifest.config.media_type)
+    store.tag(f"ocibuild-input-{sha}", store.put_manifest(manifest))  # as an older import left it
+    capsys.readouterr()
+    assert cli.main(["export", "--all", str(tmp_path / "all.tar"), "--json", "--store", str(store_dir)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["inputs"] == [f"sha256:{sha}"] and "dev" in exported["tags"]
+    assert not any(tag.startswith("ocibuild-input-") for tag in exported["tags"])
+    with tarfile.open(tmp_path / "all.tar") as tar:
+        index = json.loads(tar.extractfile("index.json").read())  # type: ignore[union-attr]
+    artifacts = [d for d in index["manifests"] if d.get("artifactType") == INPUT_ARTIFACT]
+    assert len(artifacts) == 1 and "annotations" not in artifacts[0]

@@ -103,7 +103,7 @@ def _step(store: Store, rng: random.Random, good: Path, bad: Path) -> str:
                 raw = _tar(key)
                 built = [LayerBlob(store.put(gzip.compress(raw, mtime=0), oci.LAYER_GZIP), Digest.of(raw))]
                 time.sleep(pause)
-                put_cache_entry(store, _Layer("src", key), built, architecture="amd64")
+                put_cache_entry(store, _Layer("src", key), built, platform=oci.Platform(), epoch=0)
         elif op in ("pull", "wrong-key", "other"):
             label = rng.choice([k for k in KEYS if k != key]) if op == "wrong-key" else key
             with store.lease():

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -375,7 +376,8 @@ def test_manifest_and_config_round_trip(store: Store) -> None:
 def test_tag_resolve_untag(store: Store) -> None:
     first, _, _ = put_image(store, "dev", {"a": b"1"})
     second, _, _ = put_image(store, None, {"a": b"2"})
-    assert store.resolve("dev") == first.with_annotations({oci.ANNOTATION_REF_NAME: "dev"})
+    assert store.resolve("dev") == replace(first.with_annotations({oci.ANNOTATION_REF_NAME: "dev"}),
+                                           platform=oci.Platform("linux", "amd64"))
     assert store.resolve("other") is None
     store.tag("dev", second)
     store.tag("registry.example/app:1.0", second)

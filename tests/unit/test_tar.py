@@ -417,6 +417,43 @@ def test_tarball_entries_refuse_whiteouts_and_truncation(tmp_path: Path) -> None
         write.tarball_entries(archive, what="a.tar")
 
 
+def _without_end_blocks(members: list[tuple[str, str, bytes]], *, padded: bool = True) -> bytes:
+    """A tar of ``members`` that stops right after the last one (``padded``: at a block boundary; else right after
+    its content, as umoci 0.4's `insert` writes layers)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = (tarfile.DIRTYPE, 0) if kind == "dir" else (tarfile.REGTYPE, len(data))
+            tar.addfile(info, io.BytesIO(data) if kind == "file" else None)
+        tar.fileobj.flush()  # type: ignore[union-attr]
+        end = tar.offset - (0 if padded else -len(members[-1][2]) % 512)
+    return raw.getvalue()[:end]
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["at-a-header", "inside-the-padding"])
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_a_layer_ending_after_its_last_member_is_read(compression: str, padded: bool) -> None:
+    """No end-of-archive blocks (nor, as umoci writes them, the last member's padding): podman, containerd and
+    umoci read such a layer, and so do we."""
+    members = [("etc", "dir", b""), ("etc/motd", "file", b"x" * 700), ("etc/issue", "file", b"y" * 100)]
+    plain = _without_end_blocks(members, padded=padded)
+    assert not plain.endswith(bytes(512)) and (len(plain) % 512 == 0) == padded
+    blob = {"none": plain, "gzip": gzip.compress(plain), "zstd": zstandard.ZstdCompressor().compress(plain)}
+    listing = read.list_layer(io.BytesIO(blob[compression]), compression, what="layer sha256:ab")
+    assert listing == {"etc": "dir:0644", "etc/motd": f"file:0644:{hashlib.sha256(b'x' * 700).hexdigest()}",
+                       "etc/issue": f"file:0644:{hashlib.sha256(b'y' * 100).hexdigest()}"}
+
+
+def test_a_layer_cut_inside_a_member_is_refused_without_blaming_the_transfer() -> None:
+    """A digest-checked layer cut inside a member or a header was made so: fetching it again changes nothing."""
+    plain = _without_end_blocks([("etc/motd", "file", b"x" * 700), ("etc/issue", "file", b"y")])
+    for cut in (512 + 600, 512 + 1024 + 100, 700):
+        with pytest.raises(UnsafeArchive, match="layer sha256:ab is truncated or corrupt") as caught:
+            read.list_layer(io.BytesIO(plain[:cut]), "none", what="layer sha256:ab")
+        assert "fetch it again" not in caught.value.hint and "written incomplete" in caught.value.hint
+
+
 def _file_members(path: Path, policy: read.Policy) -> list[str]:
     with open(path, "rb") as f:
         return [f"{m.type}:{m.path}@{offset}" for m, offset in read.iter_file_members(f, what="a.tar", policy=policy)]

@@ -5,7 +5,8 @@ An *archive* is an ``oci-archive``: a plain (uncompressed) tar holding ``oci-lay
 
 - :func:`write_oci_archive` writes one tagged image (what ``podman load`` of podman 4.3 accepts: one manifest).
 - :func:`export_archive` writes any set of tags — cache entries, the image — plus downloaded inputs as OCI
-  artifacts (``artifactType`` :data:`INPUT_ARTIFACT`, tagged ``ocibuild-input-<sha256 hex>``). Given another
+  artifacts (``artifactType`` :data:`INPUT_ARTIFACT`, listed in index.json without a tag, so that image
+  importers such as `ctr images import` leave them alone). Given another
   store's :class:`Inventory` it leaves out the blobs that store holds (a *delta*; its index still lists every
   manifest, so it imports only into a store holding the rest).
 - :func:`import_archive` brings an archive into the store. Nothing is written before the whole archive has been

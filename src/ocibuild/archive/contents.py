@@ -3,7 +3,8 @@ store's :class:`Inventory` (what a delta leaves out), the closure of a manifest,
 
 A downloaded input (an ``archive`` layer's tarball, a run layer's url input) lives in the store's download cache
 ``downloads/<sha256 hex>`` (:func:`ocibuild.net.download.fetch_file` puts it there); in an archive it travels as an
-OCI artifact of type :data:`INPUT_ARTIFACT`, tagged ``ocibuild-input-<sha256 hex>``.
+OCI artifact of type :data:`INPUT_ARTIFACT`, listed in index.json without a tag (so that image importers such as
+`ctr images import` make no image of it; archives of earlier versions tagged it ``ocibuild-input-<sha256 hex>``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..oci import Descriptor, Digest, Index
 from ..store import Store
 
 INPUT_ARTIFACT = "application/vnd.ocibuild.input.v1"
-INPUT_TAG_PREFIX = "ocibuild-input-"
+INPUT_TAG_PREFIX = "ocibuild-input-"  # the tag of an input artifact in archives of earlier versions
 INVENTORY_TYPE = "application/vnd.ocibuild.inventory.v1+json"
 
 CHUNK = 1 << 20  # blobs are copied in pieces of this size, in both directions
@@ -54,10 +55,6 @@ class InputFile:
     digest: Digest  # sha256 of the file: its name in the download cache
     path: Path
     url: str = ""
-
-    @property
-    def tag(self) -> str:
-        return f"{INPUT_TAG_PREFIX}{self.digest.hex}"
 
 
 def downloads_dir(store: Store) -> Path:

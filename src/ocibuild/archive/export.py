@@ -205,10 +205,11 @@ class ExportResult:
     blobs: int  # written into the archive
     skipped: int  # left out because the other store holds them (--since)
     bytes: int  # of the archive
+    inputs: tuple[Digest, ...] = ()  # downloaded inputs listed (as untagged input artifacts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "tags": list(self.tags), "blobs": self.blobs, "skipped": self.skipped,
-                "bytes": self.bytes}
+                "bytes": self.bytes, "inputs": [str(d) for d in self.inputs]}
 
 
 def input_artifact(item: InputFile) -> tuple[bytes, bytes, Manifest]:
@@ -227,7 +228,13 @@ def input_artifact(item: InputFile) -> tuple[bytes, bytes, Manifest]:
 def export_archive(store: Store, path: Path, tags: Sequence[str], *, inputs: Sequence[InputFile] = (),
                    since: Inventory | None = None, sync: bool = False) -> ExportResult:
     """Write ``tags`` (manifests or indexes of the store, with everything they reach) and ``inputs`` (as input
-    artifacts) as one oci-archive at ``path``. With ``since``, blobs that inventory lists are left out.
+    artifacts, listed in index.json without a tag) as one oci-archive at ``path``. With ``since``, blobs that
+    inventory lists are left out.
+
+    An input artifact has no tag so that image importers leave it alone: `ctr images import` makes an image of
+    every tagged manifest and unpacks it, which fails for an artifact ("mismatched image rootfs and manifest
+    layers": its config lists no diff_ids); an untagged manifest's blobs it only stores. ``ocibuild import`` finds
+    the artifacts by their ``artifactType``.
 
     The archive is written to a temporary file and renamed; without ``sync`` it is not fsynced (an importer
     verifies every byte and refuses a cut archive; unmounting a removable disk flushes it)."""
@@ -263,9 +270,10 @@ def export_archive(store: Store, path: Path, tags: Sequence[str], *, inputs: Seq
         add(_Item(f"blobs/sha256/{manifest_digest.hex}", len(manifest_bytes), data=manifest_bytes,
                   digest=manifest_digest))
         descriptor = Descriptor(oci.OCI_MANIFEST, manifest_digest, len(manifest_bytes), artifact_type=INPUT_ARTIFACT)
-        index = index.with_tag(item.tag, descriptor)
+        index = Index(index.manifests + (descriptor,))
     size = _write_tar(_layout_items(store, index, blobs), path, sync=sync, what=f"export {path}")
-    names = tuple(d.ref_name or "" for d in index.manifests)
-    log.info("exported %d tags, %d blobs (%d left out) to %s", len(names), len(blobs), len(skipped), path)
-    return ExportResult(path, names, len(blobs), len(skipped), size)
+    names = tuple(d.ref_name for d in index.manifests if d.ref_name)
+    log.info("exported %d tags, %d inputs, %d blobs (%d left out) to %s", len(names), len(inputs), len(blobs),
+             len(skipped), path)
+    return ExportResult(path, names, len(blobs), len(skipped), size, tuple(item.digest for item in inputs))
 

@@ -101,7 +101,7 @@ class ImportResult:
     present: int  # already in the store
     bytes: int  # written
     inputs: int  # restored into the download cache
-    untagged: int  # manifests of index.json without a ref name (imported, but gc may remove them)
+    untagged: int  # manifests of index.json without a ref name, input artifacts aside (gc may remove them)
 
     def to_dict(self) -> dict[str, Any]:
         return {"tags": list(self.tags), "blobs": self.blobs, "present": self.present, "bytes": self.bytes,
@@ -330,7 +330,7 @@ def _check_index(archive: _Archive) -> tuple[_IndexGraphChecker, dict[str, Descr
         if name:
             check_ref_name(name)
             tags[name] = descriptor
-        else:
+        elif descriptor.artifact_type != INPUT_ARTIFACT:  # an input goes to the download cache, not to a tag
             untagged += 1
     return checker, tags, untagged
 

@@ -49,7 +49,7 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from ..archive import downloaded_inputs, export_archive
+    from ..archive import INPUT_ARTIFACT, downloaded_inputs, export_archive
 
     _, store = open_store(args)
     path = Path(args.path)
@@ -58,7 +58,8 @@ def export_command(args: argparse.Namespace) -> int:
     if args.all:
         if args.image_only:
             raise OcibuildError("--all and --image-only exclude each other", "choose one")
-        tags = [d.ref_name for d in store.index().manifests if d.ref_name]
+        tags = [d.ref_name for d in store.index().manifests  # inputs travel from the download cache, untagged
+                if d.ref_name and d.artifact_type != INPUT_ARTIFACT]
         inputs = downloaded_inputs(store)
     elif args.image_only:
         tags = [project_of(args).image.name]
@@ -68,8 +69,8 @@ def export_command(args: argparse.Namespace) -> int:
     if args.json:
         print_json(exported.to_dict())
     else:
-        print(f"exported {len(exported.tags)} tags, {exported.blobs} blobs ({exported.bytes / 1e6:.1f} MB) "
-              f"to {path}" + (f"; {exported.skipped} blobs left out (--since)" if since is not None else ""))
+        print(f"exported {len(exported.tags)} tags, {len(exported.inputs)} inputs, {exported.blobs} blobs "
+              f"({exported.bytes / 1e6:.1f} MB) to {path}" + (f"; {exported.skipped} blobs left out (--since)" if since is not None else ""))
     return 0
 
 

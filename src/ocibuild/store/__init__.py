@@ -36,10 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from ..oci import Descriptor, Digest, ImageConfig, Index, Manifest
+from ..errors import FormatError
+from ..oci import CONFIG_TYPES, MANIFEST_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest
 from .content import BlobWriter, Content
 from .layout import Layout, check_ref_name
 
@@ -147,12 +149,27 @@ class Store:
         return self._layout.resolve(ref_name)
 
     def tag(self, ref_name: str, descriptor: Descriptor) -> None:
-        """Point ``ref_name`` at ``descriptor`` (a manifest or index already in the store)."""
-        self._layout.tag(ref_name, descriptor)
+        """Point ``ref_name`` at ``descriptor`` (a manifest or index already in the store); an image manifest is
+        listed with its platform (see :meth:`with_platform`)."""
+        self._layout.tag(ref_name, self.with_platform(descriptor))
 
     def tag_all(self, tags: Mapping[str, Descriptor]) -> None:
         """Point every name of ``tags`` at its descriptor (each already in the store), in one index.json update."""
-        self._layout.tag_all(tags)
+        self._layout.tag_all({name: self.with_platform(d) for name, d in tags.items()})
+
+    def with_platform(self, descriptor: Descriptor) -> Descriptor:
+        """``descriptor`` with the platform (os, architecture, variant) of its image config when it names an image
+        manifest and carries none: index.json lists it so, as image-layout.md asks and as skopeo and containerd
+        write theirs. Artifacts (no image config) and indexes stay as they are."""
+        if descriptor.platform is not None or descriptor.media_type not in MANIFEST_TYPES or \
+                not self.has(descriptor.digest):
+            return descriptor
+        try:
+            config = self.get_manifest(descriptor.digest).config
+            platform = self.get_config(config.digest).platform if config.media_type in CONFIG_TYPES else None
+        except FormatError:  # not what the descriptor says it is: tagged as given, and `verify` reports it
+            return descriptor
+        return descriptor if platform is None else replace(descriptor, platform=platform)
 
     def untag(self, ref_name: str) -> bool:
         """Remove ``ref_name``; False when there was no such tag."""

@@ -1,7 +1,8 @@
 """Cache entries: how a built (or pulled, or imported) layer is recorded in the store. The one place an entry enters.
 
 An entry is an OCI image manifest tagged ``<name>-<64 hex of the key>`` (:func:`cache_tag`) in the store's
-index.json, whose layers are the layer blobs and whose config carries ``rootfs.diff_ids`` and the labels
+index.json, whose layers are the layer blobs and whose config (an image other tools can build on: platform,
+``created`` and one history entry per layer) carries ``rootfs.diff_ids`` and the labels
 ``dev.ocibuild.layer.{name,kind,key,inputs,document,needs}``: ``document`` is the canonical key document (its
 sha256 is the key), ``needs`` the names of the needs whose keys it lists, in its order; with them `ocibuild
 explain` says what changed since an entry was made (entries made before they were recorded lack both, and
@@ -23,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import EntryConflict, OcibuildError, StoreError
-from ..oci import OCI_CONFIG, Descriptor, Digest, ImageConfig, LayerBlob, Manifest, canonical_json
+from ..oci import (OCI_CONFIG, Descriptor, Digest, History, ImageConfig, LayerBlob, Manifest, Platform, canonical_json,
+                   oci_layer, timestamp)
 
 if TYPE_CHECKING:  # annotations only: a Protocol class costs start-up time, and a cached build imports this module
     from . import Store
@@ -150,8 +152,14 @@ def _document_key(config: ImageConfig) -> Digest | None:
     return None if label is None else Digest.of(label.encode())
 
 
-def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob], *, architecture: str) -> Descriptor:
-    """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it."""
+def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob], *, platform: Platform,
+                    epoch: int) -> Descriptor:
+    """Record built layers as the cache entry of ``layer`` (see the module docstring) and tag it.
+
+    The entry is an image other tools can build on (``FROM`` it in buildah, run it): its config names
+    ``platform``, is created at ``epoch`` and has one history entry per layer (buildah counts them against the
+    layers); its layers carry OCI media types (:func:`~ocibuild.oci.oci_layer`). Everything in it comes from the
+    key, so one key makes one entry, byte for byte."""
     labels = {
         LABEL_PREFIX + "name": layer.name,
         LABEL_PREFIX + "kind": layer.recipe.kind,
@@ -160,9 +168,14 @@ def put_cache_entry(store: Store, layer: EntryLayer, built: Sequence[LayerBlob],
         LABEL_PREFIX + "document": canonical_json(layer.document).decode(),
         LABEL_PREFIX + "needs": json.dumps(list(layer.recipe.needs), separators=(",", ":")),
     }
-    config = ImageConfig(diff_ids=tuple(b.diff_id for b in built), architecture=architecture, labels=labels)
+    created = timestamp(epoch)
+    history = tuple(History(f"ocibuild {layer.recipe.kind} layer '{layer.name}'"
+                            + (f" [{i + 1}/{len(built)}]" if len(built) > 1 else ""), created,
+                            comment=f"key {layer.key}") for i in range(len(built)))
+    config = ImageConfig(diff_ids=tuple(b.diff_id for b in built), architecture=platform.architecture,
+                         os=platform.os, variant=platform.variant, labels=labels, history=history, created=created)
     config_descriptor = store.put(config.to_json(), OCI_CONFIG)
-    manifest = Manifest(config_descriptor, tuple(b.descriptor for b in built))
+    manifest = Manifest(config_descriptor, tuple(oci_layer(b.descriptor) for b in built))
     descriptor = store.put_manifest(manifest)
     tag = cache_tag(layer.name, layer.key)
     return add_cache_entries(store, {tag: descriptor}, what=f"layer '{layer.name}'")[tag]

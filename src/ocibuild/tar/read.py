@@ -12,8 +12,11 @@ it accepts with a :class:`Policy`:
 
 The rules every policy shares:
 
-- A stream must end with an end-of-archive block; otherwise it is truncated or corrupt (this is also what catches
-  a truncated zstd stream, which the zstd reader does not report). Header checksums are checked.
+- A stream must end with an end-of-archive block, or (layers and tarballs) anywhere after its last member's
+  content: where the next header would start, or inside the padding (umoci 0.4's `insert` writes layers without
+  padding or end blocks; podman, containerd and umoci read them). A stream ending elsewhere (inside a header or a
+  member's content) is truncated or corrupt — this is also what catches a truncated zstd stream, which the zstd
+  reader does not report. Header checksums are checked.
 - Extended headers are limited in size (1 MiB for layers); global PAX headers supply defaults for uid, gid, mtime
   and xattrs (not for path, linkpath or size).
 - Paths are normalised: leading './' is dropped (and a leading '/', when the policy takes an absolute path as
@@ -61,6 +64,10 @@ _ZERO_BLOCK: Final = bytes(_BLOCK)
 _ENC: Final = "surrogateescape"
 _HEADER_ONLY: Final = frozenset({b"1", b"2", b"3", b"4", b"5", b"6"})  # typeflags whose size is not content
 _HINT_UNSAFE: Final = "the archive is damaged or hostile; fetch it again or ask its publisher"
+# Layers and tarballs are read from blobs and files whose digest is checked: a damaged transfer fails that check
+# first, so a stream cut short here was made so.
+_HINT_CUT: Final = ("it was written incomplete (a damaged download fails its digest check before this): make it "
+                    "again, or ask its publisher for an intact one")
 # How an entry of a type a policy refuses is described; the type flags are POSIX's and GNU's.
 _DESCRIBED: Final = {
     b"1": "a hardlink", b"2": "a symlink", b"3": "a character device node", b"4": "a block device node",
@@ -99,7 +106,7 @@ class Policy:
     max_headers: int | None  # headers in the whole archive
     absolute: bool  # a leading '/' is taken as relative to the root; else the entry is refused
     whiteouts: Literal["member", "refuse", "literal"]  # OCI whiteouts: members, refused, or ordinary names
-    end_blocks: int  # zero blocks that must end the archive (1 or 2)
+    end_blocks: int  # zero blocks that end the archive (2, 1, or 0: the stream may also end after a member's content)
     refused_type_note: str  # said after a refused type
     hint_unsafe: str
     hint_corrupt: str
@@ -114,10 +121,10 @@ LAYER: Final = Policy(
     max_headers=None,
     absolute=True,
     whiteouts="member",
-    end_blocks=1,
+    end_blocks=0,
     refused_type_note=" (not supported)",
     hint_unsafe=_HINT_UNSAFE,
-    hint_corrupt=codecs.HINT_CORRUPT,
+    hint_corrupt=_HINT_CUT,
 )
 TARBALL: Final = replace(LAYER, whiteouts="refuse")
 TARBALL_SKIPPING_DEVICES: Final = replace(TARBALL, skipped=TARBALL.skipped | {b"3", b"4", b"6"})
@@ -338,7 +345,13 @@ class _Parser:
             reader = _Data(inp, raw.data_size, raw.name)
             yield raw, reader
             reader.valid = False
-            inp.skip(reader.remaining + (-raw.data_size % _BLOCK))
+            padding = -raw.data_size % _BLOCK
+            if self.policy.end_blocks:
+                inp.skip(reader.remaining + padding)
+            else:
+                inp.skip(reader.remaining)
+                if len(inp.read(padding)) < padding:  # the stream ends after the content, without its padding
+                    return
 
     def _corrupt(self, problem: str) -> UnsafeArchive:
         return UnsafeArchive(f"{self.what} is truncated or corrupt ({problem})", hint=self.policy.hint_corrupt)
@@ -352,6 +365,9 @@ class _Parser:
             offset = self.inp.pos
             block = self.inp.read(_BLOCK)
             if len(block) < _BLOCK:
+                if not block and offset and not self.policy.end_blocks:  # right after a member: the end
+                    self._end()
+                    return None
                 raise self._corrupt("it is empty" if offset == 0 and not block else "no end-of-archive block")
             if block == _ZERO_BLOCK:
                 self._end()
