@@ -105,8 +105,9 @@ def add_cache_entries(store: Store, entries: Mapping[str, Descriptor], *, what: 
     diff_ids = {tag: _check_entry(store, tag, descriptor, where) for tag, descriptor in entries.items()}
     result: dict[str, Descriptor] = {}
     with store.lock():  # the check and the tagging as one step: of two writers of a key, the first stays
+        current = store.index().tags()
         for tag, descriptor in entries.items():
-            existing = store.resolve(tag)
+            existing = current.get(tag)
             if existing is None or existing.digest == descriptor.digest:
                 continue
             existing_config = store.get_config(store.get_manifest(existing.digest).config.digest)

@@ -281,13 +281,8 @@ class Layout:
         for ref_name, descriptor in tags.items():
             self._check_taggable(ref_name, descriptor)
 
-        def change(index: Index) -> Index:
-            for ref_name, descriptor in tags.items():
-                index = index.with_tag(ref_name, descriptor)
-            return index
-
         if tags:
-            self.update_index(change)
+            self.update_index(lambda index: index.with_tags(tags))
 
     def _check_taggable(self, ref_name: str, descriptor: Descriptor) -> None:
         check_ref_name(ref_name)
