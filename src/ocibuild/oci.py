@@ -181,11 +181,15 @@ class Descriptor:
             raise FormatError(f"{what} has no digest")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise FormatError(f"{what} has no valid size")
-        platform = Platform.from_dict(value["platform"]) if "platform" in value else None
+        try:
+            parsed = Digest.parse(digest)
+            platform = Platform.from_dict(value["platform"]) if "platform" in value else None
+        except FormatError as err:
+            raise FormatError(f"{what}: {err}") from None
         artifact_type = value.get("artifactType")
         return cls(
             media_type,
-            Digest.parse(digest),
+            parsed,
             size,
             _annotations(value.get("annotations"), what),
             platform,

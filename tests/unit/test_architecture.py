@@ -48,6 +48,7 @@ INSIDE: dict[str, set[str]] = {
     "store.layout": set(),  # oci-layout, index.json, tags, locks
     "store.content": {"store.layout"},  # blobs in and out
     "store.maintenance": {"store.layout", "store.content", "store.entries"},  # verify, gc
+    "store.repair": {"store.layout", "store.content", "store.maintenance"},  # verify --repair
     "store.entries": {"store"},  # the cache-entry format, on the Store facade
     "archive.contents": set(),  # input artifacts, the download cache, inventories, a manifest's closure
     "archive.export": {"archive.contents"},  # writing

@@ -57,7 +57,7 @@ def test_adding_many_entries_reads_and_writes_index_json_a_fixed_number_of_times
     store = Store.open(tmp_path / "store")
     store.tag_all({f"other-{n}": d for n, d in enumerate(_entries(store, 50).values())})  # tags there already
     counts = {"read": 0, "write": 0}
-    real_index, real_write = Layout.index, Layout._write_index
+    real_index, real_write = Layout.index, Layout.write_index
 
     def counted_index(self: Layout) -> Index:
         counts["read"] += 1
@@ -68,7 +68,7 @@ def test_adding_many_entries_reads_and_writes_index_json_a_fixed_number_of_times
         real_write(self, index)
 
     monkeypatch.setattr(Layout, "index", counted_index)
-    monkeypatch.setattr(Layout, "_write_index", counted_write)
+    monkeypatch.setattr(Layout, "write_index", counted_write)
     entries = _entries(store, 200)
     add_cache_entries(store, entries, what="test")
     assert counts["write"] == 1 and counts["read"] <= 3  # not one per entry

@@ -16,7 +16,8 @@ Users hold one :class:`Store`; it hands each call to one of three parts:
 - :mod:`.layout`: opening (and creating) the layout, index.json and tags, the lock and the lease;
 - :mod:`.content`: blobs written to a temporary file, hashed, fsynced, checked, renamed into place and the
   directory fsynced (as umoci and containerd do), partial downloads resumed, blobs read verified;
-- :mod:`.maintenance`: the reachability walk from index.json, verify and gc.
+- :mod:`.maintenance`: the reachability walk from index.json, verify and gc;
+- :mod:`.repair`: removing what verify rejects (`ocibuild verify --repair`).
 
 :mod:`.entries` is the cache-entry format: the one place a built layer is recorded in the store.
 
@@ -37,11 +38,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..oci import Descriptor, Digest, ImageConfig, Index, Manifest
 from .content import BlobWriter, Content
 from .layout import Layout, check_ref_name
+
+if TYPE_CHECKING:  # .repair is imported where it is used, as .maintenance is
+    from .repair import Removal
 
 __all__ = ["BlobWriter", "Store", "check_ref_name"]
 
@@ -196,6 +200,20 @@ class Store:
         from . import maintenance
 
         return maintenance.verify(self._layout, self._content, unreachable=unreachable)
+
+    def tag_problems(self, tags: Mapping[str, Descriptor]) -> list[str]:
+        """What :meth:`verify` would report about ``tags`` (name → descriptor in the store) were they tagged: the
+        check of what comes from outside before it is tagged; see :func:`.maintenance.tag_problems`."""
+        from . import maintenance
+
+        return maintenance.tag_problems(self._layout, self._content, tags)
+
+    def repair(self) -> list[Removal]:
+        """Remove what :meth:`verify` rejects (damaged blobs, then the tags that reach a problem), until it finds the
+        store sound: what was removed; see :func:`.repair.repair`."""
+        from . import repair
+
+        return repair.repair(self._layout, self._content)
 
     def gc(self, *, wait: bool = True) -> tuple[int, int]:
         """Delete blobs index.json does not reach and leftover temporary files; (blobs removed, bytes freed).

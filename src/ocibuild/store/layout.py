@@ -187,7 +187,7 @@ class Layout:
                             f"{self.root / 'index.json'} is missing but the store holds blobs",
                             hint="restore index.json from a backup, or start a new store with --store",
                         )
-                    self._write_index(Index(()))
+                    self.write_index(Index(()))
 
     # ------------------------------------------------------------------------------------------------ paths
 
@@ -257,10 +257,11 @@ class Layout:
             current = self.index()
             updated = change(current)
             if updated != current:
-                self._write_index(updated)
+                self.write_index(updated)
             return updated
 
-    def _write_index(self, index: Index) -> None:
+    def write_index(self, index: Index) -> None:
+        """Replace index.json (atomically); callers hold :meth:`Locks.lock`."""
         path = self.root / "index.json"
         try:
             atomic_write(path, index.to_json(), mode=FILE_MODE)
