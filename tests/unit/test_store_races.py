@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
@@ -41,3 +43,68 @@ def test_processes_creating_one_store_at_once_all_open_it(tmp_path: Path) -> Non
         store = Store.open(tmp_path / f"store-{round_}" / "nested", create=False)
         assert store.index() == Index(()) and store.verify() == []
         assert sorted(os.listdir(store.root)) == ["blobs", "index.json", "oci-layout", "ocibuild"]
+
+
+# ------------------------------------------------------------------------------------------------- leftovers
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from ocibuild.store import Store
+
+store = Store.open(Path(sys.argv[1]))
+with store.writer() as blob, store.temp_dir() as scratch:
+    blob.write(b"x" * (3 << 20))
+    (scratch / "layer.tar").write_bytes(b"y" * 1000)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(root: Path) -> subprocess.Popen[str]:
+    """A process writing a blob and holding a scratch directory in the store at ``root``, until it is killed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    process = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root)], env=env, text=True,
+                               stdout=subprocess.PIPE)
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    return process
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    process.kill()
+    process.wait()
+    assert process.stdout is not None
+    process.stdout.close()
+
+
+def _tmp(root: Path) -> list[str]:
+    return sorted(os.listdir(root / "ocibuild" / "tmp"))
+
+
+def test_the_next_open_removes_what_a_killed_process_left(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    Store.open(root)
+    process = _holder(root)
+    left = _tmp(root)
+    assert [name.split("-")[:2] for name in left] == [["blob", str(process.pid)], ["dir", str(process.pid)]]
+    _kill(process)
+    assert _tmp(root) == left  # nothing removes them when the process dies
+    store = Store.open(root)
+    assert _tmp(root) == []
+    assert store.verify() == []
+
+
+def test_an_open_never_removes_what_a_live_process_holds(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = Store.open(root)
+    process = _holder(root)
+    try:
+        held = _tmp(root)
+        with store.temp_dir() as scratch:  # this process's own, held by another open file
+            Store.open(root)
+            assert scratch.is_dir() and _tmp(root) == sorted([*held, scratch.name])
+    finally:
+        _kill(process)
+    assert _tmp(root) == held
+    store.gc()
+    assert _tmp(root) == []

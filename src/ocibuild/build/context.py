@@ -7,8 +7,6 @@ nothing in the store.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,10 +67,7 @@ def under(dest: str, path: str) -> str:
 
 @contextmanager
 def temp_file(ctx: BuildContext, suffix: str) -> Iterator[Path]:
-    """A scratch file in the store's private area, removed when the context ends."""
-    fd, name = tempfile.mkstemp(suffix=suffix, dir=ctx.store.private_dir("tmp"))
-    os.close(fd)
-    try:
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)
+    """A scratch file in the store's private area (not created yet), removed when the context ends; if the process
+    is killed, by the next ocibuild that opens the store (:meth:`Store.temp_dir`)."""
+    with ctx.store.temp_dir() as directory:
+        yield directory / f"file{suffix}"

@@ -15,10 +15,7 @@ other (:class:`ocibuild.planner.MergeInputs`). It is made from the layers' bookk
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 from .. import bookkeeping
 from ..bookkeeping import LD_SO_CACHE, MERGED_PATHS, STANZA_FILES, Record
@@ -135,23 +132,19 @@ def _content(store: Store, built: Sequence[LayerBlob], record: Record, path: str
 
 
 def _merge_files(ctx: BuildContext, merged: Mapping[str, str]) -> LayerBlob:
-    directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
-    try:
+    with ctx.store.temp_dir() as directory:
         entries = []
         for i, (path, content) in enumerate(sorted(merged.items())):
             file = directory / str(i)
             file.write_text(content)
             entries.append(write.Entry(path, "file", 0o644, size=file.stat().st_size, source=str(file)))
         return write_entries(ctx, write.with_parents(entries))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _merge_with_ldconfig(ctx: BuildContext, stack: tuple[bytes, Manifest], name: str, key: Digest,
                          merged: Mapping[str, str], engine: Engine) -> LayerBlob:
     """Put the merged files in place and re-run ldconfig over the whole stack, in a container."""
-    directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
-    try:
+    with ctx.store.temp_dir() as directory:
         lines = []
         for i, (path, content) in enumerate(sorted(merged.items())):
             (directory / str(i)).write_text(content)
@@ -166,8 +159,6 @@ def _merge_with_ldconfig(ctx: BuildContext, stack: tuple[bytes, Manifest], name:
             return run_and_capture(ctx, engine, image, name=name, key=key, mounts=mounts, env={},
                                    workdir="/", network=False,
                                    keep=CaptureFilter(only=frozenset(MERGED_PATHS | ancestors)))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # ---- conflicts ------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
     <root>/index.json                the tags: descriptors annotated with org.opencontainers.image.ref.name
     <root>/blobs/sha256/<hex>        content-addressed blobs (manifests, configs, layers)
     <root>/ocibuild/                 ours alone; other OCI tools ignore it
-        tmp/                         blobs being written, other modules' temporary files (gc removes leftovers)
+        tmp/                         blobs being written, scratch directories (:meth:`Store.temp_dir`), partial
+                                     downloads; what a killed process left is removed by the next open
         lock                         flock: index.json read-modify-write, gc
         lease                        flock: shared by writers and lease holders, exclusive for gc
         <name>/                      caches other modules keep (:meth:`Store.private_dir`)
@@ -68,9 +69,13 @@ class Store:
     def open(cls, root: Path, *, create: bool = True) -> Store:
         """Open the layout at ``root``, creating it (and parents) when missing or an empty directory.
 
-        Without ``create`` nothing is written, so a read-only layout (an import source) can be read.
+        Without ``create`` nothing is written, so a read-only layout (an import source) can be read. With it, the
+        temporary files of processes that ended without removing them (killed) are removed (:meth:`Content.sweep`).
         """
-        return cls(Layout.open(root, create=create))
+        store = cls(Layout.open(root, create=create))
+        if create:
+            store._content.sweep()
+        return store
 
     # ---------------------------------------------------------------------------------------------- blobs
 
@@ -224,6 +229,11 @@ class Store:
         from . import maintenance
 
         return maintenance.gc(self._layout, self._content, wait=wait)
+
+    def temp_dir(self) -> AbstractContextManager[Path]:
+        """A private scratch directory in ``ocibuild/tmp/`` for the with-block, removed at its end; if the process
+        is killed meanwhile, the next ocibuild that opens the store removes it."""
+        return self._content.temp_dir()
 
     def private_dir(self, name: str) -> Path:
         """``<root>/ocibuild/<name>``, created: a place for caches other modules keep. gc and verify ignore it."""

@@ -283,7 +283,7 @@ def gc(layout: Layout, content: Content, *, wait: bool = True) -> tuple[int, int
     """
     with layout.locks.exclusive_lease(wait), layout.locks.lock():
         removed, freed, touched = _remove_unreachable(layout, reachable(layout, content))
-        freed += _remove_leftovers(layout)
+        freed += _remove_leftovers(layout) + content.sweep()
         for directory in sorted(touched):
             sync_dir(directory, layout.root)
     log.info("gc of %s: removed %d blobs, freed %d bytes", layout.root, removed, freed)
