@@ -17,6 +17,7 @@ Users hold one :class:`Store`; it hands each call to one of three parts:
 - :mod:`.layout`: opening (and creating) the layout, index.json and tags, the lock and the lease;
 - :mod:`.content`: blobs written to a temporary file, hashed, fsynced, checked, renamed into place and the
   directory fsynced (as umoci and containerd do), partial downloads resumed, blobs read verified;
+- :mod:`.scratch`: temporary files held under a flock while in use, and the sweep of those a killed process left;
 - :mod:`.maintenance`: the reachability walk from index.json, verify and gc;
 - :mod:`.repair`: removing what verify rejects (`ocibuild verify --repair`).
 

@@ -5,11 +5,9 @@ written, fsynced, checked against the expected digest and size, renamed into ``b
 (``files.fsync_dir``). A blob in ``blobs/`` is therefore complete; its presence is trusted and its content is
 verified as it is read. Blob commits stream, so they do not go through ``files.atomic_write`` (a whole-file write).
 
-Temporary files and directories in ``ocibuild/tmp/`` (a blob being written, :meth:`Content.temp_dir` for other
-modules) are named ``<kind>-<pid>-<random>`` and held under an exclusive flock for as long as they are in use
-(:func:`create_held`): one whose flock can be taken was left by a process that ended, killed or not, and
-:func:`sweep` (every writable open of the store, and gc) removes it. Partial downloads are kept on purpose, for
-the next run to resume (gc removes them after an hour).
+A blob being written is a temporary file of :mod:`.scratch` (held under a flock: what a killed writer leaves is
+removed by the next open of the store); partial downloads are kept on purpose, for the next run to resume (gc
+removes them after an hour).
 """
 
 from __future__ import annotations
@@ -19,12 +17,7 @@ import hashlib
 import io
 import logging
 import os
-import re
-import secrets
-import shutil
-import stat
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +26,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..errors import BlobNotFound, DigestMismatch, StoreError
 from ..files import fsync_dir
 from ..oci import Digest
-from .layout import FILE_MODE, STORE_HINT, Layout, hint_for, reason
+from .layout import FILE_MODE, Layout, hint_for, reason
+from .scratch import create_held, is_at, remove_tree, sweep
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -41,8 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOB_TMP = "blob-"  # the prefix of Content.writer's temporary files
-_HELD = re.compile(r"(\.?)(?:blob|dir)-[0-9]+-[0-9a-f]{16}")  # create_held's names; hidden until locked
-_HIDDEN_STALE = 3600.0  # seconds after which a hidden one (made, not locked yet: microseconds) is abandoned
 _PARTIAL = "partial-"  # resumable downloads (Content.writer(resumable=True)): partial-<algorithm>-<hex>
 _WRITE_BUFFER = 1 << 20
 _READ_BUFFER = 1 << 18
@@ -52,100 +44,6 @@ _CHANGED_HINT = "the source changed or was corrupted in transit; fetch or build 
 
 def corrupt_hint(path: Path) -> str:
     return f"delete {path} and rebuild or fetch the image again; `ocibuild verify` lists every damaged blob"
-
-
-def create_held(tmp_dir: Path, kind: str, root: Path) -> tuple[Path, int]:
-    """A new temporary file (``kind`` "blob": the fd is open for writing) or directory ("dir": the fd is the
-    directory's) in ``tmp_dir``, named ``<kind>-<pid>-<random>``, under an exclusive flock that lasts while the fd
-    is open: :func:`sweep` removes only what no one holds. It is made under a hidden name and renamed once locked,
-    so no sweep ever finds it unlocked. (On a file system without flock it is never swept; gc removes it.)"""
-    name = f"{kind}-{os.getpid()}-{secrets.token_hex(8)}"
-    hidden, path = tmp_dir / f".{name}", tmp_dir / name
-    for attempt in (1, 2):
-        try:
-            if kind == "dir":
-                os.mkdir(hidden, 0o700)
-                fd = os.open(hidden, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            else:
-                fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            break
-        except FileNotFoundError:
-            if attempt == 2:
-                raise StoreError(f"create temporary file: {tmp_dir} is missing", hint=STORE_HINT) from None
-            tmp_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StoreError(f"create temporary file: {hidden}: {reason(err)}", hint_for(err, root)) from err
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            log.debug("temporary %s without a lock: %s", hidden, reason(err))
-        os.rename(hidden, path)
-    except BaseException as err:
-        os.close(fd)
-        _remove_tree(hidden)
-        if isinstance(err, OSError):
-            raise StoreError(f"create temporary file: {path}: {reason(err)}", hint_for(err, root)) from err
-        raise
-    return path, fd
-
-
-def sweep(tmp_dir: Path) -> int:
-    """Remove the temporary files and directories of :func:`create_held` whose flock no one holds any more (their
-    process ended without removing them: killed, say); bytes freed (of files; a directory's content uncounted).
-    What is held, or cannot be told, stays."""
-    try:
-        names = sorted(os.listdir(tmp_dir))
-    except FileNotFoundError:
-        return 0
-    except OSError as err:
-        log.warning("cannot look for leftovers in %s: %s", tmp_dir, reason(err))
-        return 0
-    freed = 0
-    for name in names:
-        match = _HELD.fullmatch(name)
-        if match is None:
-            continue
-        path = tmp_dir / name
-        if match.group(1):  # killed between its creation and its lock
-            try:
-                if path.lstat().st_mtime < time.time() - _HIDDEN_STALE:
-                    _remove_tree(path)
-            except OSError:
-                pass
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue  # gone meanwhile, or not ours to open
-        try:
-            info = os.fstat(fd)
-            if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # in use (or no flock here: not provably abandoned)
-            if _is_at(fd, path):  # still this name's file: its holder neither committed nor removed it
-                _remove_tree(path)
-                freed += info.st_size if stat.S_ISREG(info.st_mode) else 0
-                log.info("removed %s, left by process %s", path, name.split("-")[1])
-        finally:
-            os.close(fd)
-    return freed
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a file or a directory tree; what cannot be removed is logged and left."""
-    try:
-        if stat.S_ISDIR(path.lstat().st_mode):
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        log.warning("could not remove temporary %s: %s", path, reason(err))
 
 
 def sync_dir(directory: Path, root: Path) -> None:
@@ -265,7 +163,7 @@ class BlobWriter:
     def _owns_path(self) -> bool:
         """Whether the temporary file's path still names this writer's file (always, but for a partial download
         whose file an older writer's commit moved away; checked before the path is renamed or removed)."""
-        return not self._partial or _is_at(self._file.fileno(), self._path)
+        return not self._partial or is_at(self._file.fileno(), self._path)
 
     def _discard(self, keep: bool) -> None:
         """After a failure: remove the temporary file (unless ``keep``, for a resumed download) and close it."""
@@ -278,15 +176,6 @@ class BlobWriter:
             self._file.close()
         except OSError:
             pass
-
-
-def _is_at(fd: int, path: Path) -> bool:
-    """Whether the open file ``fd`` is the file ``path`` names now (same device and inode, not unlinked)."""
-    try:
-        held, named = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 class _VerifyingReader(io.RawIOBase):
@@ -414,7 +303,7 @@ class Content:
             except OSError:
                 os.close(fd)
                 return None
-            if _is_at(fd, path):
+            if is_at(fd, path):
                 return path, fd
             os.close(fd)  # moved or removed while we waited for it: not ours to resume
         return None
@@ -457,7 +346,7 @@ class Content:
         try:
             yield path
         finally:
-            _remove_tree(path)  # before the close releases the flock
+            remove_tree(path)  # before the close releases the flock
             os.close(fd)
 
     def sweep(self) -> int:

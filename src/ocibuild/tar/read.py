@@ -33,7 +33,7 @@ The rules every policy shares:
 A hostile entry raises :class:`UnsafeArchive` with the policy's ``hint_unsafe``, a truncated or corrupt stream with
 its ``hint_corrupt``; every message names the layer or archive (``what``) and the entry.
 
-(At ~650 lines this module is larger than a room should be, on purpose: the header parser and the member checks
+(At ~720 lines this module is larger than a room should be, on purpose: the header parser and the member checks
 apply one policy between them, and the one tar parser is meant to be read, and fixed, in one place.)
 """
 
