@@ -7,6 +7,7 @@ tags, the bound on a layer's entries, ancestors found by component) and what the
 from __future__ import annotations
 
 import gzip
+import json
 import io
 import tarfile
 from dataclasses import replace
@@ -186,3 +187,14 @@ def test_a_directory_replaced_by_a_file_takes_what_was_beneath_it_but_not_its_ha
     entries = write.tarball_entries(archive, what="t")
     assert _content(archive, entries) == {"l": "inside", "d": "now a file", "e": "dir:", "e/x": "x"}
     write.write_layer(write.with_parents(entries), io.BytesIO(), "none", epoch=0)  # a layer that can be written
+
+
+def test_a_listing_is_written_in_pieces_byte_for_byte_what_one_json_dump_gives() -> None:
+    from ocibuild.build.listing import _json_pieces
+
+    listing = {f"usr/ünï/{n:03d}\"": f"file:0644:{n:064x}" for n in range(25)}
+    for batch in (1, 4, 25, 100):
+        pieces = list(_json_pieces(listing, batch=batch))
+        assert b"".join(pieces) == json.dumps(listing, sort_keys=True).encode()
+        assert len(pieces) == 2 + -(-25 // batch)
+    assert b"".join(_json_pieces({})) == b"{}"

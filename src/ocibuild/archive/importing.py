@@ -361,7 +361,7 @@ def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResul
             _copy_all(archive, work)
             store.sync()
             restored = _restore_inputs(store, checker.inputs) if tag else 0
-            if tag:  # cache entries through the one door (checked, never re-pointed), other tags as they are
+            if tag:  # cache entries through the one door (checked, never re-pointed), other tags through its checks
                 entries = {n: d for n, d in tags.items() if is_cache_tag(n) and not n.startswith(INPUT_TAG_PREFIX)}
                 add_cache_entries(store, entries, what=what)
                 others = {n: d for n, d in tags.items() if n not in entries}

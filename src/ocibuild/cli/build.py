@@ -192,11 +192,13 @@ def verify_command(args: argparse.Namespace) -> int:
             print(f"removed {r.kind} {r.name}: {r.reason}")
         for problem in problems:
             print(problem)
+    if problems and args.repair:
+        raise OcibuildError(f"store {store.root}: {len(problems)} problem(s) left after the repair",
+                            "what is left could not be removed: check the permissions of the files named")
     if problems:
         raise OcibuildError(f"store {store.root}: {len(problems)} problem(s) found",
-                            "run `ocibuild verify --repair`: it removes what is damaged, naming each removal; then "
-                            "build again (or pull-cache) for what it removed" if not args.repair else
-                            "what is left could not be removed: check the permissions of the files named")
+                            "run `ocibuild verify --repair`: it removes what is damaged, naming each removal; the next "
+                            "build makes (or pulls) again what it removed")
     if not args.json:
         if removed:
             print("run `ocibuild gc` to free the blobs only the removed entries used; the next build makes (or "

@@ -43,7 +43,8 @@ _CHANGED_HINT = "the source changed or was corrupted in transit; fetch or build 
 
 
 def corrupt_hint(path: Path) -> str:
-    return f"delete {path} and rebuild or fetch the image again; `ocibuild verify` lists every damaged blob"
+    return (f"run `ocibuild verify --repair`: it removes {path} and every other damaged blob, with the tags that "
+            "reach them; then build or fetch again")
 
 
 def sync_dir(directory: Path, root: Path) -> None:
@@ -446,5 +447,5 @@ class Content:
     def _not_found(self, digest: Digest) -> BlobNotFound:
         return BlobNotFound(
             f"blob {digest} is not in the store {self._root}",
-            hint="run `ocibuild verify` to check the store, then rebuild or fetch the image again",
+            hint="run `ocibuild verify --repair` (it removes what reaches a missing blob), then build or fetch again",
         )

@@ -45,6 +45,7 @@ import logging
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, BinaryIO, Final, Generic, Literal, TypeVar, cast
 
 from ..errors import UnsafeArchive
@@ -77,7 +78,11 @@ _DESCRIBED: Final = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
+#: The xattrs of the (many) members that have none: one shared, immutable empty mapping.
+NO_XATTRS: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)  # slots: a layer may have a million members in memory at once
 class Member:
     """One member of a tar stream being read; ``path`` is normalised.
 
@@ -92,7 +97,7 @@ class Member:
     size: int
     linkname: str
     mtime: int
-    xattrs: Mapping[str, str] = field(default_factory=dict)
+    xattrs: Mapping[str, str] = field(default_factory=lambda: NO_XATTRS)
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,7 @@ class _Raw:
     size: int
     linkname: str
     mtime: int
-    xattrs: dict[str, str]
+    xattrs: Mapping[str, str]
     offset: int  # of the header
     data_offset: int
     data_size: int  # bytes of data that follow the header in the stream
@@ -480,7 +485,7 @@ class _Parser:
             gid = self._decimal(values[b"gid"], b"gid", offset)
         if b"mtime" in values:
             mtime = self._decimal(values[b"mtime"], b"mtime", offset)
-        xattrs = {}
+        xattrs: dict[str, str] = {}
         for key, value in values.items():
             if key.startswith(b"SCHILY.xattr."):
                 xattrs[key[13:].decode("utf-8", _ENC)] = value.decode("utf-8", _ENC)
@@ -490,7 +495,7 @@ class _Parser:
         data_size = 0 if typeflag in _HEADER_ONLY else size
         return _Raw(
             name.decode("utf-8", _ENC), typeflag, self._octal(block[100:108], offset) & 0o7777, uid, gid,
-            size, link.decode("utf-8", _ENC), mtime, xattrs, offset, self.inp.pos, data_size,
+            size, link.decode("utf-8", _ENC), mtime, xattrs or NO_XATTRS, offset, self.inp.pos, data_size,
         )  # fmt: skip
 
 

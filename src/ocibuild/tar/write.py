@@ -58,7 +58,7 @@ _TYPEFLAG: Final = {"file": b"0", "dir": b"5", "symlink": b"2", "hardlink": b"1"
 _ENC: Final = "surrogateescape"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a layer may have a million entries in memory at once
 class Entry:
     """One member of a layer to write.
 
@@ -79,7 +79,7 @@ class Entry:
     source: str | None = None
     offset: int = 0
     mtime: int = 0
-    xattrs: Mapping[str, str] = field(default_factory=dict)
+    xattrs: Mapping[str, str] = field(default_factory=lambda: read.NO_XATTRS)
     sha256: str = ""
 
 
