@@ -120,9 +120,11 @@ def script(name: str, round_mark: str = "") -> str:
 
 def containerfile(scripts: dict[str, str]) -> str:
     """The chained Containerfile of the same steps: each script as one RUN (comment lines dropped) with apt's lists
-    and downloads in cache mounts, as ocibuild's run layers have them (`caches`), then the COPYs."""
+    and downloads in cache mounts, as ocibuild's run layers have them (`caches`), then the COPYs. The mounts are
+    shared (buildah's default): buildah runs one step at a time, and buildah 1.28 hung for 15 minutes on a
+    `sharing=locked` lock file of its own in a cold build here."""
     lines = ["FROM localhost/moby-base:latest", "ENV " + " ".join(f'{k}="{v}"' for k, v in ENV.items())]
-    mounts = " ".join(f"--mount=type=cache,target={path},sharing=locked" for path in APT_CACHES)
+    mounts = " ".join(f"--mount=type=cache,target={path}" for path in APT_CACHES)
     for name in RUN_LAYERS:
         body = [line for line in scripts[name].splitlines() if line.strip() and not line.lstrip().startswith("#")]
         lines.append(f"RUN {mounts} set -eu; \\\n    " + "; \\\n    ".join(body))

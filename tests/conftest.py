@@ -430,3 +430,13 @@ def fault_proxy(registry: RegistryServer) -> Iterator[FaultProxy]:
     yield state
     server.shutdown()
     server.server_close()
+
+
+def without_hanging(function: Callable[..., Any], *args: Any, seconds: float = 60) -> Any:
+    """``function(*args)``, run in a forked child given ``seconds``: a hang there fails the test (TimeoutError) and
+    the child is killed. For code that may hang inside C holding the GIL (``re`` backtracking), which neither a
+    signal nor pytest-timeout's thread can stop. A guard against a hang, not a check of speed."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply_async(function, args).get(seconds)

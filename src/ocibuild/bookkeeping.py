@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import FormatError
 from .files import atomic_write
-from .oci import Digest
+from .oci import Digest, parse_json
 from .store import Store
 
 #: deb822 files merged stanza by stanza, with the fields that identify a stanza.
@@ -99,7 +99,8 @@ def save_record(store: Store, diff_id: Digest, listing: Mapping[str, str], kept:
 def load_record(store: Store, diff_id: Digest) -> Record | None:
     """The record of the blob of ``diff_id``, None when there is none (or it cannot be read)."""
     try:
-        document = json.loads(_record_path(store, diff_id).read_bytes())
+        path = _record_path(store, diff_id)
+        document = parse_json(path.read_bytes(), str(path))
         if document["format"] != _FORMAT:
             return None
         return Record(dict(document["paths"]), {p: Digest.parse(d) for p, d in document["files"].items()})

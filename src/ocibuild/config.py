@@ -12,12 +12,12 @@ Project files never hold host settings; this file does::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError
+from .files import read_toml
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,11 @@ def load_config(store_flag: str | None = None, env: dict[str, str] | None = None
     data: dict[str, Any] = {}
     if path.exists():
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-            raise RecipeError(f"{path}: cannot read: {err}", "fix the config file or remove it") from None
+            data = read_toml(path)
+        except OSError as err:
+            raise RecipeError(f"{path}: cannot read: {err.strerror}", "fix the config file or remove it") from None
+        except ValueError as err:
+            raise RecipeError(f"{path}: malformed TOML: {err}", "fix the config file or remove it") from None
     unknown = set(data) - {"store", "engine", "registry"}
     if unknown:
         raise RecipeError(f"{path}: unknown key '{sorted(unknown)[0]}'", "the keys are store, [engine], [registry]")

@@ -7,13 +7,13 @@ import pwd
 import re
 import resource
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
 from .engine import Engine
 from .errors import EngineError
+from .files import read_toml
 
 CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 
@@ -50,8 +50,8 @@ def _containers_conf() -> dict[str, object]:
     merged: dict[str, object] = {}
     for path in paths:
         try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError):
+            data = read_toml(path)
+        except (OSError, ValueError):
             continue
         for section, values in data.items():
             if isinstance(values, dict):

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from .engine import Engine
-from .errors import EngineError, StoreError
+from .errors import EngineError, FormatError, StoreError
 from .files import atomic_write
-from .oci import Descriptor
+from .oci import Descriptor, parse_json
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,10 @@ def _record_path(store: Store, engine: Engine) -> Path:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_text())
+        doc = parse_json(path.read_bytes(), str(path))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as err:
+    except (OSError, FormatError) as err:
         log.warning("ignoring %s: %s", path, err)
         return {}
     return doc if isinstance(doc, dict) else {}

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .oci import Digest, ImageConfig, canonical_json
+from .errors import FormatError
+from .oci import Digest, ImageConfig, canonical_json, parse_json
 from .planner import LayerPlan, Plan
 from .recipe.key import Difference, differences
 from .store import Store
@@ -106,7 +107,7 @@ def _json(text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
-    except ValueError:
+        return parse_json(text, "a label")
+    except FormatError:
         return None
 

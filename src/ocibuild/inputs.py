@@ -2,17 +2,18 @@
 
 Neither cache can make a key stale; each only saves work.
 
-- File digests (``files.json``): an entry is reused only when size, mtime, ctime, inode and mode all match, and
+- File digests (``files.json``), each with the file's ``security.capability`` (setting it moves ctime too): an
+  entry is reused only when size, mtime, ctime, inode and mode all match, and
   an entry is never recorded for a file whose mtime or ctime lies within :data:`RACY_NS` of the moment it was
   hashed (a write in the same timestamp tick would leave its stat unchanged — git's "racy" entries); such files
   are hashed again next time.
 - Tree digests (``trees.json``, beside it): a copy tree's *fingerprint* hashes the root, the ignore patterns and,
-  for every entry the rules keep, its relative path and lstat (mode; for files size, mtime, ctime and inode; for
-  symlinks their target). Any content change moves a file's ctime, an added, removed or renamed entry changes the
-  path list, a chmod the mode; so while the fingerprint is unchanged, so is the tree digest, and a no-op build
-  stats the tree without opening the file cache. A fingerprint is recorded only when no file's mtime or ctime
-  lies within :data:`RACY_NS` of the start of the walk (the same racy rule), and only the latest one per root and
-  exclude list is kept.
+  for every entry the rules keep, its relative path and lstat (mode; for files size, mtime, ctime, inode, link
+  count and device; for symlinks their target). Any content change moves a file's ctime (so do a new hard link and
+  a new file capability), an added, removed or renamed entry changes the path list, a chmod the mode; so while
+  the fingerprint is unchanged, so is the tree digest, and a no-op build stats the tree without opening the file
+  cache. A fingerprint is recorded only when no file's mtime or ctime lies within :data:`RACY_NS` of the start of
+  the walk (the same racy rule), and only the latest one per root and exclude list is kept.
 
 A missing or damaged cache file is only slower, and failing to save one is no error. Each is saved only when
 something in it changed (a no-op build writes neither), whole, with :func:`files.atomic_write`.
@@ -20,6 +21,7 @@ something in it changed (a no-op build writes neither), whole, with :func:`files
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,15 +36,18 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import FormatError, RecipeError
-from .files import atomic_write
-from .oci import Digest
+from .files import atomic_write, open_regular, read_bounded
+from .globs import Matcher, compile_glob
+from .oci import Digest, parse_json
 
 log = logging.getLogger(__name__)
 
 RACY_NS = 2_000_000_000  # coarser than any filesystem timestamp tick we meet (FAT: 2 s)
 IGNORE_FILES = (".containerignore", ".dockerignore")
-TREE_FORMAT = 1  # part of every tree fingerprint: bump it when a tree's digest or its fingerprint changes meaning
+TREE_FORMAT = 2  # part of every tree fingerprint: bump it when a tree's digest or its fingerprint changes meaning
 TREE_SLOTS = 64  # trees (root and exclude list) whose latest fingerprint trees.json keeps
+IGNORE_FILE_LIMIT = 4 << 20
+_NAMES = "surrogateescape"  # how os.listdir keeps the bytes of a name that is not UTF-8, and how we get them back
 _CHUNK = 1 << 20
 _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -50,22 +55,26 @@ _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class TreeEntry(NamedTuple):
     """One entry of a copy tree: project-independent relative path, type, permission bits, and what it holds.
 
+    A regular file of several names in the tree is a "file" under the first in path order and a "hardlink" (whose
+    ``linkname`` is that first path) under each other; only the file is hashed.
+
     (A named tuple rather than a frozen dataclass: a copy tree makes tens of thousands of them on every no-op
     build, and a frozen dataclass's __init__ costs several times more.)"""
 
     path: str  # relative to the copy root, '/'-separated; "" never appears
-    type: str  # "file", "dir", "symlink"
+    type: str  # "file", "dir", "symlink", "hardlink"
     mode: int
     size: int = 0
-    linkname: str = ""
+    linkname: str = ""  # a symlink's target; a hardlink's file, as a path of the tree
     source: str = ""  # absolute host path (files)
     sha256: str = ""  # content digest hex (files)
+    capability: bytes = b""  # the file's security.capability xattr, the one a copy layer keeps (as Docker's COPY)
 
 
 @dataclass(frozen=True)
 class Tree:
     entries: tuple[TreeEntry, ...]
-    digest: Digest  # over each entry's path, type, executable bit, symlink target and content digest
+    digest: Digest  # over each entry's path, type, executable bit, link target, content digest and capability
 
 
 class StatCache:
@@ -85,24 +94,27 @@ class StatCache:
 
     def digest(self, path: str, st: os.stat_result) -> str:
         """The sha256 hex of the file at ``path``, whose lstat (or stat) is ``st``."""
-        return self.file_digest(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)
+        return self.file_facts(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode)[0]
 
-    def file_digest(self, path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int, mode: int) -> str:
-        """:meth:`digest` from the fields of the stat."""
+    def file_facts(self, path: str, size: int, mtime_ns: int, ctime_ns: int, ino: int, mode: int
+                   ) -> tuple[str, bytes]:
+        """:meth:`digest` from the fields of the stat, and the file's ``security.capability`` (b"" for none)."""
         entries = self._files if self._files is not None else self._load_files()
         cached = entries.get(path)
-        if (type(cached) is list and len(cached) == 6 and cached[1] == mtime_ns and cached[2] == ctime_ns
+        if (type(cached) is list and len(cached) == 7 and cached[1] == mtime_ns and cached[2] == ctime_ns
                 and cached[0] == size and cached[3] == ino and cached[4] == mode):
-            return str(cached[5])  # (compared field by field: this runs once per file of a changed tree)
+            # (compared field by field: this runs once per file of a changed tree)
+            return str(cached[5]), bytes.fromhex(cached[6]) if cached[6] else b""
         started = time.time_ns()
         hexdigest = hash_file(Path(path))
+        capability = _capability(path)
         if mtime_ns < started - RACY_NS and ctime_ns < started - RACY_NS:
-            entries[path] = [size, mtime_ns, ctime_ns, ino, mode, hexdigest]
+            entries[path] = [size, mtime_ns, ctime_ns, ino, mode, hexdigest, capability.hex()]
             self._files_dirty = True
         elif path in entries:
             del entries[path]
             self._files_dirty = True
-        return hexdigest
+        return hexdigest, capability
 
     def tree_digest(self, slot: str, fingerprint: str) -> Digest | None:
         """The digest recorded for ``fingerprint`` of the tree ``slot`` names, or None."""
@@ -146,10 +158,10 @@ class StatCache:
 def _load_json(path: Path | None) -> dict[str, Any]:
     if path is not None:
         try:
-            loaded = json.loads(path.read_bytes())
+            loaded = parse_json(path.read_bytes(), str(path))
             if isinstance(loaded, dict):
                 return loaded
-        except (OSError, ValueError):
+        except (OSError, FormatError):
             pass  # a missing or damaged cache is only slower
     return {}
 
@@ -169,7 +181,7 @@ def hash_file(path: Path) -> str:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open(open_regular(path), "rb", buffering=0) as f:
             while n := f.readinto(buf):
                 h.update(view[:n])
     except OSError as err:
@@ -178,15 +190,16 @@ def hash_file(path: Path) -> str:
 
 
 class IgnoreRules:
-    """``.containerignore`` / ``.dockerignore`` semantics: globs with ``*``, ``?``, ``**``, ``!`` re-includes;
-    the last matching pattern wins and a pattern matching a directory covers everything below it."""
+    """``.containerignore`` / ``.dockerignore`` semantics: globs with ``*``, ``?``, ``**``, ``[...]`` (see
+    :mod:`ocibuild.globs`, which matches them in linear time), ``!`` re-includes; the last matching pattern wins and
+    a pattern matching a directory covers everything below it."""
 
     def __init__(self, patterns: Iterable[str], where: str | Sequence[str] = "exclude") -> None:
         """``where`` names the patterns' origin in errors: one name for all (``layers/x/layer.toml: exclude``) or
         one per pattern (``src/.containerignore, line 3``)."""
         self.patterns = tuple(patterns)
         origins = [where] * len(self.patterns) if isinstance(where, str) else list(where)
-        self._rules: list[tuple[bool, re.Pattern[str]]] = []
+        self._rules: list[tuple[bool, Matcher]] = []
         for raw, origin in zip(self.patterns, origins, strict=True):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -198,7 +211,7 @@ class IgnoreRules:
             if line in (".", ""):
                 continue
             try:
-                self._rules.append((negate, re.compile(_glob_to_regex(line))))
+                self._rules.append((negate, compile_glob(line)))
             except re.error as err:  # '[]', '[z-a]': refused, as Docker refuses a bad pattern
                 raise RecipeError(f"{origin}: {raw.strip()!r} is not a valid pattern ({err.msg})",
                                   "fix or remove it: a [...] class must list at least one character and a range must "
@@ -209,7 +222,7 @@ class IgnoreRules:
     def excluded(self, path: str) -> bool:
         result = False
         for negate, rule in self._rules:
-            if rule.match(path):
+            if rule(path):
                 result = not negate
         return result
 
@@ -219,48 +232,15 @@ class IgnoreRules:
         patterns: list[str] = []
         for name in IGNORE_FILES:
             file = root / name
-            if file.is_file():
-                try:
-                    patterns += file.read_text().splitlines()
-                except (OSError, UnicodeDecodeError) as err:
-                    raise RecipeError(f"{file}: cannot read: {err}", "fix or remove the ignore file") from None
-                break
+            try:  # (bytes that are not UTF-8 kept as in names, where they can match)
+                patterns = read_bounded(file, IGNORE_FILE_LIMIT).decode("utf-8", _NAMES).splitlines()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                raise RecipeError(f"{file}: cannot read: {err.strerror}", "fix or remove the ignore file") from None
+            break
         origins = [f"{file}, line {n}" for n in range(1, len(patterns) + 1)]
         return cls([*patterns, *extra], [*origins, *[where] * len(extra)])
-
-
-def _glob_to_regex(pattern: str) -> str:
-    out = []
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end == -1:
-                out.append(re.escape(c))
-            else:
-                body = pattern[i + 1 : end]
-                if body.startswith("^") or body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body}]")
-                i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    # a match on a directory covers everything below it
-    return "".join(out) + "(?:/.*)?$"
 
 
 class _Scan(NamedTuple):
@@ -268,7 +248,8 @@ class _Scan(NamedTuple):
 
     root: Path
     single: bool  # the root is a file
-    # (path, mode) for a directory, (path, mode, size, mtime_ns, ctime_ns, ino) a file, (path, mode, target) a symlink
+    # (path, mode) for a directory, (path, mode, size, mtime_ns, ctime_ns, ino, nlink, dev) a file, (path, mode,
+    # target) a symlink
     records: list[tuple[Any, ...]]
     slot: str  # which tree: the root and the exclude list
     fingerprint: str
@@ -303,8 +284,16 @@ def _scan(root: Path, exclude: Sequence[str], what: str) -> _Scan:
     records: list[tuple[Any, ...]] = []
     if single:
         rules = IgnoreRules(exclude, f"{what}: exclude")
-        st = root.stat()
-        records.append((root.name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        try:
+            st = root.stat()
+        except OSError as err:
+            raise RecipeError(f"{what}: cannot read {root}: {err.strerror}", "check the path and its permissions"
+                              ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeError(f"{what}: {root} is a device, socket or fifo, which a layer cannot hold",
+                              "point 'from' at a directory or a regular file")
+        records.append((root.name, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink,
+                        st.st_dev))
     else:
         rules = IgnoreRules.for_tree(root, exclude, f"{what}: exclude")
         try:
@@ -351,7 +340,7 @@ def _walk(fd: int, directory: str, prefix: str, check: Callable[[str], bool] | N
         kind = mode & 0o170000
         if kind == 0o100000:  # S_IFREG
             if not excluded:
-                append((rel, mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+                append((rel, mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_nlink, st.st_dev))
         elif kind == 0o040000:  # S_IFDIR
             if not excluded:
                 append((rel, mode))
@@ -376,35 +365,51 @@ def _walk(fd: int, directory: str, prefix: str, check: Callable[[str], bool] | N
 
 
 def _tree(scan: _Scan, cache: StatCache) -> Tree:
-    """The tree of a scan: entries sorted by path, files hashed through the stat cache."""
-    digest = cache.file_digest
+    """The tree of a scan: entries sorted by path, files hashed through the stat cache, hard links found."""
+    facts = cache.file_facts
     entries: list[TreeEntry] = []
     append = entries.append
     if scan.single:
-        name, mode, size, mtime, ctime, ino = scan.records[0]
+        name, mode, size, mtime, ctime, ino, _, _ = scan.records[0]
         source = str(scan.root)
-        append(TreeEntry(name, "file", mode & 0o7777, size, "", source, digest(source, size, mtime, ctime, ino, mode)))
+        append(TreeEntry(name, "file", mode & 0o7777, size, "", source, *facts(source, size, mtime, ctime, ino, mode)))
     else:
         base = os.path.join(str(scan.root), "")
-        for record in scan.records:
+        linked: dict[tuple[int, int], str] = {}  # (device, inode) of a file of several names -> its first path
+        for record in sorted(scan.records, key=lambda r: r[0].encode("utf-8", _NAMES)):
             kind = record[1] & 0o170000
             if kind == stat.S_IFREG:
-                rel, mode, size, mtime, ctime, ino = record
+                rel, mode, size, mtime, ctime, ino, nlink, dev = record
+                if nlink > 1 and linked.setdefault((dev, ino), rel) != rel:
+                    append(TreeEntry(rel, "hardlink", mode & 0o7777, 0, linked[dev, ino]))
+                    continue
                 source = base + rel
                 append(TreeEntry(rel, "file", mode & 0o7777, size, "", source,
-                                 digest(source, size, mtime, ctime, ino, mode)))
+                                 *facts(source, size, mtime, ctime, ino, mode)))
             elif kind == stat.S_IFDIR:
                 append(TreeEntry(record[0], "dir", record[1] & 0o7777))
             else:
                 append(TreeEntry(record[0], "symlink", record[1] & 0o7777, 0, record[2]))
-    entries.sort(key=lambda e: e.path.encode())
-    # the bytes of canonical_json([path, type, "x" | "-", linkname, sha256]) + "\n" per entry, written out by hand
-    # (building them through the encoder cost a fifth of a no-op build) and hashed at once
+    # the bytes of canonical_json([path, type, "x" | "-", linkname, sha256]) + "\n" per entry, with the capability
+    # in hex as a sixth item when a file has one, written out by hand (building them through the encoder cost a
+    # fifth of a no-op build) and hashed at once
     quote = json.encoder.encode_basestring  # C-accelerated, what canonical_json uses for strings
     executable, plain = '"x"', '"-"'
     text = "".join([f'[{quote(e.path)},"{e.type}",{executable if e.mode & 0o111 else plain},{quote(e.linkname)},'
-                    f'"{e.sha256}"]\n' for e in entries])
-    return Tree(tuple(entries), Digest("sha256", hashlib.sha256(text.encode()).hexdigest()))
+                    f'"{e.sha256}"{("," + quote(e.capability.hex())) if e.capability else ""}]\n' for e in entries])
+    # (surrogateescape: a name that is not UTF-8 is hashed, and stored, as its exact bytes, as tar holds it)
+    return Tree(tuple(entries), Digest("sha256", hashlib.sha256(text.encode("utf-8", _NAMES)).hexdigest()))
+
+
+def _capability(path: str) -> bytes:
+    """The ``security.capability`` xattr of the file at ``path``, or b"" when it has none."""
+    try:
+        return os.getxattr(path, "security.capability", follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENODATA, errno.ENOTSUP):
+            return b""
+        raise RecipeError(f"{path}: cannot read its file capability: {err.strerror}",
+                          "check permissions (or build again if the tree was changing)") from None
 
 
 def _record(scan: _Scan, digest: Digest, cache: StatCache, started: int) -> None:
@@ -412,6 +417,6 @@ def _record(scan: _Scan, digest: Digest, cache: StatCache, started: int) -> None
     tick (the racy rule of the module docstring)."""
     limit = started - RACY_NS
     for record in scan.records:
-        if len(record) == 6 and (record[3] >= limit or record[4] >= limit):
+        if len(record) == 8 and (record[3] >= limit or record[4] >= limit):
             return
     cache.record_tree(scan.slot, scan.fingerprint, digest)

@@ -2,12 +2,15 @@
 
 Pure data, no I/O. Every JSON document is serialised exactly once, canonically (sorted keys, no spaces), by
 ``to_json``; the bytes we hash are the bytes we store and push. ``parse``/``from_dict`` build objects from text
-and raise :class:`FormatError` on anything malformed.
+and raise :class:`FormatError` on anything malformed. Every JSON document ocibuild reads, OCI or not, is parsed
+by :func:`parse_json`, with a depth and a size bound; it lives here, past STYLE.md's ~500 lines, because every
+module that reads JSON already imports this one, which does no I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Mapping
@@ -65,11 +68,56 @@ def _refuse_ambiguous(value: Mapping[str, Any], what: str, kind: str, foreign: t
                           "(see CVE-2021-41190)")
 
 
-def _load_json(data: bytes, what: str) -> dict[str, Any]:
+# Every JSON document ocibuild reads (registries' answers, oci: layouts, archives, auth files, inventories, its own
+# records) goes through parse_json, with these bounds. An OCI index nests 5 deep, an auth file 3: 100 is far above
+# any real document and far below Python's recursion limit (1000), which json.loads would hit as a RecursionError,
+# and which anything walking the value (canonical_json) must not meet either. The size bound caps what parsing may
+# cost (the objects json.loads builds take ~10 times the text): 64 MiB is an index of ~250,000 tags.
+JSON_DEPTH = 100
+JSON_MAX = 64 << 20
+_NOT_REAL = "no tool writes such a document: check where it came from (a damaged copy, or a hostile source)"
+_NOT_STRUCTURE = bytes(range(256)).translate(None, b'[]{}"')  # translate() deletes these: all but brackets, quotes
+_STEP = tuple(1 if byte in b"[{" else -1 if byte in b"]}" else 0 for byte in range(256))  # per byte: depth change
+
+
+def parse_json(data: bytes | str, what: str, *, limit: int = JSON_MAX, hint: str | None = None) -> Any:
+    """The value of the JSON document ``data`` (``what`` names it in errors). FormatError when it is longer than
+    ``limit`` bytes, nested deeper than :data:`JSON_DEPTH`, or not JSON.
+
+    The depth is measured before json.loads, which recurses once per level: a scan of the brackets outside
+    strings, in C-speed passes over the bytes (catching RecursionError instead would accept a document nested
+    just below the limit, which the next recursive walk of the value, at a deeper stack, fails on)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if len(raw) > limit:
+        raise FormatError(f"{what} is {len(raw)} bytes, more than the {limit} a JSON document may have here",
+                          hint or _NOT_REAL)
+    if _too_deep(raw):
+        raise FormatError(f"{what} is nested more than {JSON_DEPTH} levels deep; refused", hint or _NOT_REAL)
     try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"{what} is not valid JSON: {err}") from None
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise FormatError(f"{what} is not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})", hint) \
+            from None
+    except UnicodeDecodeError as err:
+        raise FormatError(f"{what} is not valid JSON: not UTF-8 ({err.reason} at byte {err.start})", hint) from None
+
+
+def _too_deep(data: bytes) -> bool:
+    """Whether the arrays and objects of ``data`` nest deeper than :data:`JSON_DEPTH`: exact for a JSON text, and
+    for an invalid one up to where json.loads stops reading it. Escaped backslashes and quotes go first (a run of
+    backslashes pairs from its left, as a JSON reader reads it), then everything but brackets and quotes; two
+    adjacent quotes go too (an empty string, or two strings with nothing between them), then the contents of the
+    strings that remain. The depth is the highest running sum of +1 per opening and -1 per closing bracket."""
+    if data.count(b"[") + data.count(b"{") <= JSON_DEPTH:
+        return False  # the common case, at once: too few brackets to nest that deep
+    marks = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in marks:
+        marks = b"".join(marks.split(b'"')[::2])
+    return max(itertools.accumulate(map(_STEP.__getitem__, marks)), default=0) > JSON_DEPTH
+
+
+def _load_json(data: bytes, what: str) -> dict[str, Any]:
+    value = parse_json(data, what)
     if not isinstance(value, dict):
         raise FormatError(f"{what} is not a JSON object")
     return value

@@ -484,8 +484,12 @@ def _merge_layer(plan: Plan, store: Store, get_context: Callable[[], BuildContex
     from .build.merge import merge_bookkeeping
 
     entries = {name: entry_layers(store, plan.layer(name)) for name in inputs.holders}
-    built = merge_bookkeeping(get_context(), project, entries, name=MERGE_LAYER, key=key,
-                              stack=image_manifest(project, store, inputs.stack, cmd=None), get_engine=get_engine)
+
+    def stack_of(names: Sequence[str]) -> tuple[bytes, Manifest]:
+        below = set(names).union(*(project.closure(name) for name in names))
+        return image_manifest(project, store, [layer for layer in inputs.stack if layer.name in below], cmd=None)
+
+    built = merge_bookkeeping(get_context(), project, entries, stack_of=stack_of, get_engine=get_engine)
     if built is None:
         marker.write_text("none\n")
         return None

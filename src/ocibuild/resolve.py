@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import oci, registry
 from .errors import DigestMismatch, FormatError, LockError, RecipeError, StoreError
-from .files import atomic_write
+from .files import atomic_write, open_regular
 from .net.download import fetch_bytes
 from .oci import Digest, Platform, Reference
 from .recipe.lock import LOCK_FILE, Lock, LockEntry
@@ -154,7 +154,7 @@ def read_oci_archive_file(path: Path, name: str, what: str) -> bytes:
     from .tar import read  # only when an archive's ref is resolved: a build with a full lock never reads one
 
     try:
-        f = open(path, "rb")
+        f = open(open_regular(path), "rb")
     except OSError as err:
         raise RecipeError(f"{what}: cannot open {path}: {err.strerror}",
                           "fix ref in the layer.toml (paths are relative to the layer folder)") from None

@@ -56,13 +56,13 @@ ARCHIVE_SHA256 = "ebbdc68364c7bdff90f063546b6c43e18c3765cfa7b65742afe432aba08893
 #: Per layer: its cache key, its diff_id (the digest of its tar) and its blob's digest for each compression.
 GOLDEN: dict[str, dict[str, str]] = {
     "archive": {
-        "key": "sha256:c885434a115b99c31e8a03b0fe0f4689e634e175801ad3225a63d8c4f79da669",
+        "key": "sha256:7f96335fe9d3838c6a771fbdbd4eb601f868149ceb542267bcd8646a0aad0e63",
         "diff_id": "sha256:ed4004ff1f48d3cace83a89d446896408c9b3445a3f2320c404820db5c625fa8",
         "zstd": "sha256:1544728434d6c988c1030653251077c2062813771951f91bda1a6fa3dac13adb",
         "gzip": "sha256:0c156d535dd7a16806abd452122e97dc18c9dc8f0a74cdae7f7cedda05e86a37",
     },
     "tree": {
-        "key": "sha256:f8ccc1fdc8c275cd67f1bcacb733f9241b326e20ffd0776b9d644724b9d18a08",
+        "key": "sha256:4e205cacf7fdd524d0bf0f23a0df5c638f45f7513df62a609fece572f7f39766",
         "diff_id": "sha256:0e33d2bae3b30e1edf848c1f73210ea02e7ebea0e97180919e0eadfbee1c7812",
         "zstd": "sha256:a245635f887e7400383ca365c79f45dc97ae284f6927db1d6ef33c5f43b8a687",
         "gzip": "sha256:bca2a5bcd74cf070892fd950cb87ad061b97470edd2ac801348bf23e60714bd1",
@@ -77,7 +77,7 @@ GOLDEN: dict[str, dict[str, str]] = {
 #: The run layer's key document (the README's "Cache keys"); "needs", the keys of base, archive and tree, is
 #: filled in from the build (base's differs between hosts, archive's and tree's are pinned above).
 RUN_KEY_DOCUMENT: dict[str, Any] = {
-    "format": 3,
+    "format": 4,
     "platform": {"os": "linux", "architecture": "amd64", "variant": None},
     "kind": "run",
     "recipe": {"script": "build.sh", "inputs": [{"path": "data.txt"}], "network": False,

@@ -372,3 +372,34 @@ def test_explain_names_what_changed_in_a_run_layer_against_the_store_and_the_cac
 
     never = explain(root, fresh, "app", "--cache", f"{registry.host}/explain/empty")
     assert (never["status"], never["compared"]) == ("build", None)
+
+
+def test_a_merge_redone_for_another_layers_packages_reuses_the_ldconfig_cache(tmp_path: Path,
+                                                                              podman: Podman) -> None:
+    """a and b each run ldconfig (independent holders of ld.so.cache: ldconfig must run over both); c and d each
+    write dpkg's status. Changing c redoes the merge (its status changed) but not ldconfig, whose stack (base, a,
+    b) is the same: the stand-in ldconfig writes a fresh random line on each run, and the cache stays the same."""
+    lib = "mkdir -p /usr/lib && echo {0} > /usr/lib/{0}.so && ldconfig\n"
+    status = "mkdir -p /var/lib/dpkg && printf 'Package: {0}\\nArchitecture: all\\nVersion: {1}\\n\\n' " \
+             ">> /var/lib/dpkg/status\n"
+    layer = 'kind = "run"\nneeds = ["base"]\nscript = "s.sh"\nnetwork = false\n'
+    root = project(tmp_path, {name: layer for name in "abcd"},
+                   {"layers/a/s.sh": lib.format("liba"), "layers/b/s.sh": lib.format("libb"),
+                    "layers/c/s.sh": status.format("c", 1), "layers/d/s.sh": status.format("d", 1),
+                    "rootfs/bin/ldconfig": "#!/bin/sh\n(ls /usr/lib | grep '[.]so$'; cat /proc/sys/kernel/random/uuid)"
+                                           " > /etc/ld.so.cache\n",
+                    "rootfs/var/lib/dpkg/status": "Package: base\nArchitecture: all\nVersion: 1\n\n"})
+    (root / "rootfs/bin/ldconfig").chmod(0o755)
+    store_dir = tmp_path / "store"
+    build(root, store_dir)
+    first = podman_run(podman, store_dir, "bb", "sh", "-c", "cat /etc/ld.so.cache /var/lib/dpkg/status")
+    (root / "layers/c/s.sh").write_text(status.format("c", 2))
+    edited = build(root, store_dir)
+    assert [l["status"] for l in edited["layers"]] == ["cached", "cached", "cached", "built", "cached"]
+    second = podman_run(podman, store_dir, "bb", "sh", "-c", "cat /etc/ld.so.cache /var/lib/dpkg/status")
+    cache_lines = first.split("Package:")[0].split()
+    assert cache_lines[:2] == ["liba.so", "libb.so"] and len(cache_lines) == 3  # the libraries, and the uuid
+    assert second.split("Package:")[0].split() == cache_lines  # ldconfig did not run again
+    assert "Package: c\nArchitecture: all\nVersion: 2" in second and "Package: d" in second
+    assert "Package: base" in second
+    assert Store.open(store_dir).verify() == []

@@ -21,11 +21,12 @@ ALLOWED: dict[str, set[str]] = {
     "threads": {"errors"},
     "events": set(),  # what a build tells its caller while it runs: layer events, their plain lines
     "oci": {"errors"},
-    "config": {"errors"},
+    "config": {"errors", "files"},
     "recipe": LEAVES | {"oci"},  # schema, project, lock, key: the recipe format, ocibuild.lock, cache keys
     "tar": LEAVES | {"oci"},  # write, read (the one parser), extract, codecs
     "store": LEAVES | {"oci"},
-    "inputs": LEAVES | {"oci"},
+    "globs": set(),  # ignore patterns, matched in linear time
+    "inputs": LEAVES | {"oci", "globs"},
     "net": LEAVES | {"oci", "store"},
     "registry": LEAVES | {"oci", "store", "net"},
     "archive": LEAVES | {"oci", "store", "tar"},  # oci-archive export and import

@@ -22,6 +22,7 @@ from ocibuild.recipe.lock import Lock
 from ocibuild.recipe.project import load_project
 from ocibuild.store import Store
 from ocibuild.store.entries import cache_tag
+from ocibuild.tar import read
 
 
 def _tarball(path: Path, files: dict[str, bytes]) -> str:
@@ -154,6 +155,18 @@ def test_conflicting_independent_layers_warn_or_fail(make_project, tmp_path: Pat
     (root / "b/app.conf").write_text("three\n")
     with pytest.raises(LayerConflict, match="/etc/app.conf"):
         _build(root, store, strict=True)
+
+
+def test_copy_layer_writes_a_hard_linked_file_once_and_a_hardlink(make_project, tmp_path: Path,
+                                                                  store: Store) -> None:
+    root = make_project({"src": 'kind = "copy"\nfrom = "src"\nto = "/app"\n'}, files={"src/z": "same\n"})
+    os.link(root / "src/z", root / "src/a")
+    _, result = _build(root, store)
+    [layer] = store.get_manifest(result.image.digest).layers
+    with store.open_blob(layer.digest) as f:
+        members = {m.path: (m.type, m.linkname, r.read() if r else None)
+                   for m, r in read.iter_members(f, oci.layer_compression(layer.media_type), what="t")}
+    assert members["app/a"] == ("file", "", b"same\n") and members["app/z"] == ("hardlink", "app/a", None)
 
 
 def test_archive_strip_components_and_owner(make_project, tmp_path: Path, store: Store) -> None:

@@ -3,6 +3,7 @@ the cache reference of push-cache and pull-cache, help written for users, and `b
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
@@ -200,3 +201,30 @@ def test_build_layers_refuses_the_options_of_the_image(option: list[str], make_p
     root = _chain_project(make_project)
     assert cli.main(["build", "go", *option, "-C", str(root), "--store", str(tmp_path / "s")]) == 2
     assert f"{option[0]} concerns the image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, line, hint", [
+    (OSError(errno.ENOSPC, "No space left on device", "/s/blobs/x"), "error: No space left on device: /s/blobs/x",
+     "free disk space and inodes"),
+    (OSError(errno.EACCES, "Permission denied", "/s"), "error: Permission denied: /s", "check the permissions"),
+    (OSError(errno.EIO, "Input/output error"), "error: Input/output error", "again with --debug"),
+    (MemoryError(), "error: out of memory", "(--jobs)"),
+    (RecursionError("maximum recursion depth exceeded"), "error: an input is nested too deeply to be read",
+     "again with --debug"),
+    (KeyError("layers"), "error: internal error: KeyError: 'layers'", "this is a bug in ocibuild"),
+])
+def test_an_exception_no_module_translated_is_one_error_line_and_a_hint(
+        error: Exception, line: str, hint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk met where no module translated the OSError, memory, a recursion: exit 1 with an error line and
+    a hint, as for our own errors; the traceback only with --debug."""
+    def fail(args: object) -> int:
+        raise error
+
+    monkeypatch.setitem(COMMANDS, "plan", fail)
+    assert cli.main(["plan"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0] == line and err[1].startswith("hint: ") and hint in err[1], err
+    with caplog.at_level(logging.DEBUG):
+        assert cli.main(["plan", "--debug"]) == 1
+    assert [record.exc_info[1] for record in caplog.records if record.exc_info] == [error]

@@ -2,14 +2,15 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_ocibuild
+from conftest import run_ocibuild, without_hanging
 from ocibuild.errors import RecipeError
-from ocibuild.inputs import IgnoreRules, StatCache, hash_file, tree_digest, walk_tree
+from ocibuild.inputs import IgnoreRules, StatCache, TreeEntry, hash_file, tree_digest, walk_tree
 from ocibuild.oci import Digest
 
 
@@ -57,6 +58,25 @@ def test_walk_honours_containerignore_and_is_path_independent(tmp_path: Path) ->
     assert walk_tree(tmp_path / "two", [], StatCache(None), what="t").digest != one.digest
 
 
+def test_a_file_of_several_names_is_a_file_then_hardlinks_whatever_its_inode(tmp_path: Path) -> None:
+    """The first name in path order is the file (the only one hashed), the others hardlinks to it; the digest says
+    so, not which inode the file has; a name whose other names are not in the tree is a file."""
+    for name in ("one", "two", "copies"):
+        _tree(tmp_path / name)
+        os.link(tmp_path / name / "a.txt", tmp_path / name / "bundles" / "a-excluded")
+    for name in ("one", "two"):
+        os.link(tmp_path / name / "sub" / "run.sh", tmp_path / name / "run-again.sh")
+    (tmp_path / "copies" / "run-again.sh").write_text("#!/bin/sh\n")
+    (tmp_path / "copies" / "run-again.sh").chmod(0o755)
+    one, two, copies = (walk_tree(tmp_path / name, [], StatCache(None), what="t") for name in ("one", "two", "copies"))
+    entries = {e.path: e for e in one.entries}
+    first = entries["run-again.sh"]
+    assert (first.type, first.sha256) == ("file", hash_file(tmp_path / "one/run-again.sh"))
+    assert entries["sub/run.sh"] == TreeEntry("sub/run.sh", "hardlink", 0o755, 0, "run-again.sh")
+    assert entries["a.txt"].type == "file"
+    assert one.digest == two.digest != copies.digest
+
+
 def test_exclude_extends_ignore_file(tmp_path: Path) -> None:
     _tree(tmp_path)
     tree = walk_tree(tmp_path, ["sub"], StatCache(None), what="t")
@@ -91,6 +111,9 @@ def test_stat_cache_reuses_old_entries(tmp_path: Path, monkeypatch: pytest.Monke
     assert StatCache(cache_file).digest(str(f), f.stat()) == digest
 
 
+CAP_NET_RAW = struct.pack("<5I", 0x02000001, 1 << 13, 0, 0, 0)  # security.capability of cap_net_raw+ep
+
+
 def test_tree_digest_is_canonical_json_of_each_entry(tmp_path: Path) -> None:
     """walk_tree writes each entry's document by hand for speed; it must stay byte-for-byte canonical_json."""
     import hashlib
@@ -103,10 +126,14 @@ def test_tree_digest_is_canonical_json_of_each_entry(tmp_path: Path) -> None:
     (tmp_path / "run.sh").chmod(0o755)
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "link").symlink_to('../quote"s')
+    (tmp_path / "dir" / "hard").hardlink_to(tmp_path / "run.sh")
+    os.setxattr(tmp_path / "run.sh", "security.capability", CAP_NET_RAW)
     tree = walk_tree(tmp_path, [], StatCache(None), what="t")
+    assert {e.type for e in tree.entries} == {"file", "dir", "symlink", "hardlink"}
     h = hashlib.sha256()
     for e in tree.entries:
-        h.update(canonical_json([e.path, e.type, "x" if e.mode & 0o111 else "-", e.linkname, e.sha256]) + b"\n")
+        document = [e.path, e.type, "x" if e.mode & 0o111 else "-", e.linkname, e.sha256]
+        h.update(canonical_json(document + ([e.capability.hex()] if e.capability else [])) + b"\n")
     assert tree.digest.hex == h.hexdigest()
 
 
@@ -193,6 +220,26 @@ def test_tree_cache_never_serves_a_changed_tree(tmp_path: Path, short_racy_windo
     digest, tree = tree_digest(root, [], StatCache(cache_file), what="t")
     assert tree is not None, "the changed tree was served from the tree cache"
     assert digest == walk_tree(root, [], StatCache(None), what="t").digest != before
+
+
+def test_a_file_capability_is_in_the_tree_digest_and_the_file_cache(tmp_path: Path, short_racy_window: None,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy layer keeps a file's capability, so the key does: setting one changes the tree's digest (the tree
+    cache does not serve the old one), and the file cache keeps it with the content digest."""
+    root = tmp_path / "t"
+    _tree(root)
+    _settle()
+    cache_file = _cache_file(tmp_path)
+    before = _recorded(root, [], cache_file)
+    os.setxattr(root / "sub" / "run.sh", "security.capability", CAP_NET_RAW)  # (as root: CAP_SETFCAP)
+    _settle()
+    after = _recorded(root, [], cache_file)
+    assert after != before
+    monkeypatch.setattr("ocibuild.inputs.hash_file", lambda path: pytest.fail(f"{path} was hashed"))
+    monkeypatch.setattr("ocibuild.inputs._capability", lambda path: pytest.fail(f"{path} was read"))
+    tree = walk_tree(root, [], StatCache(cache_file), what="t")
+    assert tree.digest == after
+    assert {e.path: e.capability for e in tree.entries if e.type == "file"} == {"a.txt": b"", "sub/run.sh": CAP_NET_RAW}
 
 
 def test_tree_cache_keys_on_the_exclude_list(tmp_path: Path, short_racy_window: None) -> None:
@@ -314,3 +361,47 @@ def test_a_bad_pattern_in_an_ignore_file_is_a_one_line_error_naming_file_and_lin
     ]
     with pytest.raises(RecipeError, match=r"^layers/src/layer.toml: exclude: '\[z-a\]' is not a valid pattern"):
         IgnoreRules(["ok", "[z-a]"], "layers/src/layer.toml: exclude")
+
+
+def test_an_ignore_file_pattern_with_many_stars_against_a_long_name_does_not_backtrack(tmp_path: Path) -> None:
+    """`*a*a*a…*b` in a .containerignore, against a long name of `a`s, made `re` try every way of splitting the
+    name between the stars."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / ".containerignore").write_text("*a" * 20 + "*b\n")
+    (tmp_path / "src" / ("a" * 250)).write_text("kept")
+    (tmp_path / "src" / ("a" * 250 + "b")).write_text("excluded")
+    assert without_hanging(_walked, tmp_path / "src") == ["a" * 250]
+
+
+def _walked(root: Path) -> list[str]:
+    return [e.path for e in walk_tree(root, [], StatCache(None), what="t").entries]
+
+
+@pytest.mark.timeout(30)  # reading a fifo would wait for a writer forever
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_ignore_file_that_is_a_fifo_or_device_is_refused_not_read_or_skipped(tmp_path: Path, kind: str) -> None:
+    """A .containerignore that is not a regular file was skipped without a word (its patterns not applied); read,
+    a fifo would block and /dev/zero never end."""
+    (tmp_path / "src").mkdir()
+    ignore = tmp_path / "src" / ".containerignore"
+    if kind == "fifo":
+        os.mkfifo(ignore)
+    else:
+        ignore.symlink_to("/dev/zero")
+    with pytest.raises(RecipeError, match=r"\.containerignore: cannot read: not a regular file"):
+        walk_tree(tmp_path / "src", [], StatCache(None), what="t")
+
+
+def test_a_name_that_is_not_utf8_is_kept_as_its_bytes(tmp_path: Path) -> None:
+    """os.listdir gives such a name with surrogate escapes, which the tree digest could not encode (a traceback):
+    the name is hashed as its bytes, and an ignore pattern holding those bytes matches it."""
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / os.fsdecode(b"caf\xe9.txt")).write_text("latin-1 name")
+    (root / os.fsdecode(b"skip\xff")).write_text("excluded")
+    (root / ".containerignore").write_bytes(b"skip\xff\n")
+    tree = walk_tree(root, [], StatCache(None), what="t")
+    assert [os.fsencode(e.path) for e in tree.entries] == [b"caf\xe9.txt"]
+    assert tree_digest(root, [], StatCache(None), what="t")[0] == tree.digest
+    (root / os.fsdecode(b"caf\xe9.txt")).rename(root / os.fsdecode(b"caf\xe8.txt"))
+    assert walk_tree(root, [], StatCache(None), what="t").digest != tree.digest

@@ -161,7 +161,7 @@ def test_an_auth_file_that_cannot_be_parsed_is_never_written_and_never_read_as_e
     env = _env(tmp_path)
     for call in (lambda: save_credentials("b.example.com", Credentials("me", "secret"), env),
                  lambda: find_credentials("a.example.com", env)):
-        with pytest.raises(RegistryError, match=rf"^{docker}, line 4: the auth file is not valid JSON") as caught:
+        with pytest.raises(RegistryError, match=rf"^{docker}: the auth file is not valid JSON: .* \(line 4, ") as caught:
             call()
         assert "fix the file" in (caught.value.hint or "")
     assert docker.read_text() == broken

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def project(make_project, tmp_path: Path) -> Path:
     return make_project({"src": COPY}, image='workdir = "/src"\n' + RUN, files={"src/main.c": "int main;\n"})
 
 
-class HandedOver(Exception):
-    """The engine took over the process: here it ran as a child, and its exit code ends `main`."""
+class HandedOver(BaseException):
+    """The engine took over the process: here it ran as a child, and its exit code ends `main` (a BaseException,
+    as SystemExit: an exec ends the program, it is no failure `main` reports)."""
 
     def __init__(self, code: int) -> None:
         super().__init__(code)
@@ -59,7 +61,11 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     hands the process over to the engine runs it as a child instead (see :func:`ocibuild`)."""
 
     def execvp(file: str, argv: list[str]) -> None:
-        raise HandedOver(subprocess.run(argv, env=os.environ, timeout=60).returncode)
+        try:
+            raise HandedOver(subprocess.run(argv, env=os.environ, timeout=60).returncode)
+        finally:  # a real exec leaves no process behind; this one goes on running tests, SIGPIPE ignored again
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_IGN)
 
     monkeypatch.setattr(os, "execvp", execvp)
     for name in ("podman", "nerdctl"):

@@ -110,6 +110,29 @@ def test_list_layer_fingerprints(tmp_path: Path) -> None:
     assert listing["etc/app"] == "dir:0750"
 
 
+def test_listing_tells_apart_files_and_directories_that_differ_only_in_xattrs(tmp_path: Path) -> None:
+    """Two independent layers that put the same bytes at a path, one with a capability, disagree about it; the
+    fingerprint does not depend on the order the xattrs were given in, nor do the layer's bytes."""
+    source = _file(tmp_path, "x", b"x")
+
+    def layer(xattrs: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        data, stats = _write([Entry("bin", "dir", 0o755, xattrs=xattrs),
+                              Entry("bin/ping", "file", 0o755, size=1, source=source, xattrs=xattrs)])
+        listing = read.list_layer(io.BytesIO(data), "none", what="layer")
+        assert stats.listing == listing
+        return data, listing
+
+    _, plain = layer({})
+    _, capable = layer({"security.capability": "\x01\x00\x00\x02"})
+    data, both = layer({"user.b": "2", "security.capability": "\x01\x00\x00\x02"})
+    again, same = layer({"security.capability": "\x01\x00\x00\x02", "user.b": "2"})
+    assert plain["bin/ping"] == "file:0755:" + hashlib.sha256(b"x").hexdigest() and plain["bin"] == "dir:0755"
+    for path in ("bin", "bin/ping"):
+        assert len({plain[path], capable[path], both[path]}) == 3
+        assert capable[path].startswith(plain[path] + ":xattrs:")
+    assert (data, both) == (again, same)
+
+
 def test_gnu_tar_reads_our_layer(tmp_path: Path) -> None:
     data, _ = _write(_sample(tmp_path), "zstd")
     plain = _plain(data, "zstd")
@@ -275,6 +298,7 @@ def test_hardlinked_content_goes_under_the_first_path(tmp_path: Path) -> None:
         ([Entry("f", "file", 0o644), Entry("f/g", "file", 0o644)], "beneath file"),
         ([Entry("f", "fifo", 0o644)], "unknown type"),
         ([Entry("f", "file", 0o644, size=3)], "no source"),
+        ([Entry("f", "file", 0o644, xattrs={"user.empty": ""})], "xattr with an empty value"),
     ],
 )
 def test_invalid_entries(entries: list[Entry], message: str) -> None:

@@ -8,7 +8,6 @@ OCI artifact of type :data:`INPUT_ARTIFACT`, tagged ``ocibuild-input-<sha256 hex
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -104,10 +103,7 @@ class Inventory:
 
     @classmethod
     def parse(cls, data: bytes, what: str = "inventory") -> Inventory:
-        try:
-            value = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise FormatError(f"{what} is not valid JSON: {err}", "make it with `ocibuild inventory > FILE`") from None
+        value = oci.parse_json(data, what, hint="make it with `ocibuild inventory > FILE`")
         if not isinstance(value, dict) or value.get("mediaType") != INVENTORY_TYPE:
             raise FormatError(f"{what} is not an ocibuild inventory", "make it with `ocibuild inventory > FILE`")
         blobs, tags, inputs = value.get("blobs"), value.get("tags"), value.get("inputs", [])

@@ -20,11 +20,9 @@ are untouched.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from typing import Any
 
 from .. import oci
 from ..errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
-from ..files import link_or_copy
+from ..files import NotRegularFile, link_or_copy, open_regular
 from ..oci import Descriptor, Digest, Index, Manifest
 from ..store import Store, check_ref_name
 from ..store.entries import add_cache_entries, check_entering, is_cache_tag
@@ -166,8 +164,8 @@ def _missing(what: str, where: str, digest: Digest) -> FormatError:
 
 def _declared_type(data: bytes) -> str | None:
     try:
-        value = json.loads(data)
-    except ValueError:
+        value = oci.parse_json(data, "a document")
+    except FormatError:
         return None
     media_type = value.get("mediaType") if isinstance(value, dict) else None
     return media_type if isinstance(media_type, str) else None
@@ -297,12 +295,12 @@ def _copy_into_store(archive: _Archive, digest: Digest, entry: _Entry,
 def _open_archive(path: Path, what: str) -> int:
     """An fd of the archive at ``path``: a regular file, not compressed."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
+    except NotRegularFile as err:
+        raise UnsafeArchive(f"{what} is {reason(err)}", "import an archive file, not a pipe or device") from None
     except OSError as err:
         raise StoreError(f"{what}: cannot open: {reason(err)}", "check the path") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafeArchive(f"{what} is not a regular file", "import an archive file, not a pipe or device")
         compression = codecs.sniff_compression(os.pread(fd, 8, 0))
         if compression != "none":
             raise UnsafeArchive(f"{what} is {compression}-compressed; only a plain tar (oci-archive) is imported",
@@ -317,10 +315,8 @@ def _check_index(archive: _Archive) -> tuple[_IndexGraphChecker, dict[str, Descr
     """The checked graph of the archive's index.json, its tags, and the number of its untagged manifests."""
     what = archive.what
     layout = archive.read_file("oci-layout", 4096)
-    try:
-        version = json.loads(layout).get("imageLayoutVersion")
-    except (ValueError, AttributeError):
-        version = None
+    value = oci.parse_json(layout, f"{what}: oci-layout")
+    version = value.get("imageLayoutVersion") if isinstance(value, dict) else None
     if version != oci.OCI_LAYOUT_VERSION:
         raise FormatError(f"{what}: oci-layout is not imageLayoutVersion {oci.OCI_LAYOUT_VERSION}")
     index = Index.parse(archive.read_file("index.json", _MAX_DOCUMENT), f"{what}: index.json")

@@ -12,22 +12,32 @@ from pathlib import Path
 
 from .. import bookkeeping, oci
 from ..bookkeeping import Record
+from ..errors import FormatError
 from ..tar import read
 from ..files import atomic_write
 from ..oci import LayerBlob, Digest
+from ..errors import StoreError
 from ..store import Store
 
 
+LISTING_FORMAT = 2  # in each listing's file name: bump it when a fingerprint changes meaning (2: xattrs)
+SPACE_HINT = "free disk space and inodes (`ocibuild gc` removes unused blobs), or check the store's permissions"
+
+
 def listing_path(store: Store, diff_id: Digest) -> Path:
-    """Where the listing of the layer with ``diff_id`` is cached."""
-    return store.private_dir("listings") / f"{diff_id.hex}.json"
+    """Where the listing of the layer with ``diff_id`` is cached (a listing of another format is not read)."""
+    return store.private_dir("listings") / f"{diff_id.hex}.{LISTING_FORMAT}.json"
 
 
 def save_layer_records(store: Store, diff_id: Digest, listing: Mapping[str, str], kept: Mapping[str, bytes]
                        ) -> Record:
     """Record a layer's listing and its bookkeeping record (``kept``: the content of the stanza files it holds)."""
-    atomic_write(listing_path(store, diff_id), _json_pieces(listing))
-    return bookkeeping.save_record(store, diff_id, listing, kept)
+    try:
+        atomic_write(listing_path(store, diff_id), _json_pieces(listing))
+        return bookkeeping.save_record(store, diff_id, listing, kept)
+    except OSError as err:  # (a full disk, or no inode left: the layer's blob itself may have fitted)
+        raise StoreError(f"record the listing of layer {diff_id.short} in {store.root}: {err.strerror or err}",
+                         SPACE_HINT) from err
 
 
 def _json_pieces(listing: Mapping[str, str], batch: int = 10_000) -> Iterator[bytes]:
@@ -43,10 +53,11 @@ def _json_pieces(listing: Mapping[str, str], batch: int = 10_000) -> Iterator[by
 
 def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:
     """The listing of a layer: the recorded one, else read from its blob (and recorded)."""
+    path = listing_path(store, built.diff_id)
     try:
-        listing: dict[str, str] = json.loads(listing_path(store, built.diff_id).read_bytes())
+        listing: dict[str, str] = oci.parse_json(path.read_bytes(), str(path))
         return listing
-    except (OSError, ValueError):
+    except (OSError, FormatError):
         pass
     return _read_blob(store, built)[0]
 

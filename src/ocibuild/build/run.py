@@ -4,12 +4,17 @@ container diff and the files from its mounted root filesystem (:func:`capture`).
 directories of the store (:func:`ocibuild.runcache.layer_caches`) bind-mounted into the container: a mount's
 content never shows in the container diff, so it never enters the layer.
 
+The layer keeps what the step made of each path it changed: type, mode, owner, content, the names of a hard-linked
+file (within the layer: one file, then hardlinks to it), and the extended attributes of :func:`step_xattrs` (file
+capabilities, POSIX ACLs, ``user.*``), as ``podman build`` keeps them.
+
 Rootless podman keeps a container's files under subordinate ids, so there the capture runs as a process of its
 own inside ``podman unshare``: ``python -m ocibuild.build.run`` (see :func:`_capture_main`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -207,12 +212,48 @@ def _capture_main() -> int:
     return 0
 
 
+#: The extended attributes a run layer keeps: those podman keeps (file capabilities, IMA signatures, ``user.*``) and
+#: POSIX ACLs (as umoci), less the ``user.*`` names overlay filesystems and containers/storage use for themselves.
+#: Others (``security.selinux``, ``trusted.*``) are the host's or the engine's, not what the step made.
+KEPT_XATTRS = frozenset({"security.capability", "security.ima", "system.posix_acl_access",
+                         "system.posix_acl_default"})
+_ENGINE_XATTRS = ("user.overlay.", "user.fuseoverlayfs.", "user.containers.")
+
+
+def step_xattrs(path: Path) -> dict[str, str]:
+    """The extended attributes of ``path`` (not followed) that a run layer keeps (:data:`KEPT_XATTRS` and
+    ``user.*``), as an Entry holds them; one with an empty value is left out (a tar header cannot hold it)."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENOTSUP, errno.ENOENT):  # a filesystem without xattrs; a path gone meanwhile
+            return {}
+        raise
+    found: dict[str, str] = {}
+    for name in sorted(names):
+        if name in KEPT_XATTRS or (name.startswith("user.") and not name.startswith(_ENGINE_XATTRS)):
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError as err:
+                if err.errno in (errno.ENODATA, errno.ENOENT):  # removed meanwhile
+                    continue
+                raise
+            if value:
+                found[name] = value.decode("utf-8", "surrogateescape")
+    return found
+
+
 def capture(root: Path, changes: Mapping[str, str], keep: Callable[[str], bool], *, what: str) -> list[Entry]:
     """Layer entries for a container's changes (``{"/path": "A"|"C"|"D"}``) read from its root ``root``.
 
     Deleted paths become OCI whiteouts; a path reported deleted that exists again was replaced (``rm -rf d;
-    mkdir d``), so it gets an opaque whiteout and its new content. Hard links are stored as separate files."""
+    mkdir d``), so it gets an opaque whiteout and its new content. Regular files of more than one name are one
+    file and hardlinks to it when several of their names are kept (the writer puts the content under the first
+    name in path order). Files and directories carry their :func:`step_xattrs` (a symlink can hold none of them)."""
     entries: dict[str, Entry] = {}
+    # a hard-linked file's first kept name, by its inode and what it says of itself (on overlayfs, two copies of
+    # one lower file may report the inode number of their origin: their ctimes differ)
+    linked: dict[tuple[int, ...], str] = {}
     for raw_path, kind in changes.items():
         path = read.normalise_path(raw_path)
         if path is None or not keep(path):
@@ -233,14 +274,20 @@ def capture(root: Path, changes: Mapping[str, str], keep: Callable[[str], bool],
         if st is None:
             log.debug("%s: %s changed but is gone", what, path)
             continue
-        mode = stat.S_IMODE(st.st_mode)
-        common = dict(mode=mode, uid=st.st_uid, gid=st.st_gid, mtime=int(st.st_mtime))
+        mode, uid, gid, mtime = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, int(st.st_mtime)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            first = linked.setdefault(
+                (st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size, st.st_mode), path)
+            if first != path:
+                entries[path] = Entry(path, "hardlink", mode, uid, gid, linkname=first, mtime=mtime)
+                continue
         if stat.S_ISDIR(st.st_mode):
-            entries[path] = Entry(path, "dir", **common)  # type: ignore[arg-type]
+            entries[path] = Entry(path, "dir", mode, uid, gid, mtime=mtime, xattrs=step_xattrs(root / path))
         elif stat.S_ISREG(st.st_mode):
-            entries[path] = Entry(path, "file", size=st.st_size, source=str(root / path), **common)  # type: ignore[arg-type]
+            entries[path] = Entry(path, "file", mode, uid, gid, st.st_size, source=str(root / path), mtime=mtime,
+                                  xattrs=step_xattrs(root / path))
         elif stat.S_ISLNK(st.st_mode):
-            entries[path] = Entry(path, "symlink", linkname=os.readlink(root / path), **common)  # type: ignore[arg-type]
+            entries[path] = Entry(path, "symlink", mode, uid, gid, linkname=os.readlink(root / path), mtime=mtime)
         else:
             log.info("%s: leaving out %s (device, fifo or socket)", what, path)
     return list(entries.values())

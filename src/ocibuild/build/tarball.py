@@ -7,11 +7,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import StoreError
+from ..files import open_regular
 from ..tar import codecs, write
 from ..net.download import fetch_file
 from ..oci import Digest, LayerBlob
 from ..recipe.project import LayerRecipe
 from .context import BuildContext, owner, temp_file, under, write_entries
+from .listing import SPACE_HINT
 
 
 def archive_source(ctx: BuildContext, layer: LayerRecipe) -> Path:
@@ -30,10 +33,13 @@ def build_archive(ctx: BuildContext, layer: LayerRecipe) -> list[LayerBlob]:
     dest = layer.str_("dest")
     what = f"layer '{layer.name}': {layer.str_('url')}"
     with temp_file(ctx, ".tar") as plain:
-        with open(source, "rb") as src, open(plain, "wb") as dst:
-            compression = codecs.sniff_compression(src.read(8))
-            src.seek(0)
-            codecs.decompress_to(src, dst, compression)
+        try:
+            with open(open_regular(source), "rb") as src, open(plain, "wb") as dst:
+                compression = codecs.sniff_compression(src.read(8))
+                src.seek(0)
+                codecs.decompress_to(src, dst, compression, what=what)
+        except OSError as err:  # (the archive was verified: most likely the store's disk is full)
+            raise StoreError(f"{what}: unpack {source} into {plain}: {err.strerror or err}", SPACE_HINT) from err
         entries = []
         for entry in write.tarball_entries(plain, what=what):
             parts = entry.path.split("/")

@@ -1,6 +1,7 @@
 """The command line: subcommands, progress, exit codes. The only package that prints.
 
-Exit codes: 0 success, 1 an ocibuild error (``error:`` and ``hint:`` lines on stderr), 2 usage, 130 Ctrl-C.
+Exit codes: 0 success, 1 an ocibuild error (``error:`` and ``hint:`` lines on stderr; any other exception is told
+the same way, by :func:`.common.unexpected`, its traceback shown only with --debug), 2 usage, 130 Ctrl-C.
 With ``--json`` stdout holds exactly one JSON document; progress goes to stderr.
 
 :mod:`.dispatch` holds the parser and the table of commands; each group of commands has a module of its own:
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import OcibuildError, UsageError
-from .common import report
+from .common import report, unexpected
 from .dispatch import dispatch, parser
 
 
@@ -38,3 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # (MemoryError and RecursionError included): one line, the traceback only with --debug
+        report(unexpected(err), args.debug)
+        return 1
+

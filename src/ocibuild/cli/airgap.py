@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import OcibuildError
+from ..files import read_bounded
 from ..oci import Digest
 from ..store import Store
 from .build import load_plan
@@ -18,6 +19,8 @@ from .common import open_store, print_json, project_of
 if TYPE_CHECKING:
     from ..archive import InputFile, Inventory
     from ..planner import Plan
+
+_INVENTORY_LIMIT = 256 << 20  # an inventory is read whole: some millions of digests
 
 
 def inventory_command(args: argparse.Namespace) -> int:
@@ -74,7 +77,7 @@ def _since(text: str) -> Inventory:
     from ..archive import Inventory
 
     try:
-        return Inventory.parse(Path(text).read_bytes(), text)
+        return Inventory.parse(read_bounded(text, _INVENTORY_LIMIT), text)
     except OSError as err:
         raise OcibuildError(f"--since {text}: {err.strerror}", "run `ocibuild inventory > FILE` "
                             "on the machine the archive is for") from None

@@ -4,6 +4,7 @@ the printing of layers and JSON (progress is :mod:`.progress`'s)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 log = logging.getLogger("ocibuild")  # the name --debug has always shown before a traceback
+_DEBUG_HINT = "run the command again with --debug to see where it happened"
 
 
 #: A command: the parsed arguments in, the exit code out.
@@ -37,6 +39,26 @@ def report(err: OcibuildError, debug: bool) -> None:
         print(tail, file=sys.stderr)
     if err.hint:
         print(f"hint: {err.hint}", file=sys.stderr)
+
+
+def unexpected(err: Exception) -> OcibuildError:
+    """An exception no module translated, as the one-line error of a failure the user can still act on: a disk
+    that filled up, a permission, memory, an input nested too deeply; anything else is a bug to report."""
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "free disk space and inodes on that file system (`ocibuild gc` removes unused blobs)"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "check the permissions of that path"
+        else:
+            hint = _DEBUG_HINT
+        return OcibuildError(f"{err.strerror or err}{where}", hint)
+    if isinstance(err, MemoryError):
+        return OcibuildError("out of memory", f"build fewer layers at once (--jobs), or free memory; {_DEBUG_HINT}")
+    if isinstance(err, RecursionError):
+        return OcibuildError("an input is nested too deeply to be read", _DEBUG_HINT)
+    return OcibuildError(f"internal error: {type(err).__name__}: {err}",
+                         "this is a bug in ocibuild: run the command again with --debug and report what it prints")
 
 
 def open_store(args: argparse.Namespace) -> tuple[Config, Store]:

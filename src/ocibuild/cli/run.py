@@ -21,7 +21,7 @@ from ..config import load_config
 from ..errors import OcibuildError
 from ..recipe.project import ENV_NAME, RunSpec
 from .build import build_project
-from .common import engine_factory, open_store, project_of, report
+from .common import engine_factory, open_store, project_of, report, unexpected
 
 if TYPE_CHECKING:
     from ..engine import BindMount
@@ -136,8 +136,8 @@ def _in_container(args: argparse.Namespace, command: list[str], *, shell: bool) 
         if not created:
             engine.hand_over(argv)
         return engine.supervise(argv, after=lambda: remove_mount_points(created))
-    except OcibuildError as err:
-        report(err, args.debug)
+    except Exception as err:  # (ours, or one no module translated: see `unexpected`)
+        report(err if isinstance(err, OcibuildError) else unexpected(err), args.debug)
         return 125
 
 

@@ -4,8 +4,10 @@ Credentials come from the auth files podman, skopeo and Docker read (:func:`auth
 the docker-credential-* helper one of them names, and are saved the way ``docker login`` saves them. What to send
 is learned from the registry's challenge (WWW-Authenticate on a 401): basic credentials as they are, or a bearer
 token fetched from the realm the challenge names, one per set of scopes, cached until shortly before it expires.
-Credentials only ever go to the registry's own host and its token server; no message, log line or file written
-here holds a password or token (the auth file itself aside).
+Credentials only ever go to the registry's own host and its token server, which may be another host (Docker Hub's
+is), as Docker and containers/image send them; never over plain HTTP when the registry is reached over https. No
+message, log line or file written here holds a password or token (the auth file itself aside), and a token that
+could not be sent as it came (a control character, a space, beyond ASCII) is refused where it arrives.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-from ..errors import RegistryError
-from ..files import atomic_write
+from ..errors import FormatError, RegistryError
+from ..files import atomic_write, read_bounded
+from ..oci import parse_json
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
 from .session import is_loopback, one_line, printable_url
 
@@ -86,6 +89,7 @@ def auth_files(env: Mapping[str, str] | None = None) -> list[Path]:
     return files
 
 
+AUTH_FILE_LIMIT = 16 << 20  # an auth file is read whole; far more than thousands of registries need
 _BROKEN_HINT = ("fix the file by hand (ocibuild never rewrites an auth file it cannot read: that would lose its "
                 "other entries), or move it away and log in again")
 
@@ -95,7 +99,7 @@ def _read_auth_file(path: Path) -> dict[str, Any]:
     parsed is an error, as in podman and skopeo: read as empty, a typo would make pulls anonymous (failing far
     from the cause) and let ``login`` overwrite every other entry."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, AUTH_FILE_LIMIT).decode()
     except FileNotFoundError:
         return {}
     except OSError as err:
@@ -103,10 +107,9 @@ def _read_auth_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RegistryError(f"{path}: the auth file is not UTF-8 text", _BROKEN_HINT) from None
     try:
-        value = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as err:
-        raise RegistryError(f"{path}, line {err.lineno}: the auth file is not valid JSON ({err.msg})",
-                            _BROKEN_HINT) from None
+        value = parse_json(text, f"{path}: the auth file") if text.strip() else {}
+    except FormatError as err:
+        raise RegistryError(str(err), _BROKEN_HINT) from None
     if not isinstance(value, dict):
         raise RegistryError(f"{path}: the auth file is not a JSON object", _BROKEN_HINT)
     for section in ("auths", "credHelpers"):
@@ -139,9 +142,9 @@ def _credential_helper(helper: str, registry: str, env: Mapping[str, str]) -> Cr
         if result.returncode != 0:
             continue  # "credentials not found in native keychain": try the next name, then anonymous
         try:
-            value = json.loads(result.stdout)
+            value = parse_json(result.stdout, f"the output of docker-credential-{helper}", limit=1 << 20)
             username, secret = value["Username"], value["Secret"]
-        except (ValueError, KeyError, TypeError):
+        except (FormatError, KeyError, TypeError):
             raise RegistryError(f"credential helper docker-credential-{helper} returned malformed output",
                                 _HELPER_HINT) from None
         if isinstance(username, str) and isinstance(secret, str) and secret:
@@ -256,6 +259,7 @@ class Challenge:
 
 
 _TOKEN68 = r"[A-Za-z0-9._~+/-]+=*"
+_SENDABLE = re.compile(r"[!-~]+")  # a bearer token goes into a header as it is: visible ASCII only
 _PARAM = re.compile(r'\s*([A-Za-z0-9!#$%&\'*+.^_`|~-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*(?:,|$)')
 
 
@@ -292,7 +296,7 @@ class Authenticator:
 
     ``send`` makes one HTTP exchange (its failures already translated: retryable ones as RetryableFailure),
     ``retrier`` retries the token requests; ``plain_http_allowed``: the registry may be reached over plain HTTP,
-    and so may its token server."""
+    and so may its token server, unless the registry is reached over https."""
 
     def __init__(self, registry: str, credentials: Credentials | None, *, plain_http_allowed: bool, send: Send,
                  retrier: Retrier) -> None:
@@ -303,6 +307,7 @@ class Authenticator:
         self._retrier = retrier
         self._lock = threading.Lock()
         self._challenge: Challenge | None = None
+        self._over_https = False  # the challenge came over https
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
 
     @property
@@ -314,12 +319,13 @@ class Authenticator:
         with self._lock:
             self._challenge = None
 
-    def learn(self, www_authenticate: str) -> None:
-        """Take the first basic or bearer challenge of a 401's WWW-Authenticate header."""
+    def learn(self, www_authenticate: str, url: str) -> None:
+        """Take the first basic or bearer challenge of a 401's WWW-Authenticate header, the answer to ``url``."""
         for challenge in parse_challenges(www_authenticate):
             if challenge.scheme in ("bearer", "basic"):
                 with self._lock:
                     self._challenge = challenge
+                    self._over_https = urlsplit(url).scheme == "https"
                 return
 
     def forget(self, scopes: tuple[str, ...]) -> None:
@@ -358,9 +364,13 @@ class Authenticator:
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise RegistryError(f"{self.registry} asks for a token from {realm!r}, which is not a URL",
                                 code="UNAUTHORIZED", status=401)
-        if parts.scheme == "http" and not (is_loopback(parts.netloc) or self._plain_http_allowed):
-            raise RegistryError(f"{self.registry} asks for a token over plain HTTP ({printable_url(realm)}); "
-                                "refused", "a token server must use https", code="UNAUTHORIZED", status=401)
+        if parts.scheme == "http" and (self._over_https or not (is_loopback(parts.netloc) or self._plain_http_allowed)):
+            why = "the registry itself is reached over https" if self._over_https else \
+                "plain HTTP is only for loopback hosts and those listed in [registry] insecure"
+            raise RegistryError(f"{self.registry} asks for a token over plain HTTP ({printable_url(realm)}), which "
+                                f"would carry the credentials in the clear; refused: {why}",
+                                "a token server must use https: ask the registry's operator to fix its realm",
+                                code="UNAUTHORIZED", status=401)
         query: list[tuple[str, str]] = []
         if challenge.params.get("service"):
             query.append(("service", challenge.params["service"]))
@@ -395,16 +405,21 @@ class Authenticator:
                     raise RetryableFailure(error, delay=parse_retry_after(response.headers.get("Retry-After")))
                 raise error
             try:
-                value = json.loads(response.read(1 << 20))
+                value = parse_json(response.read(1 << 20), "the token response")
                 token = value.get("token") or value.get("access_token")
                 lifetime = float(value.get("expires_in") or 60)
             except OSError as err:  # the body was cut or malformed: worth another try, like any connection error
                 raise RetryableFailure(RegistryError(
                     f"{self.registry}: reading a token from {printable_url(realm)}: {one_line(err)}",
                     "re-run the same command", retryable=True)) from None
-            except (ValueError, AttributeError, TypeError):
+            except (FormatError, ValueError, AttributeError, TypeError):  # float() of a string: ValueError
                 token = None
         if not isinstance(token, str) or not token:
             raise RegistryError(f"{self.registry}: the token server {printable_url(realm)} returned no token",
                                 status=200, code="UNAUTHORIZED")
+        if not _SENDABLE.fullmatch(token):
+            raise RegistryError(f"{self.registry}: the token server {printable_url(realm)} returned a token holding a "
+                                "control character, a space or a character beyond ASCII, which cannot go into a "
+                                "header; refused", "the token server is broken or hostile: report it to the "
+                                "registry's operator", status=200, code="UNAUTHORIZED")
         return token, lifetime

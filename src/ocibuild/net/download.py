@@ -4,7 +4,10 @@ A download writes through ``Store.writer(expected=…, resumable=True)``: what a
 blob's partial file is kept, and each try asks only for the rest (``Range: bytes=N-``). A 206 must start where
 asked (its Content-Range is checked); a server that ignores Range makes the download start over cleanly. A body
 cut short is a :class:`~ocibuild.net.retry.RetryableFailure` that ``progressed`` when it brought bytes, so a slow,
-flaky link still ends. Nothing unverified is kept: the store checks the digest (and size) before it commits.
+flaky link still ends (one cut for coming slower than the minimum rate did not progress: a dripping server runs out
+of tries). Nothing unverified is kept: the store checks the digest (and size) before it commits. A blob is never
+read past its descriptor's size, and one whose size (else the size the server announces) cannot fit in the free
+space of the store's file system is refused before its body is read.
 
 Inputs (:func:`fetch_file`: the archives of ``archive`` layers, the ``{url, sha256}`` inputs of run layers) are
 blobs of the store on the way in, then hard-linked into its download cache ``downloads/<sha256 hex>``, where export
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 from ..errors import DigestMismatch, FetchError, OcibuildError, StoreError
-from ..files import link_or_copy
+from ..files import link_or_copy, open_regular
 from ..oci import Digest
 from ..store import Store
 from .retry import RETRY_STATUS, Retrier, RetryableFailure, parse_retry_after
@@ -42,6 +46,7 @@ _NETWORK_HINT = "check the URL and the network; re-running resumes the download"
 Get = Callable[[Mapping[str, str]], "Response"]  # one GET of the content with these headers: a 200 or 206
 Failure = Callable[[str], OcibuildError]  # the error to raise when a download stalls, from its message
 Progress = Callable[[str], None]
+Room = Callable[[int], None]  # raises when this many more bytes cannot be stored
 
 
 class Sink(Protocol):
@@ -71,24 +76,42 @@ def into_store(store: Store, digest: Digest, size: int | None, get: Get, *, what
     """Download the blob ``digest`` (``size`` bytes, when known) into ``store``, resuming what an earlier run
     left. DigestMismatch when the content is not that blob (nothing is stored; the partial file is dropped)."""
     with store.writer(expected=digest, size=size, resumable=True) as writer:
-        resume_into(writer, get, size=size, what=what, retrier=retrier, error=error, counts=counts)
+        resume_into(writer, get, size=size, what=what, retrier=retrier, error=error, counts=counts,
+                    room=lambda needed: _check_room(store, needed, what))
 
 
 def resume_into(sink: Sink, get: Get, *, size: int | None, what: str, retrier: Retrier, error: Failure,
-                counts: Counts | None = None) -> None:
-    """Fill ``sink`` (which may hold a first part already) with the rest of the content, trying again from where
-    each try stopped; ``error(message)`` is raised when tries without progress run out."""
+                room: Room, counts: Counts | None = None) -> None:
+    """Fill ``sink`` (which may hold a first part already) with the rest of the content, never past ``size``,
+    trying again from where each try stopped; ``error(message)`` is raised when tries without progress run out.
+    ``room(n)``, called before the body is read when the bytes still to come are known, raises when they cannot
+    be stored."""
     view = memoryview(bytearray(PIECE))
     tally = counts or _NoCounts()
-    retrier.run(lambda: _one_try(sink, get, size, what, error, tally, view),
+    retrier.run(lambda: _one_try(sink, get, size, what, error, tally, view, room),
                 resume=lambda failure: log.info("%s; resuming", failure))
 
 
+def _check_room(store: Store, needed: int, what: str) -> None:
+    """StoreError when ``needed`` more bytes cannot fit in the free space of the store's file system."""
+    try:
+        stats = os.statvfs(store.root)
+    except OSError:
+        return  # nothing to measure: the writes will tell
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free:
+        raise StoreError(f"{what}: {needed:,} bytes to download, but the file system of {store.root} has only "
+                         f"{free:,} bytes free; refused before downloading them",
+                         "free space there (`ocibuild gc` removes what no tag reaches), or use a store on a larger "
+                         "file system (--store)")
+
+
 def _one_try(sink: Sink, get: Get, size: int | None, what: str, error: Failure, counts: Counts,
-             view: memoryview) -> None:
+             view: memoryview, room: Room) -> None:
     offset = before = sink.size
     expected = size
     problem: str | None = None
+    slow = False
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -105,24 +128,31 @@ def _one_try(sink: Sink, get: Get, size: int | None, what: str, error: Failure, 
         if not ask_again:
             expected = size if size is not None else _announced_size(response, offset)
             before = sink.size
-            problem = _copy(response, sink, view, expected, counts)
+            if expected is not None:
+                room(expected - before)
+            problem, slow = _copy(response, sink, view, size, expected, counts)
     if ask_again:
-        return _one_try(sink, get, size, what, error, counts, view)
+        return _one_try(sink, get, size, what, error, counts, view, room)
     if problem is not None:
         total = "?" if expected is None else str(expected)
         raise RetryableFailure(error(f"{what}: {problem} ({sink.size} of {total} bytes); the bytes received are kept"),
-                               progressed=sink.size > before)
+                               progressed=sink.size > before and not slow)
 
 
-def _copy(response: Response, sink: Sink, view: memoryview, expected: int | None, counts: Counts) -> str | None:
-    """The body into the sink, counted as it arrives (a live display shows it); what went wrong, or None."""
+def _copy(response: Response, sink: Sink, view: memoryview, size: int | None, expected: int | None,
+          counts: Counts) -> tuple[str | None, bool]:
+    """The body into the sink, never past ``size`` (what follows is left unread), counted as it arrives (a live
+    display shows it): what went wrong or None, and whether it was the minimum rate."""
+    from .http import TooSlow
+
     try:
-        while n := response.readinto(view):
+        while (want := len(view) if size is None else min(len(view), size - sink.size)) > 0 and \
+                (n := response.readinto(view[:want])):
             sink.write(view[:n])
             counts.add(downloaded=n)
     except OSError as err:
-        return one_line(err)
-    return None if expected is None or sink.size >= expected else "the body ended early"
+        return one_line(err), isinstance(err, TooSlow)
+    return (None if expected is None or sink.size >= expected else "the body ended early"), False
 
 
 def _range_starts(header: str | None, offset: int, size: int | None) -> bool:
@@ -201,7 +231,7 @@ def fetch_bytes(url: str, *, what: str, limit: int = 64 << 20, retrier: Retrier 
 
 @contextmanager
 def _session(retrier: Retrier) -> Iterator[Session]:
-    with Session(connect_timeout=retrier.policy.connect_timeout, read_timeout=retrier.policy.read_timeout) as session:
+    with Session(policy=retrier.policy) as session:
         yield session
 
 
@@ -242,7 +272,7 @@ def _verified_local(url: str, digest: Digest, what: str) -> Path:
     if not path.is_file():
         raise FetchError(f"{what}: {path} not found", "fix 'url' (relative paths are from the layer folder)")
     try:
-        with open(path, "rb") as file:
+        with open(open_regular(path), "rb") as file:
             actual = hashlib.file_digest(file, digest.algorithm).hexdigest()
     except OSError as err:
         raise FetchError(f"{what}: {path}: cannot read: {err.strerror}", "check that the file is readable") from None

@@ -8,6 +8,7 @@ parses headers through the ``email`` package) took ~25 ms, an eighth of the 0.2 
 present may take. It knows nothing of registries, and turns every failure into an ``OSError``::
 
     OSError                   connection refused, reset, timed out (a read, or the response's deadline), …
+    ├── TooSlow               (a TimeoutError) the response came slower than the connection's minimum rate
     ├── ConnectionError       a cut response, or a server that closed a kept-alive connection
     │   └── ProtocolError     a malformed response: status line, header, framing, too many interim responses
     ├── InvalidRequest        (also a ValueError) a target or header that cannot be sent; nothing was sent
@@ -16,9 +17,12 @@ present may take. It knows nothing of registries, and turns every failure into a
 Responses are read as strictly as h11 reads them (tests/unit/test_http_parsing.py holds the two to the same
 recorded responses): RFC 9112 framing, one Content-Length value of ASCII digits, chunk sizes of hex digits only,
 heads of at most 64 KiB. A response must end within :data:`DEADLINE` seconds of its request, besides the read
-timeout that bounds each wait: a server that sends a byte a second does not hold a request forever.
+timeout that bounds each wait; and once its first byte came, each ``rate_window`` seconds must bring at least
+``min_rate`` bytes a second on average (the way curl's --speed-limit/--speed-time cut a stalled transfer; the
+wait for the first byte, while a server works on a request, is bounded by the read timeout alone): a server that
+sends a byte a second holds a request for a window, not for the deadline.
 
-At ~620 lines this module is past STYLE.md's ~500: the request checks, the reader with its deadline and the
+At ~670 lines this module is past STYLE.md's ~500: the request checks, the reader with its deadline and the
 response framing share one socket and buffer. Should it grow, the framing (``_Head`` to ``Response``) is the room
 to split off.
 """
@@ -44,7 +48,7 @@ DEADLINE = 600.0
 INTERIM_MAX = 10  # interim (1xx) responses accepted before the final one; a stream of them is a malformed response
 _HEAD_MAX = 64 << 10  # a response head (status line and headers), or a chunked body's trailers: longer is malformed
 _LINE_MAX = 64 << 10  # a chunk-size line longer than this is malformed
-_DRAIN = 64 << 10  # a body at most this long is read to its end to keep the connection
+_DRAIN = 64 << 10  # a body with at most this much left is read to its end to keep the connection
 
 # What a response may hold (RFC 9110 5.1, 5.5; RFC 9112 4, 7.1), as h11 reads it: a line folded onto the previous
 # (obs-fold) counts as one space; a field value holds no NUL, CR, LF, VT or FF.
@@ -71,6 +75,11 @@ class Readable(Protocol):
 class ProtocolError(ConnectionError):
     """The response breaks HTTP/1.1: a malformed status line, header or framing, or too many interim responses.
     The connection is closed."""
+
+
+class TooSlow(TimeoutError):
+    """The response came slower than the connection's minimum rate: a stalled or dripping server. The
+    connection is closed."""
 
 
 class InvalidRequest(OSError, ValueError):
@@ -161,11 +170,13 @@ class Headers:
 class Connection:
     """One keep-alive connection to scheme://netloc, opened on its first request and again after it closed;
     through an http:// proxy when given (a CONNECT tunnel for https; absolute URLs for http). Each response must
-    end within ``deadline`` seconds of its request and follow at most ``interim_max`` interim (1xx) ones."""
+    end within ``deadline`` seconds of its request, follow at most ``interim_max`` interim (1xx) ones, and come at
+    ``min_rate`` bytes a second or more over each ``rate_window`` seconds (0: no minimum)."""
 
     def __init__(self, scheme: str, netloc: str, *, proxy: tuple[str, int, str | None] | None,
                  context: TLSContext | None, connect_timeout: float, read_timeout: float,
-                 deadline: float = DEADLINE, interim_max: int = INTERIM_MAX) -> None:
+                 deadline: float = DEADLINE, interim_max: int = INTERIM_MAX, min_rate: float = 0.0,
+                 rate_window: float = 0.0) -> None:
         target = urlsplit(f"//{netloc}")
         self.scheme = scheme
         self.netloc = netloc
@@ -175,6 +186,7 @@ class Connection:
         self.absolute = proxy is not None and scheme == "http"
         self.deadline = deadline
         self.interim_max = interim_max
+        self.rate = (min_rate, rate_window)
         self._context = context
         self._timeouts = (connect_timeout, read_timeout)
         self.sock: socket.socket | None = None
@@ -200,7 +212,7 @@ class Connection:
             sock.close()
             raise
         self.sock = sock
-        self._file = _Reader(sock, read_timeout)
+        self._file = _Reader(sock, read_timeout, self.rate)
 
     def _tunnel(self, sock: socket.socket) -> None:
         assert self.proxy is not None
@@ -209,7 +221,7 @@ class Connection:
         if self.proxy[2]:
             lines.append(f"Proxy-Authorization: {self.proxy[2]}")
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        reader = _Reader(sock, self._timeouts[0])
+        reader = _Reader(sock, self._timeouts[0], self.rate)
         reader.set_deadline(self.deadline)
         status = _read_head(reader, self.interim_max).status
         reader.set_deadline(None)  # the socket's own timeout again, for the handshake
@@ -230,23 +242,47 @@ class Connection:
 
 class _Reader:
     """Buffered reads from a socket (``socket.makefile`` would do, at the price of the io stack's layers), each
-    waiting at most ``read_timeout`` seconds, and none past the deadline when one is set."""
+    waiting at most ``read_timeout`` seconds, none past the deadline when one is set, and then at ``rate``'s
+    (minimum bytes a second, window in seconds) from the first byte on."""
 
-    def __init__(self, sock: socket.socket, read_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, read_timeout: float, rate: tuple[float, float]) -> None:
         self._sock = sock
         self._buffer = bytearray()
         self._read_timeout = read_timeout
         self._deadline: float | None = None  # time.monotonic() after which nothing more is read
         self._seconds = 0.0  # the deadline's length, for the message
         self._shortened = False  # the socket's timeout is what was left before the deadline
+        self._min_rate, self._rate_window = rate
+        self._window: tuple[float, int] | None = None  # since the first byte: when the window started, bytes since
 
     def set_deadline(self, seconds: float | None) -> None:
-        """Read nothing more than ``seconds`` from now (None: no deadline); restores the socket's own timeout."""
+        """Read nothing more than ``seconds`` from now (None: no deadline); restores the socket's own timeout. The
+        minimum rate starts again from the next byte received."""
         if self._shortened:
             self._sock.settimeout(self._read_timeout)
             self._shortened = False
         self._deadline = None if seconds is None else time.monotonic() + seconds
         self._seconds = seconds or 0.0
+        self._window = None
+
+    def _received(self, n: int) -> None:
+        """Count ``n`` bytes received: TooSlow when a window of at least ``rate_window`` seconds ends with fewer
+        than ``min_rate`` bytes a second (the check runs as bytes come; a wait without any is the read timeout's)."""
+        if not self._rate_window:
+            return
+        now = time.monotonic()
+        if self._window is None:
+            self._window = (now, n)
+            return
+        start, count = self._window[0], self._window[1] + n
+        elapsed = now - start
+        if elapsed < self._rate_window:
+            self._window = (start, count)
+        elif count < self._min_rate * elapsed:
+            raise TooSlow(f"the server sent {count} bytes in {elapsed:.1f} s, slower than the minimum of "
+                          f"{self._min_rate:g} bytes/s")
+        else:
+            self._window = (now, 0)
 
     def _wait(self) -> None:
         """Before a read: shorten the socket's timeout to what is left before the deadline."""
@@ -274,6 +310,7 @@ class _Reader:
             if self._shortened:
                 raise self._expired() from None
             raise
+        self._received(len(data))
         self._buffer += data
         return bool(data)
 
@@ -324,11 +361,13 @@ class _Reader:
             return n
         self._wait()
         try:
-            return self._sock.recv_into(view)
+            n = self._sock.recv_into(view)
         except TimeoutError:
             if self._shortened:
                 raise self._expired() from None
             raise
+        self._received(n)
+        return n
 
 
 @dataclass(frozen=True)
@@ -458,7 +497,15 @@ class Response:
 
     def readinto(self, view: memoryview) -> int:
         """Up to len(view) bytes of the body; 0 at its end. A body cut short reads as ending early (the caller
-        compares sizes, or reads ``complete``) and leaves the connection closed."""
+        compares sizes, or reads ``complete``) and leaves the connection closed; so does a read that fails (a
+        timeout, the minimum rate, a malformed chunk): nothing more is read from it."""
+        try:
+            return self._readinto(view)
+        except OSError:
+            self._finish(complete=False)
+            raise
+
+    def _readinto(self, view: memoryview) -> int:
         while not self._done and view:
             if self._remaining == 0:  # the end of a chunk: its CRLF, then the next chunk's size
                 line = self._reader.readline(_LINE_MAX, "malformed chunked body: no line end after a chunk")
@@ -490,7 +537,7 @@ class Response:
         return bytes(out)
 
     def close(self) -> None:
-        if not self._done:
+        if not self._done and (self._chunked or (self._remaining is not None and self._remaining <= _DRAIN)):
             try:
                 self.read(_DRAIN)
             except OSError:
@@ -507,7 +554,7 @@ class Response:
 
 def connect(scheme: str, netloc: str, *, proxy: str | None, context: TLSContext | None,
             connect_timeout: float, read_timeout: float, deadline: float = DEADLINE,
-            interim_max: int = INTERIM_MAX) -> Connection:
+            interim_max: int = INTERIM_MAX, min_rate: float = 0.0, rate_window: float = 0.0) -> Connection:
     """A connection to scheme://netloc (opened on its first request), through an http:// ``proxy`` when given.
     ValueError for a proxy URL that cannot be used."""
     via = None
@@ -517,7 +564,8 @@ def connect(scheme: str, netloc: str, *, proxy: str | None, context: TLSContext 
             raise ValueError(f"only http://HOST:PORT proxies are supported, not {target.scheme}://")
         via = (target.hostname, target.port or 80, _proxy_authorization(target.username, target.password))
     return Connection(scheme, netloc, proxy=via, context=context, connect_timeout=connect_timeout,
-                      read_timeout=read_timeout, deadline=deadline, interim_max=interim_max)
+                      read_timeout=read_timeout, deadline=deadline, interim_max=interim_max, min_rate=min_rate,
+                      rate_window=rate_window)
 
 
 def _proxy_authorization(username: str | None, password: str | None) -> str | None:

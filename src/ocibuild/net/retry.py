@@ -41,7 +41,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently requests are retried, and the socket timeouts."""
+    """How often and how patiently requests are retried, the socket timeouts, and the minimum rate of a response
+    (once its first byte came, each ``rate_window`` seconds must bring ``min_rate`` bytes a second on average: a
+    server that drips a manifest or a blob is cut, and a cut for slowness is no progress that earns more tries)."""
 
     attempts: int = 6  # tries of one request (or one resumable transfer without progress)
     base: float = 0.5  # first backoff, doubled each time, with full jitter
@@ -49,6 +51,8 @@ class RetryPolicy:
     max_retry_after: float = 60.0  # longest Retry-After honoured; a longer one fails at once
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
+    min_rate: float = 1024.0  # bytes a second; a slower link than this cannot carry a useful download anyway
+    rate_window: float = 30.0  # seconds the minimum rate is averaged over (0: no minimum)
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
+from .retry import RetryPolicy
+
 if TYPE_CHECKING:
     from .http import Connection, Readable, Response, TLSContext
 
@@ -120,12 +122,12 @@ def one_line(err: BaseException) -> str:
 
 
 class Session:
-    """Connections to HTTP servers; thread-safe, one keep-alive connection per thread and ``scheme://host``."""
+    """Connections to HTTP servers; thread-safe, one keep-alive connection per thread and ``scheme://host``, with
+    the timeouts and minimum rate of ``policy``."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, connect_timeout: float = 15.0,
-                 read_timeout: float = 60.0) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, policy: RetryPolicy | None = None) -> None:
         self.env = dict(os.environ if env is None else env)
-        self._timeouts = (connect_timeout, read_timeout)
+        self._policy = policy or RetryPolicy()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._tls: dict[str, TLSContext] = {}
@@ -172,10 +174,11 @@ class Session:
             connection.close()
             return connection, True
         proxy = proxy_for(scheme, netloc, self.env)
-        connect_timeout, read_timeout = self._timeouts
+        policy = self._policy
         try:
-            connection = http.connect(scheme, netloc, proxy=proxy, connect_timeout=connect_timeout,
-                                      read_timeout=read_timeout,
+            connection = http.connect(scheme, netloc, proxy=proxy, connect_timeout=policy.connect_timeout,
+                                      read_timeout=policy.read_timeout, min_rate=policy.min_rate,
+                                      rate_window=policy.rate_window,
                                       context=self._tls_context(netloc) if scheme == "https" else None)
         except ValueError as err:
             raise ProxyError(f"proxy {printable_url(proxy or '')} for {netloc}: {err}") from None

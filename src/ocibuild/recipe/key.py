@@ -10,7 +10,8 @@ What enters a layer's cache key (:func:`cache_key`), and nothing else:
 - ``epoch``: ``[image] source_date_epoch``, the clamp for every mtime in the layer;
 - ``inputs``: ``{"name", "digest"}`` for every input, where name is a project-relative path or a URL and digest
   the sha256 of its content (a copy tree's digest covers each entry's relative path, type, executable bit,
-  symlink target and content — never mtime, owner, umask or the absolute path); moving inputs (an ``image``
+  symlink target, content, hard links and file capability — never mtime, owner, umask, inode numbers or the
+  absolute path); moving inputs (an ``image``
   ref, a ``bootstrap`` suite's InRelease) enter as the digest recorded in ``ocibuild.lock``;
 - ``needs``: the keys of the direct needs, in order (which cover their own needs in turn);
 - ``platform``: os, architecture and variant, for the kinds whose bytes depend on it (:data:`PLATFORM_KINDS`:
@@ -32,8 +33,10 @@ from ..oci import Digest, Platform, canonical_json
 from .project import LayerRecipe
 
 # 2: bootstrap layers carry Acquire::Retries "5" in apt.conf.d/99mmdebstrap; 3: the platform enters the keys of
-# PLATFORM_KINDS, and bootstrap builds the recipe's architecture (it built the host's)
-KEY_FORMAT = 3
+# PLATFORM_KINDS, and bootstrap builds the recipe's architecture (it built the host's); 4: run layers keep the
+# xattrs the script made (capabilities, ACLs, user.*) and its hard links (a run layer's key covers only the
+# script, so its bytes changed for the same inputs; a copy tree's digest now covers its hard links and capabilities)
+KEY_FORMAT = 4
 PLATFORM_KINDS = frozenset({"bootstrap", "run", "image"})
 
 

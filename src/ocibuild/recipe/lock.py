@@ -23,12 +23,12 @@ another source.
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FormatError, LockError
+from ..files import read_toml
 from ..oci import Digest, Platform
 
 LOCK_FILE = "ocibuild.lock"
@@ -82,9 +82,12 @@ def load_lock(root: Path) -> Lock:
     if not path.exists():
         return Lock()
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise LockError(f"{LOCK_FILE}: cannot read: {err}", "fix it, or delete it and run `ocibuild lock`") from None
+        data = read_toml(path)
+    except OSError as err:
+        raise LockError(f"{LOCK_FILE}: cannot read: {err.strerror}", "fix it, or delete it and run `ocibuild lock`"
+                        ) from None
+    except ValueError as err:
+        raise LockError(f"{LOCK_FILE}: malformed TOML: {err}", "fix it, or delete it and run `ocibuild lock`") from None
     if data.get("version") != 1 or not isinstance(data.get("layers", {}), dict):
         raise LockError(f"{LOCK_FILE}: unknown lock format", "delete it and run `ocibuild lock`")
     entries = {}

@@ -6,13 +6,13 @@ Anything wrong raises :class:`RecipeError` naming the file (and the key), with a
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import RecipeError
+from ..files import NotRegularFile, TooLarge, read_toml
 from ..oci import Platform
 from .schema import KINDS, SCHEMA, SCHEMA_OF_KIND, InputRef, check_sha256, did_you_mean, relative_path, validate
 
@@ -21,6 +21,7 @@ LAYER_FILE = "layer.toml"
 _SECTIONS = ("image", "run", "cache")
 _LAYER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_EPOCH = 0o77777777777  # the largest mtime of a ustar header's 11 octal digits (source_date_epoch clamps mtimes)
 
 
 @dataclass(frozen=True)
@@ -164,14 +165,15 @@ def _rel(path: Path, root: Path) -> str:
 
 def _load_toml(path: Path, root: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return read_toml(path)
     except FileNotFoundError:
         raise RecipeError(f"{_rel(path, root)}: file not found", "create it, or run ocibuild in the project root") from None
-    except tomllib.TOMLDecodeError as err:
+    except (NotRegularFile, TooLarge) as err:
+        raise RecipeError(f"{_rel(path, root)}: {err.strerror}", "make it a regular TOML file") from None
+    except OSError as err:
+        raise RecipeError(f"{_rel(path, root)}: cannot read: {err.strerror}", "check the file's permissions") from None
+    except ValueError as err:
         raise RecipeError(f"{_rel(path, root)}: malformed TOML: {err}", "fix the TOML syntax") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"{_rel(path, root)}: cannot read: {err}", "check the file's permissions") from None
 
 
 def _image(data: Mapping[str, Any]) -> ImageSpec:
@@ -181,8 +183,9 @@ def _image(data: Mapping[str, Any]) -> ImageSpec:
     image_data = validate(f"{PROJECT_FILE}: [image]", data["image"], SCHEMA["image"])
     if image_data["compression"] not in ("zstd", "gzip"):
         raise RecipeError(f"{PROJECT_FILE}: [image] compression must be \"zstd\" or \"gzip\"")
-    if image_data["source_date_epoch"] < 0:
-        raise RecipeError(f"{PROJECT_FILE}: [image] source_date_epoch must not be negative")
+    if not 0 <= image_data["source_date_epoch"] <= MAX_EPOCH:
+        raise RecipeError(f"{PROJECT_FILE}: [image] source_date_epoch must be between 0 and {MAX_EPOCH}",
+                          f"{MAX_EPOCH} (2242-03-16) is the latest time a tar header holds")
     image = ImageSpec(**image_data)
     if not image.layers:
         raise RecipeError(f"{PROJECT_FILE}: [image] layers is empty", "list the layers, bottom first")

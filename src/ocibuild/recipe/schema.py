@@ -45,7 +45,8 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("env", "table of strings", False, {}, "environment of the image"),
         Key("workdir", "string", False, "", "working directory of the image"),
         Key("cmd", "list of strings", False, [], "default command of the image"),
-        Key("source_date_epoch", "integer", False, 0, "every mtime in every layer is clamped to this"),
+        Key("source_date_epoch", "integer", False, 0, "every mtime in every layer is clamped to this (at most "
+            "8589934591, 2242-03-16: the latest a tar header holds)"),
         Key("architecture", "string", False, "amd64", "image architecture (GOARCH name)"),
     ),
     "run": (

@@ -5,7 +5,6 @@ manifests (resolve, fetch, push), on :class:`.transport.Transport`; :class:`Regi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from ..oci import (
     Descriptor,
     Digest,
     Reference,
+    parse_json,
 )
 from ..store import Store
 from .transport import RERUN, TransferStats, Transport, scopes_of
@@ -96,11 +96,13 @@ class Client(Transport):
             header_digest = response.headers.get("Docker-Content-Digest")
         if len(data) > _MANIFEST_MAX:
             raise RegistryError(f"{what}: larger than {_MANIFEST_MAX} bytes", code="MANIFEST_INVALID")
-        try:
-            media_type = media_type if media_type in MANIFEST_TYPES | INDEX_TYPES else \
-                str(json.loads(data).get("mediaType") or OCI_MANIFEST)
-        except (ValueError, AttributeError):
-            raise RegistryError(f"{what}: not a JSON document", code="MANIFEST_INVALID") from None
+        if media_type not in MANIFEST_TYPES | INDEX_TYPES:
+            try:
+                value = parse_json(data, what, limit=_MANIFEST_MAX)
+            except FormatError as err:
+                raise RegistryError(str(err), code="MANIFEST_INVALID") from None
+            declared = value.get("mediaType") if isinstance(value, dict) else None
+            media_type = declared if isinstance(declared, str) and declared else OCI_MANIFEST
         digest = Digest.of(data)
         expected = Digest.parse(reference) if ":" in reference else (
             Digest.parse(header_digest) if header_digest and header_digest.startswith("sha256:") else None)
@@ -125,10 +127,11 @@ class Client(Transport):
                     raise RegistryError(f"{what}: {one_line(err)}", RERUN, retryable=True) from None
                 link = response.headers.get("Link", "")
             try:
-                page = json.loads(data).get("tags") or []
-            except (ValueError, AttributeError):
-                raise RegistryError(f"{what}: the answer is not a JSON object", code="UNSUPPORTED") from None
-            if len(data) > _MANIFEST_MAX or not all(isinstance(tag, str) for tag in page):
+                value = parse_json(data, f"{what}: the answer", limit=_MANIFEST_MAX)
+            except FormatError as err:
+                raise RegistryError(str(err), code="UNSUPPORTED") from None
+            page = (value.get("tags") or []) if isinstance(value, dict) else None
+            if not isinstance(page, list) or not all(isinstance(tag, str) for tag in page):
                 raise RegistryError(f"{what}: the answer is not a list of tags", code="UNSUPPORTED")
             tags += page
             match = _NEXT.search(link)

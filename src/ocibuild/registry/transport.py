@@ -9,7 +9,6 @@ go-containerregistry's ``remote/transport`` is to ``remote``).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from ..errors import RegistryError
+from ..errors import FormatError, RegistryError
 from ..net.auth import DOCKER_HUB, DOCKER_HUB_API, Authenticator, Credentials
 from ..net.retry import RETRY_STATUS, Retrier, RetryableFailure, RetryPolicy, parse_retry_after
 from ..net.session import CAFileError, ProxyError, RedirectRefused, Session, is_loopback, one_line, printable_url
+from ..oci import parse_json
 
 if TYPE_CHECKING:  # imported on first contact with a registry: see ocibuild.net.session
     from ..net.http import Response
@@ -69,8 +69,7 @@ class Transport:
         self.policy = policy or RetryPolicy()
         self.stats = stats or TransferStats()
         self.retrier = Retrier(self.policy, sleep, lambda: self.stats.add(retries=1))
-        self._session = Session(env, connect_timeout=self.policy.connect_timeout,
-                                read_timeout=self.policy.read_timeout)
+        self._session = Session(env, self.policy)
         self._auth = Authenticator(registry, credentials, plain_http_allowed=self.plain_http_allowed,
                                    send=self._exchange, retrier=self.retrier)
         self._lock = threading.Lock()
@@ -139,7 +138,7 @@ class Transport:
             self._base = base
         with response:
             if response.status_code == 401:
-                self._auth.learn(response.headers.get("WWW-Authenticate", ""))
+                self._auth.learn(response.headers.get("WWW-Authenticate", ""), base)
             elif response.status_code >= 400 and response.status_code not in RETRY_STATUS:
                 raise error_of(response, self.registry, f"{self.registry} is not a registry (GET /v2/)")
 
@@ -166,7 +165,7 @@ class Transport:
 
         def authorized(target: str) -> Mapping[str, str]:
             if urlsplit(target)[:2] != origin:
-                return headers  # credentials never go to another host
+                return headers  # a redirect to another host (blob storage) gets no credentials
             authorization = self._auth.header(scopes)
             return {**headers, "Authorization": authorization} if authorization else headers
 
@@ -176,7 +175,7 @@ class Transport:
         if status in accepted:
             return response
         if status == 401 and urlsplit(url)[:2] == origin and not answered:
-            self._auth.learn(response.headers.get("WWW-Authenticate", ""))
+            self._auth.learn(response.headers.get("WWW-Authenticate", ""), url)
             self._auth.forget(scopes)
             if self._auth.can_answer():
                 response.close()
@@ -227,10 +226,10 @@ def error_of(response: Response, registry: str, what: str) -> RegistryError:
     status = response.status_code
     code = message = None
     try:
-        value = json.loads(response.read(64 << 10) or b"{}")
+        value = parse_json(response.read(64 << 10) or b"{}", f"{what}: the error response")
         first = (value.get("errors") or [{}])[0]
         code, message = first.get("code"), first.get("message")
-    except (ValueError, AttributeError, TypeError, IndexError, OSError):
+    except (FormatError, AttributeError, TypeError, IndexError, OSError):
         pass
     text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     if status in (401, 403):

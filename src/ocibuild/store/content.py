@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import BlobNotFound, DigestMismatch, StoreError
-from ..files import fsync_dir
+from ..files import TooLarge, fsync_dir, open_regular, read_bounded
 from ..oci import Digest
 from .layout import FILE_MODE, Layout, hint_for, reason
 from .scratch import create_held, is_at, remove_tree, sweep
@@ -384,7 +384,7 @@ class Content:
             except OSError as err:
                 raise StoreError(f"stat blob {expected}: {reason(err)}", hint_for(err, self._root)) from err
         try:
-            source = open(path, "rb", buffering=0)
+            source = open(open_regular(path), "rb", buffering=0)
         except OSError as err:
             raise StoreError(f"read {path}: {reason(err)}", hint="check that the file exists and is readable") from err
         with source, self.writer(expected=expected) as blob:
@@ -408,8 +408,8 @@ class Content:
         Only a reader that reaches EOF verifies. With ``size``, a blob of another size fails at once.
         """
         path = self._layout.blob_path(digest)
-        try:
-            file = io.FileIO(path, "rb")
+        try:  # (a blob of an oci: layout a user cloned may be a fifo or a symlink to a device: refused)
+            file = io.FileIO(open_regular(path), "rb")
         except FileNotFoundError:
             raise self._not_found(digest) from None
         except OSError as err:
@@ -427,16 +427,12 @@ class Content:
         """The whole content of a small blob, verified."""
         path = self._layout.blob_path(digest)
         try:
-            with open(path, "rb", buffering=0) as file:
-                size = os.fstat(file.fileno()).st_size
-                if size > max_size:
-                    raise StoreError(
-                        f"blob {digest} is {size} bytes, more than the {max_size} expected of a manifest or config",
-                        hint=corrupt_hint(path),
-                    )
-                data = file.read()
+            data = read_bounded(path, max_size)
         except FileNotFoundError:
             raise self._not_found(digest) from None
+        except TooLarge:
+            raise StoreError(f"blob {digest} is more than the {max_size} bytes expected of a manifest or config",
+                             hint=corrupt_hint(path)) from None
         except OSError as err:
             raise StoreError(f"read blob {digest}: {path}: {reason(err)}", hint_for(err, self._root)) from err
         actual = Digest(digest.algorithm, hashlib.new(digest.algorithm, data).hexdigest())

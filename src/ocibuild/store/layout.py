@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -20,8 +19,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ..errors import BlobNotFound, FormatError, StoreError
-from ..files import atomic_write
-from ..oci import OCI_LAYOUT_VERSION, Descriptor, Digest, Index, canonical_json
+from ..files import atomic_write, read_bounded
+from ..oci import OCI_LAYOUT_VERSION, Descriptor, Digest, Index, canonical_json, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +33,7 @@ _REF_NAME = re.compile(rf"{_REF_COMPONENT}(?:/{_REF_COMPONENT})*")  # the OCI im
 LAYOUT_LEFTOVERS = ".oci-layout.*.tmp"  # of an interrupted creation (written without the lock)
 INDEX_LEFTOVERS = ".index.json.*.tmp"  # of an interrupted index.json update (written under the lock)
 FILE_MODE = 0o666  # as open(2) creates files: the umask decides
+INDEX_LIMIT = 256 << 20  # index.json: a million tags, and not more than a process should parse
 
 
 def reason(err: OSError) -> str:
@@ -160,8 +160,10 @@ class Layout:
         """
         layout = self.root / "oci-layout"
         try:
-            value = json.loads(layout.read_bytes())
-        except (OSError, ValueError) as err:
+            value = parse_json(read_bounded(layout, 4096), "it", limit=4096)
+        except OSError as err:
+            raise StoreError(f"{layout} is not a valid oci-layout file: {reason(err)}", hint=STORE_HINT) from err
+        except FormatError as err:
             raise StoreError(f"{layout} is not a valid oci-layout file: {err}", hint=STORE_HINT) from err
         if not isinstance(value, dict) or value.get("imageLayoutVersion") != OCI_LAYOUT_VERSION:
             raise StoreError(
@@ -241,7 +243,7 @@ class Layout:
     def index(self) -> Index:
         path = self.root / "index.json"
         try:
-            data = path.read_bytes()
+            data = read_bounded(path, INDEX_LIMIT)
         except OSError as err:
             raise StoreError(f"read index.json: {path}: {reason(err)}", hint_for(err, self.root)) from err
         try:

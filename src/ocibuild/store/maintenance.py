@@ -8,7 +8,6 @@ what that one refers to is then unknown. Temporary files are removed as describe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import stat
 import time
@@ -18,7 +17,7 @@ from typing import Literal
 
 from ..errors import FormatError, StoreError
 from ..oci import CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES, OCI_EMPTY, OCI_LAYOUT_VERSION, Descriptor, \
-    Digest, ImageConfig, Index, Manifest
+    Digest, ImageConfig, Index, Manifest, parse_json
 from .content import BLOB_TMP, Content, sync_dir
 from .entries import entry_problems, is_cache_tag
 from .layout import INDEX_LEFTOVERS, LAYOUT_LEFTOVERS, Layout, hint_for, reason
@@ -245,8 +244,8 @@ def _entry_problems(layout: Layout, walk: _Walk, tags: Mapping[str, Descriptor] 
 
 def check_layout_file(path: Path) -> list[str]:
     try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
+        value = parse_json(path.read_bytes(), "it", limit=4096)
+    except (OSError, FormatError) as err:
         return [f"{path} cannot be read: {err}"]
     if not isinstance(value, dict) or value.get("imageLayoutVersion") != OCI_LAYOUT_VERSION:
         return [f"{path}: imageLayoutVersion is not {OCI_LAYOUT_VERSION}"]

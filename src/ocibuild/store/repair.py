@@ -19,7 +19,6 @@ was removed is built (or pulled) again by the next build.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import stat
@@ -27,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, StoreError
-from ..files import atomic_write
-from ..oci import OCI_LAYOUT_VERSION, Descriptor, Digest, Index, canonical_json
+from ..files import atomic_write, read_bounded
+from ..oci import OCI_LAYOUT_VERSION, Descriptor, Digest, Index, canonical_json, parse_json
 from .content import Content
-from .layout import FILE_MODE, Layout, hint_for, reason
+from .layout import FILE_MODE, INDEX_LIMIT, Layout, hint_for, reason
 from .maintenance import check_layout_file, listed_problems, scan_blobs
 
 log = logging.getLogger(__name__)
@@ -122,10 +121,9 @@ def _readable_index(layout: Layout) -> tuple[Index, list[Removal]]:
         if isinstance(err.__cause__, OSError):
             raise  # unreadable, not malformed: nothing here can repair that
         problem = str(err)
-    path = layout.root / "index.json"
     try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        value = parse_json(read_bounded(layout.root / "index.json", INDEX_LIMIT), "index.json", limit=INDEX_LIMIT)
+    except (OSError, FormatError):
         value = None
     listed = value.get("manifests") if isinstance(value, dict) else None
     kept, removed = [], []

@@ -46,10 +46,10 @@ def create_held(tmp_dir: Path, kind: str, root: Path) -> tuple[Path, int]:
             break
         except FileNotFoundError:
             if attempt == 2:
-                raise StoreError(f"create temporary file: {tmp_dir} is missing", hint=STORE_HINT) from None
+                raise StoreError(f"create a temporary file in {tmp_dir}: it is missing", hint=STORE_HINT) from None
             tmp_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise StoreError(f"create temporary file: {hidden}: {reason(err)}", hint_for(err, root)) from err
+            raise StoreError(f"create a temporary file in {tmp_dir}: {reason(err)}", hint_for(err, root)) from err
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,7 +60,7 @@ def create_held(tmp_dir: Path, kind: str, root: Path) -> tuple[Path, int]:
         os.close(fd)
         remove_tree(hidden)
         if isinstance(err, OSError):
-            raise StoreError(f"create temporary file: {path}: {reason(err)}", hint_for(err, root)) from err
+            raise StoreError(f"create a temporary file in {tmp_dir}: {reason(err)}", hint_for(err, root)) from err
         raise
     return path, fd
 

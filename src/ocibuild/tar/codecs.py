@@ -303,6 +303,7 @@ def decompress_to(
             try:
                 dst.write(view[:n])
             except OSError as err:
-                raise StoreError(f"{what}: cannot write the decompressed data: {err}") from err
+                raise StoreError(f"{what}: cannot write the decompressed data: {err.strerror or err}",
+                                 "free disk space and inodes where it is written") from err
     finally:
         reader.close()

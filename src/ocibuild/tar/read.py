@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -690,7 +691,8 @@ def list_layer(fileobj: BinaryIO, compression: str, *, what: str, max_size: int 
     """path -> fingerprint of every member, to find independent layers that disagree about a path.
 
     Fingerprints: "file:<mode, 4 octal digits>:<sha256 hex>", "dir:<mode>", "symlink:<target>",
-    "hardlink:<target>", "whiteout", "opaque". A later member of the same path wins.
+    "hardlink:<target>", "whiteout", "opaque"; a file or directory with extended attributes has
+    :func:`xattrs_fingerprint` appended. A later member of the same path wins.
     """
     return scan_layer(fileobj, compression, what=what, max_size=max_size)[0]
 
@@ -716,13 +718,22 @@ def scan_layer(fileobj: BinaryIO, compression: str, *, what: str, keep: Collecti
                     parts.append(bytes(view[:n]))
             if parts is not None:
                 kept[member.path] = b"".join(parts)
-            fingerprint = f"file:{member.mode:04o}:{sha.hexdigest()}"
+            fingerprint = f"file:{member.mode:04o}:{sha.hexdigest()}{xattrs_fingerprint(member.xattrs)}"
             result[member.path] = fingerprint if member.size else shared.setdefault(fingerprint, fingerprint)
         elif member.type == "dir":
-            fingerprint = f"dir:{member.mode:04o}"
+            fingerprint = f"dir:{member.mode:04o}{xattrs_fingerprint(member.xattrs)}"
             result[member.path] = shared.setdefault(fingerprint, fingerprint)
         elif member.type in ("symlink", "hardlink"):
             result[member.path] = f"{member.type}:{member.linkname}"
         else:
             result[member.path] = member.type
     return result, kept
+
+
+def xattrs_fingerprint(xattrs: Mapping[str, str]) -> str:
+    """What the extended attributes of a file or directory add to its listing fingerprint: nothing when it has
+    none, else ":xattrs:" and the sha256 (hex) of their names and values, sorted (so two layers that differ only
+    in a file's capability disagree about it)."""
+    if not xattrs:
+        return ""
+    return ":xattrs:" + hashlib.sha256(json.dumps(sorted(xattrs.items())).encode()).hexdigest()

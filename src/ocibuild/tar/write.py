@@ -8,9 +8,10 @@
   atime/ctime, directories named with a trailing '/'. A PAX 'x' header (named ``././@PaxHeader``, all its fields
   zero, records sorted by key) is written only when ustar cannot hold a value: a path that does not fit
   name+prefix, a link target over 100 bytes, a non-ASCII path or link target, size >= 8 GiB, uid/gid > 2097151,
-  or xattrs (``SCHILY.xattr.<name>``; values are the xattr bytes decoded with UTF-8/surrogateescape).
+  or xattrs (``SCHILY.xattr.<name>``, as containers/image and umoci write them; values are the xattr bytes decoded
+  with UTF-8/surrogateescape, never empty: a PAX record with an empty value unsets rather than sets).
 - Hardlinked content is written under the path that sorts first; the other paths become hardlinks to it, with the
-  content's metadata.
+  content's metadata (a hardlink header carries no xattrs: they belong to the content's entry).
 - The archive ends with two zero blocks and no record padding (like Go's archive/tar, i.e. containerd and
   BuildKit) -- except that one more zero block is added when the stream length would be a multiple of 512 KiB:
   zstd's multi-threaded encoder ends a stream whose length is a multiple of its job size either with or without
@@ -145,6 +146,9 @@ def _check_entry(e: Entry) -> None:
         raise FormatError(f"layer entry {quoted(e.path)} has {e.size} bytes of content but no source")
     if not e.linkname and e.type in ("symlink", "hardlink"):
         raise FormatError(f"layer entry {quoted(e.path)} is a {e.type} without a target")
+    if not all(e.xattrs.values()):
+        raise FormatError(f"layer entry {quoted(e.path)} has an xattr with an empty value, which a tar header "
+                          "cannot hold")
 
 
 def _by_path(items: list[Entry]) -> dict[str, Entry]:
@@ -480,9 +484,9 @@ def _list(listing: dict[str, str], e: Entry, digest: str) -> None:
         elif not base.startswith(read.WHITEOUT_PREFIX + read.WHITEOUT_PREFIX):
             listing[e.path] = "whiteout"
     elif e.type == "file":
-        listing[e.path] = f"file:{e.mode & 0o7777:04o}:{digest}"
+        listing[e.path] = f"file:{e.mode & 0o7777:04o}:{digest}{read.xattrs_fingerprint(e.xattrs)}"
     elif e.type == "dir":
-        listing[e.path] = f"dir:{e.mode & 0o7777:04o}"
+        listing[e.path] = f"dir:{e.mode & 0o7777:04o}{read.xattrs_fingerprint(e.xattrs)}"
     else:
         listing[e.path] = f"{e.type}:{e.linkname}"
 
