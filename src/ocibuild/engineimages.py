@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -151,19 +150,17 @@ def retire(store: Store, engine: Engine, image_id: str) -> None:
 
 
 def _load(store: Store, engine: Engine, tag: str, image: Descriptor, name: str, present: bool | None) -> str:
-    path = store.private_dir("tmp") / f"engine-{os.getpid()}-{secrets.token_hex(4)}.tar"
-
-    def archive() -> Path:  # nerdctl's way in
-        from .archive import write_oci_archive
-
-        write_oci_archive(store, image, name, path)
-        return path
-
     config = store.get_manifest(image.digest).config.digest
-    try:
+    with store.temp_dir() as directory:  # removed after the load, or by the next ocibuild if this one is killed
+
+        def archive() -> Path:  # nerdctl's way in
+            from .archive import write_oci_archive
+
+            path = directory / "image.tar"
+            write_oci_archive(store, image, name, path)
+            return path
+
         return engine.load_from_layout(store.root, tag, config.hex, name, archive, present=present)
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def _ours(store: Store, name: str) -> bool:

@@ -23,6 +23,7 @@ import os
 import secrets
 import stat
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data``: temporary file in the same directory, fsync, rename, fsync the directory.
+def atomic_write(path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` (bytes, or pieces of it: a large document never held whole): temporary file
+    in the same directory, fsync, rename, fsync the directory.
 
     The temporary name is unique per call, so concurrent writers of one path never write into each other's file;
     the last rename wins. Nothing is left behind when a step fails.
@@ -117,9 +119,10 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for piece in (data,) if isinstance(data, bytes) else data:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

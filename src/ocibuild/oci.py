@@ -229,11 +229,15 @@ class Descriptor:
             raise FormatError(f"{what} has no digest")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise FormatError(f"{what} has no valid size")
-        platform = Platform.from_dict(value["platform"]) if "platform" in value else None
+        try:
+            parsed = Digest.parse(digest)
+            platform = Platform.from_dict(value["platform"]) if "platform" in value else None
+        except FormatError as err:
+            raise FormatError(f"{what}: {err}") from None
         artifact_type = value.get("artifactType")
         return cls(
             media_type,
-            Digest.parse(digest),
+            parsed,
             size,
             _annotations(value.get("annotations"), what),
             platform,
@@ -359,9 +363,18 @@ class Index:
 
     def with_tag(self, ref_name: str, descriptor: Descriptor) -> Index:
         """This index with ``ref_name`` pointing at ``descriptor`` (any older entry of that name dropped)."""
-        tagged = descriptor.with_annotations({**descriptor.annotations, ANNOTATION_REF_NAME: ref_name})
-        kept = tuple(d for d in self.manifests if d.ref_name != ref_name)
-        return Index(kept + (tagged,), self.annotations, self.media_type)
+        return self.with_tags({ref_name: descriptor})
+
+    def with_tags(self, tags: Mapping[str, Descriptor]) -> Index:
+        """This index with each name of ``tags`` pointing at its descriptor, appended in order (older entries of
+        those names dropped): what :meth:`with_tag` for each would give, in one pass."""
+        tagged = tuple(d.with_annotations({**d.annotations, ANNOTATION_REF_NAME: name}) for name, d in tags.items())
+        kept = tuple(d for d in self.manifests if d.ref_name not in tags)
+        return Index(kept + tagged, self.annotations, self.media_type)
+
+    def tags(self) -> dict[str, Descriptor]:
+        """Each ref name with the descriptor it names (the last entry of a name, as :meth:`find` gives)."""
+        return {name: d for d in self.manifests if (name := d.ref_name) is not None}
 
     def without_tag(self, ref_name: str) -> Index:
         return Index(tuple(d for d in self.manifests if d.ref_name != ref_name), self.annotations, self.media_type)

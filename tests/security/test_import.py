@@ -143,37 +143,61 @@ def _ambiguous(kind: str) -> bytes:
     return raw.getvalue()
 
 
-CASES: dict[str, Callable[[], bytes]] = {
-    "dotdot": lambda: archive(entry("blobs/sha256/../../../escape", tarfile.REGTYPE, data=b"pwned")),
-    "dotdot-in-pax-path": lambda: archive(raw_blocks(
+_REFUSAL = "archive .*: entry 'blobs/sha256/" + LAYER_HEX + "' "
+
+#: name -> (the archive, the refusal it must meet: a regular expression of the error's message). Each hostile
+#: entry is built with the header kind the case is named after (a PAX 'x' or 'g' header, a GNU 'K' header, a
+#: sparse file's 'S'), and the refusal asserted is the one that kind meets, not another one on the way.
+CASES: dict[str, tuple[Callable[[], bytes], str]] = {
+    "dotdot": (lambda: archive(entry("blobs/sha256/../../../escape", tarfile.REGTYPE, data=b"pwned")),
+               r"entry 'blobs/sha256/\.\./\.\./\.\./escape' has a '\.\.' component"),
+    "dotdot-in-pax-path": (lambda: archive(raw_blocks(
         _typed("PaxHeaders/p", len(r := _pax_record(b"path", b"../../escape")), b"x") + _padded(r)
         + _header("blobs/sha256/" + LAYER_HEX, 5) + _padded(b"pwned"))),
-    "absolute-path": lambda: archive(entry("/tmp/ocibuild-escape", tarfile.REGTYPE, data=b"pwned")),
-    "absolute-blob-path": lambda: archive(entry("/" + BLOB, tarfile.REGTYPE, data=LAYER)),
-    "outside-layout": lambda: archive(entry("etc/passwd", tarfile.REGTYPE, data=b"root::0:0::/:/bin/sh\n")),
-    "symlink-blob": lambda: archive(entry(BLOB, tarfile.SYMTYPE, linkname="/etc/passwd")),
-    "symlink-blobs-dir": lambda: archive(entry("blobs/sha256", tarfile.SYMTYPE, linkname="../../outside")),
-    "hardlink-blob": lambda: archive(entry(BLOB, tarfile.LNKTYPE, linkname="oci-layout")),
-    "char-device": lambda: archive(entry(BLOB, tarfile.CHRTYPE)),
-    "block-device": lambda: archive(entry(BLOB, tarfile.BLKTYPE)),
-    "fifo": lambda: archive(entry(BLOB, tarfile.FIFOTYPE)),
-    "oversize-pax-header": lambda: archive(raw_blocks(_huge_pax())),
-    "global-pax-header": lambda: archive(raw_blocks(
+        r"entry '\.\./\.\./escape' has a '\.\.' component"),
+    "absolute-path": (lambda: archive(entry("/tmp/ocibuild-escape", tarfile.REGTYPE, data=b"pwned")),
+                      r"entry '/tmp/ocibuild-escape' is an absolute path"),
+    "absolute-blob-path": (lambda: archive(entry("/" + BLOB, tarfile.REGTYPE, data=LAYER)),
+                           rf"entry '/{BLOB}' is an absolute path"),
+    "outside-layout": (lambda: archive(entry("etc/passwd", tarfile.REGTYPE, data=b"root::0:0::/:/bin/sh\n")),
+                       r"entry 'etc/passwd' is not part of an OCI image layout"),
+    "symlink-blob": (lambda: archive(entry(BLOB, tarfile.SYMTYPE, linkname="/etc/passwd")),
+                     _REFUSAL + "is a symlink: an OCI layout holds only files and directories"),
+    "symlink-blobs-dir": (lambda: archive(entry("blobs/sha256", tarfile.SYMTYPE, linkname="../../outside")),
+                          r"entry 'blobs/sha256' is a symlink: an OCI layout holds only files and directories"),
+    "hardlink-blob": (lambda: archive(entry(BLOB, tarfile.LNKTYPE, linkname="oci-layout")),
+                      _REFUSAL + "is a hardlink: an OCI layout holds only files and directories"),
+    "char-device": (lambda: archive(entry(BLOB, tarfile.CHRTYPE)), _REFUSAL + "is a character device node"),
+    "block-device": (lambda: archive(entry(BLOB, tarfile.BLKTYPE)), _REFUSAL + "is a block device node"),
+    "fifo": (lambda: archive(entry(BLOB, tarfile.FIFOTYPE)), _REFUSAL + "is a fifo"),
+    "oversize-pax-header": (lambda: archive(raw_blocks(_huge_pax())),
+                            r"extended header at offset \d+ is 2097169 bytes \(the limit is 65536"),
+    "global-pax-header": (lambda: archive(raw_blocks(
         _typed("pax_global_header", len(r := _pax_record(b"path", b"etc/passwd")), b"g") + _padded(r))),
-    "gnu-long-link": lambda: archive(raw_blocks(
+        r"entry 'pax_global_header' is a global PAX header: an OCI layout holds only files and directories"),
+    "gnu-long-link": (lambda: archive(raw_blocks(
         _typed("././@LongLink", 12, b"K") + _padded(b"/etc/shadow\0") + _header(BLOB, 0))),
-    "pax-linkpath": lambda: archive(raw_blocks(
+        r"entry '\./\./@LongLink' is a GNU long link name: an OCI layout holds only files and directories"),
+    "pax-linkpath": (lambda: archive(raw_blocks(
         _typed("PaxHeaders/p", len(r := _pax_record(b"linkpath", b"/etc/shadow")), b"x") + _padded(r)
         + _header(BLOB, 0))),
-    "sparse-file": lambda: archive(raw_blocks(_typed(BLOB, 0, tarfile.GNUTYPE_SPARSE))),
-    "size-beyond-the-end": lambda: archive(raw_blocks(_header(BLOB, 8 << 30))),
-    "duplicate-entry": lambda: archive(lambda tar: [tar.addfile(_file(BLOB, d), io.BytesIO(d))
-                                                    for d in (LAYER, b"x" * len(LAYER))] and None),
-    "gzip-bomb": lambda: _compressed(lambda data: gzip.compress(data, compresslevel=1)),
-    "zstd-bomb": lambda: _compressed(lambda data: zstandard.ZstdCompressor().compress(data)),
-    "index-json-too-large": lambda: _big_index(),
-    "manifest-that-is-also-an-index": lambda: _ambiguous("manifest"),
-    "index-that-is-also-a-manifest": lambda: _ambiguous("index"),
+        r"PAX record 'linkpath' at offset \d+ is not allowed"),
+    "sparse-file": (lambda: archive(raw_blocks(_typed(BLOB, 0, tarfile.GNUTYPE_SPARSE))),
+                    _REFUSAL + "is a sparse file: an OCI layout holds only files and directories"),
+    "size-beyond-the-end": (lambda: archive(raw_blocks(_header(BLOB, 8 << 30))),
+                            rf"is truncated or corrupt \(ends inside '{BLOB}'\)"),
+    "duplicate-entry": (lambda: archive(lambda tar: [tar.addfile(_file(BLOB, d), io.BytesIO(d))
+                                                     for d in (LAYER, b"x" * len(LAYER))] and None),
+                        _REFUSAL + "appears twice"),
+    "gzip-bomb": (lambda: _compressed(lambda data: gzip.compress(data, compresslevel=1)),
+                  r"is gzip-compressed; only a plain tar \(oci-archive\) is imported"),
+    "zstd-bomb": (lambda: _compressed(lambda data: zstandard.ZstdCompressor().compress(data)),
+                  r"is zstd-compressed; only a plain tar \(oci-archive\) is imported"),
+    "index-json-too-large": (lambda: _big_index(), r"index\.json is 17826091 bytes \(the limit is 16777216\)"),
+    "manifest-that-is-also-an-index": (lambda: _ambiguous("manifest"),
+                                       r"an image manifest that also carries 'manifests' is ambiguous"),
+    "index-that-is-also-a-manifest": (lambda: _ambiguous("index"),
+                                      r"an image index that also carries 'layers' and 'config' is ambiguous"),
 }
 
 
@@ -191,10 +215,11 @@ def test_hostile_archive_is_refused(name: str, tmp_path: Path) -> None:
     before_index = (store.root / "index.json").read_bytes()
     before_tree = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "store" not in p.parts)
     path = tmp_path / f"{name}.tar"
-    path.write_bytes(CASES[name]())
-    with pytest.raises(OcibuildError) as caught:
+    make, refusal = CASES[name]
+    path.write_bytes(make())
+    with pytest.raises(OcibuildError, match=refusal) as caught:
         oci_archive.import_archive(store, path)
-    assert str(caught.value) and caught.value.hint
+    assert caught.value.hint
     assert (store.root / "index.json").read_bytes() == before_index
     assert list(store.blobs()) == []  # refused before anything was written
     assert store.verify() == []

@@ -47,8 +47,10 @@ ALLOWED: dict[str, set[str]] = {
 # inside a package: module -> the siblings it may import (the package's own __init__ is named by the package)
 INSIDE: dict[str, set[str]] = {
     "store.layout": set(),  # oci-layout, index.json, tags, locks
-    "store.content": {"store.layout"},  # blobs in and out
+    "store.scratch": {"store.layout"},  # temporary files held under a flock, and the sweep of those left behind
+    "store.content": {"store.layout", "store.scratch"},  # blobs in and out
     "store.maintenance": {"store.layout", "store.content", "store.entries"},  # verify, gc
+    "store.repair": {"store.layout", "store.content", "store.maintenance"},  # verify --repair
     "store.entries": {"store"},  # the cache-entry format, on the Store facade
     "archive.contents": set(),  # input artifacts, the download cache, inventories, a manifest's closure
     "archive.export": {"archive.contents"},  # writing

@@ -311,7 +311,7 @@ def test_import_adds_cache_entries_only_through_the_checks(tmp_path: Path) -> No
         put_image(source, "dev", [b"image layer"])
         return _export(source, tmp_path / f"{name}.tar", [tag, "dev"])
 
-    with pytest.raises(StoreError, match=rf"is not the cache entry {tag} \(its key label is 'sha256:b{{64}}'\)"):
+    with pytest.raises(StoreError, match=rf"cache entry '{tag}': its key label is 'sha256:b{{64}}', its tag names"):
         oci_archive.import_archive(target, archive("mislabelled", [b"the layer"], label="sha256:" + "b" * 64))
     with pytest.raises(EntryConflict, match=rf"cache entry {tag}: the store has {first.digest}.* as sha256:") as err:
         oci_archive.import_archive(target, archive("other", [b"other content"]))

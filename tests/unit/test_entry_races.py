@@ -121,7 +121,7 @@ def _step(store: Store, rng: random.Random, good: Path, bad: Path) -> str:
     except EntryConflict:
         pass  # another content for a key already present: refused, the first kept
     except StoreError as err:
-        if op not in ("wrong-key", "bad-import") or "is not the cache entry" not in str(err):
+        if op not in ("wrong-key", "bad-import") or "its key label is" not in str(err):
             raise
     return op
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -395,8 +396,10 @@ def test_a_cache_entry_present_in_the_registry_is_never_re_pointed(tmp_path: Pat
     assert push_manifests(fake, source, "team/cache", [(tag, gzip)]) == {tag: "pushed"}, "images move their tags"
 
 
-def test_pull_cache_adds_entries_only_through_the_checks(make_project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A registry entry whose key label names another key is refused by pull-cache and tags nothing."""
+@pytest.mark.parametrize("forgery", ["key label", "layer media type"])
+def test_pull_cache_adds_entries_only_through_the_checks(forgery: str, make_project, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A registry entry that `ocibuild verify` would reject (its key label names another key; a layer descriptor
+    with a manifest's media type, as one pull-cache once stored) is refused by pull-cache and tags nothing."""
     from ocibuild.errors import StoreError
     from ocibuild.inputs import StatCache
     from ocibuild.planner import build, make_plan
@@ -414,14 +417,20 @@ def test_pull_cache_adds_entries_only_through_the_checks(make_project, tmp_path:
     tag = cache_tag("source", plan.layer("source").key)
     entry = built.get_manifest(built.resolve(tag).digest)  # type: ignore[union-attr]
     config = built.get_config(entry.config.digest)
-    forged = oci.ImageConfig(diff_ids=config.diff_ids, architecture=config.architecture,
-                             labels={**config.labels, "dev.ocibuild.layer.key": "sha256:" + "e" * 64})
-    forged_config = built.put(forged.to_json(), oci.OCI_CONFIG)
-    push_manifests(fake, built, "team/cache", [(tag, built.put_manifest(oci.Manifest(forged_config, entry.layers)))])
+    if forgery == "key label":
+        forged = oci.ImageConfig(diff_ids=config.diff_ids, architecture=config.architecture,
+                                 labels={**config.labels, "dev.ocibuild.layer.key": "sha256:" + "e" * 64})
+        forged_entry = oci.Manifest(built.put(forged.to_json(), oci.OCI_CONFIG), entry.layers)
+        refusal = rf"cache entry '{tag}': its key label is 'sha256:e{{64}}', its tag names the key"
+    else:
+        layer = entry.layers[0]
+        forged_entry = oci.Manifest(entry.config, (Descriptor(oci.OCI_MANIFEST, layer.digest, layer.size),))
+        refusal = rf"tag '{tag}' > layer 0 has media type '{re.escape(oci.OCI_MANIFEST)}', not a layer"
+    push_manifests(fake, built, "team/cache", [(tag, built.put_manifest(forged_entry))])
 
     store = Store.open(tmp_path / "store")
     wanted, remotes = remote_status(make_plan(project, store, Lock(), StatCache(None)), fake, "team/cache")  # type: ignore[arg-type]
     assert wanted.layer("source").status == "pull"
-    with pytest.raises(StoreError, match=rf"is not the cache entry {tag} \(its key label is 'sha256:e{{64}}'\)"):
+    with pytest.raises(StoreError, match=refusal):
         pull_layers(wanted, store, fake, "team/cache", remotes)  # type: ignore[arg-type]
     assert store.resolve(tag) is None and store.verify() == []

@@ -233,7 +233,7 @@ def test_the_image_is_loaded_under_its_name_once_then_asked_about_only(env: Path
     else:
         archive = lines[1].split()[-1]
         assert lines[:2] == [f"image inspect {image}", f"load --input {archive}"]
-        assert Path(archive).parent == store.root / "ocibuild" / "tmp" and not Path(archive).exists()
+        assert Path(archive).parent.parent == store.root / "ocibuild" / "tmp" and not Path(archive).parent.exists()
     assert lines[-1].startswith("run --rm --pull=never ") and lines[-1].endswith(f" {image} true")
     assert ocibuild(argv) == 0
     question = "image exists" if name == "podman" else "image inspect"

@@ -34,7 +34,8 @@ from ..errors import DigestMismatch, FormatError, StoreError, UnsafeArchive
 from ..files import NotRegularFile, link_or_copy, open_regular
 from ..oci import Descriptor, Digest, Index, Manifest
 from ..store import Store, check_ref_name
-from ..store.entries import add_cache_entries, is_cache_tag
+from ..store.entries import add_cache_entries, check_entering, is_cache_tag
+from ..store.maintenance import Role, media_type_problem
 from ..tar import codecs, read
 from ..threads import parallel_map
 from .contents import CHUNK, INPUT_ARTIFACT, INPUT_TAG_PREFIX, copy_jobs, downloads_dir, reason, sync_dir
@@ -206,9 +207,9 @@ class _IndexGraphChecker:
     def node(self, descriptor: Descriptor, where: str, depth: int = 0) -> None:
         """A manifest or index of index.json (or of an index), and everything below it."""
         media_type = descriptor.media_type
-        if media_type not in oci.MANIFEST_TYPES and media_type not in oci.INDEX_TYPES:
-            raise FormatError(f"{self.what}: {where} has media type '{media_type}': index.json and indexes may "
-                              "only list manifests and indexes")
+        problem = media_type_problem("listed", media_type)
+        if problem is not None:
+            raise FormatError(f"{self.what}: {where} {problem}")
         if depth > _MAX_DEPTH:
             raise FormatError(f"{self.what}: {where}: indexes nested more than {_MAX_DEPTH} deep")
         if (descriptor.digest, media_type) in self.seen:
@@ -231,9 +232,11 @@ class _IndexGraphChecker:
     def _manifest(self, manifest: Manifest, where: str) -> None:
         self._config(manifest, where)
         self.blob(manifest.config, f"{where} > config")
+        role: Role = "image layer" if manifest.config.media_type in oci.CONFIG_TYPES else "artifact layer"
         for i, layer in enumerate(manifest.layers):
-            if layer.media_type in oci.MANIFEST_TYPES | oci.INDEX_TYPES | oci.CONFIG_TYPES:
-                raise FormatError(f"{self.what}: {where} > layer {i} has media type '{layer.media_type}', not a layer")
+            problem = media_type_problem(role, layer.media_type)
+            if problem is not None:
+                raise FormatError(f"{self.what}: {where} > layer {i} {problem}")
             self.blob(layer, f"{where} > layer {i}")
         if manifest.artifact_type == INPUT_ARTIFACT:
             if len(manifest.layers) != 1 or manifest.layers[0].digest.algorithm != "sha256":
@@ -249,12 +252,8 @@ class _IndexGraphChecker:
             if len(image_config.diff_ids) != len(manifest.layers):
                 raise FormatError(f"{self.what}: {where}: the config lists {len(image_config.diff_ids)} diff_ids "
                                   f"for {len(manifest.layers)} layers")
-            for i, layer in enumerate(manifest.layers):
-                if layer.media_type not in oci.LAYER_TYPES:
-                    raise FormatError(f"{self.what}: {where} > layer {i} has media type '{layer.media_type}', "
-                                      "not a layer")
-        elif config.media_type in oci.MANIFEST_TYPES | oci.INDEX_TYPES or config.media_type in oci.LAYER_TYPES:
-            raise FormatError(f"{self.what}: {where} > config has media type '{config.media_type}', not a config")
+        elif (problem := media_type_problem("config", config.media_type)) is not None:
+            raise FormatError(f"{self.what}: {where} > config {problem}")
         elif manifest.artifact_type is None and config.media_type == oci.OCI_EMPTY:
             raise FormatError(f"{self.what}: {where}: an empty config without artifactType")
 
@@ -358,10 +357,12 @@ def import_archive(store: Store, path: Path, *, tag: bool = True) -> ImportResul
             _copy_all(archive, work)
             store.sync()
             restored = _restore_inputs(store, checker.inputs) if tag else 0
-            if tag:  # cache entries through the one door (checked, never re-pointed), other tags as they are
+            if tag:  # cache entries through the one door (checked, never re-pointed), other tags through its checks
                 entries = {n: d for n, d in tags.items() if is_cache_tag(n) and not n.startswith(INPUT_TAG_PREFIX)}
                 add_cache_entries(store, entries, what=what)
-                store.tag_all({n: d for n, d in tags.items() if n not in entries})
+                others = {n: d for n, d in tags.items() if n not in entries}
+                check_entering(store, others, what=what)
+                store.tag_all(others)
     finally:
         os.close(fd)
     written = sum(entry.size for _, entry in work)

@@ -7,8 +7,6 @@ nothing in the store.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,13 +16,13 @@ from typing import BinaryIO, cast
 from .. import oci, registry
 from ..bookkeeping import STANZA_FILES
 from ..tar import read, write
-from ..errors import RecipeError, StoreError
+from ..errors import RecipeError
 from ..oci import LayerBlob, Descriptor
 from ..recipe.project import LayerRecipe
 from ..store import Store
 from ..tar.write import Entry
 from ..threads import Stop
-from .listing import SPACE_HINT, save_layer_records
+from .listing import save_layer_records
 
 Output = Callable[[str], None]
 
@@ -69,14 +67,7 @@ def under(dest: str, path: str) -> str:
 
 @contextmanager
 def temp_file(ctx: BuildContext, suffix: str) -> Iterator[Path]:
-    """A scratch file in the store's private area, removed when the context ends."""
-    directory = ctx.store.private_dir("tmp")
-    try:
-        fd, name = tempfile.mkstemp(suffix=suffix, dir=directory)
-    except OSError as err:
-        raise StoreError(f"create a temporary file in {directory}: {err.strerror or err}", SPACE_HINT) from err
-    os.close(fd)
-    try:
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)
+    """A scratch file in the store's private area (not created yet), removed when the context ends; if the process
+    is killed, by the next ocibuild that opens the store (:meth:`Store.temp_dir`)."""
+    with ctx.store.temp_dir() as directory:
+        yield directory / f"file{suffix}"

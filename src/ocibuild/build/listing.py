@@ -7,7 +7,7 @@ for both."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .. import bookkeeping, oci
@@ -33,11 +33,22 @@ def save_layer_records(store: Store, diff_id: Digest, listing: Mapping[str, str]
                        ) -> Record:
     """Record a layer's listing and its bookkeeping record (``kept``: the content of the stanza files it holds)."""
     try:
-        atomic_write(listing_path(store, diff_id), json.dumps(listing, sort_keys=True).encode())
+        atomic_write(listing_path(store, diff_id), _json_pieces(listing))
         return bookkeeping.save_record(store, diff_id, listing, kept)
     except OSError as err:  # (a full disk, or no inode left: the layer's blob itself may have fitted)
         raise StoreError(f"record the listing of layer {diff_id.short} in {store.root}: {err.strerror or err}",
                          SPACE_HINT) from err
+
+
+def _json_pieces(listing: Mapping[str, str], batch: int = 10_000) -> Iterator[bytes]:
+    """``json.dumps(listing, sort_keys=True)``, byte for byte, in pieces of ``batch`` paths: a listing of a million
+    paths is never one string (its text is ~100 MB, and its bytes as many again)."""
+    paths = sorted(listing)
+    yield b"{"
+    for start in range(0, len(paths), batch):
+        text = json.dumps({path: listing[path] for path in paths[start:start + batch]})
+        yield (", " if start else "").encode() + text[1:-1].encode()
+    yield b"}"
 
 
 def layer_listing(store: Store, built: LayerBlob) -> dict[str, str]:

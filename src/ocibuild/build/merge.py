@@ -18,10 +18,7 @@ other (:class:`ocibuild.planner.MergeInputs`). It is made from the layers' bookk
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 from .. import bookkeeping
 from ..bookkeeping import LD_SO_CACHE, MERGED_PATHS, STANZA_FILES, Record
@@ -143,16 +140,13 @@ def _content(store: Store, built: Sequence[LayerBlob], record: Record, path: str
 
 def _merge_files(ctx: BuildContext, files: Mapping[str, bytes]) -> LayerBlob:
     """The merge layer: ``files`` (path → content), 0644, owned by root, with their parent directories."""
-    directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
-    try:
+    with ctx.store.temp_dir() as directory:
         entries = []
         for i, (path, content) in enumerate(sorted(files.items())):
             file = directory / str(i)
             file.write_bytes(content)
             entries.append(write.Entry(path, "file", 0o644, size=len(content), source=str(file)))
         return write_entries(ctx, write.with_parents(entries))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 #: Where the container that runs ldconfig leaves its cache for us.
@@ -172,9 +166,8 @@ def _ld_so_cache(ctx: BuildContext, stack: tuple[bytes, Manifest], get_engine: C
     except FileNotFoundError:
         pass
     engine = get_engine()
-    directory = Path(tempfile.mkdtemp(dir=ctx.store.private_dir("tmp")))
     container = f"ocibuild-ldconfig-{stack_digest.hex[:12]}-{os.getpid()}"
-    try:
+    with ctx.store.temp_dir() as directory:
         script = directory / "script"
         script.write_text(f"ldconfig\ncat /etc/ld.so.cache > {_LDCONFIG_OUT}/ld.so.cache\n")
         out = directory / "out"
@@ -189,8 +182,6 @@ def _ld_so_cache(ctx: BuildContext, stack: tuple[bytes, Manifest], get_engine: C
             finally:
                 engine.remove_container_later(container)
         data = (out / "ld.so.cache").read_bytes()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
     atomic_write(kept, data)
     return data
 

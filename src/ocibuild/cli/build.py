@@ -182,13 +182,28 @@ def lock_command(args: argparse.Namespace) -> int:
 
 def verify_command(args: argparse.Namespace) -> int:
     _, store = open_store(args)
+    removed = store.repair() if args.repair else []
     problems = store.verify()
-    for problem in problems:
-        print(problem)
+    if args.json:
+        print_json({"store": str(store.root), "ok": not problems, "problems": problems,
+                    "removed": [r.to_dict() for r in removed]})
+    else:
+        for r in removed:
+            print(f"removed {r.kind} {r.name}: {r.reason}")
+        for problem in problems:
+            print(problem)
+    if problems and args.repair:
+        raise OcibuildError(f"store {store.root}: {len(problems)} problem(s) left after the repair",
+                            "what is left could not be removed: check the permissions of the files named")
     if problems:
         raise OcibuildError(f"store {store.root}: {len(problems)} problem(s) found",
-                            "run `ocibuild gc`, then rebuild or re-pull what is missing")
-    print(f"store {store.root}: ok")
+                            "run `ocibuild verify --repair`: it removes what is damaged, naming each removal; the next "
+                            "build makes (or pulls) again what it removed")
+    if not args.json:
+        if removed:
+            print("run `ocibuild gc` to free the blobs only the removed entries used; the next build makes (or "
+                  "pulls) again the layers whose cache entries were removed")
+        print(f"store {store.root}: ok")
     return 0
 
 

@@ -189,7 +189,10 @@ def _store_commands(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     sub.add_parser("inventory", parents=[common], help="print what the store holds (JSON), for `export --since`")
 
-    sub.add_parser("verify", parents=[common], help="check every blob and reference in the store")
+    p = sub.add_parser("verify", parents=[common], help="check every blob and reference in the store")
+    p.add_argument("--repair", action="store_true", help="remove what is damaged (corrupt blobs, then the tags and "
+                   "cache entries that reach a problem), naming each, until the store verifies")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("gc", parents=[common], help="remove blobs no tag or cache entry reaches")
     p.add_argument("--caches", action="store_true", help="also remove the caches of the compile step ([run] caches) and of run "
                    "layers (caches in layer.toml)")

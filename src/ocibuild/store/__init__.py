@@ -6,7 +6,8 @@
     <root>/index.json                the tags: descriptors annotated with org.opencontainers.image.ref.name
     <root>/blobs/sha256/<hex>        content-addressed blobs (manifests, configs, layers)
     <root>/ocibuild/                 ours alone; other OCI tools ignore it
-        tmp/                         blobs being written, other modules' temporary files (gc removes leftovers)
+        tmp/                         blobs being written, scratch directories (:meth:`Store.temp_dir`), partial
+                                     downloads; what a killed process left is removed by the next open
         lock                         flock: index.json read-modify-write, gc
         lease                        flock: shared by writers and lease holders, exclusive for gc
         <name>/                      caches other modules keep (:meth:`Store.private_dir`)
@@ -16,7 +17,9 @@ Users hold one :class:`Store`; it hands each call to one of three parts:
 - :mod:`.layout`: opening (and creating) the layout, index.json and tags, the lock and the lease;
 - :mod:`.content`: blobs written to a temporary file, hashed, fsynced, checked, renamed into place and the
   directory fsynced (as umoci and containerd do), partial downloads resumed, blobs read verified;
-- :mod:`.maintenance`: the reachability walk from index.json, verify and gc.
+- :mod:`.scratch`: temporary files held under a flock while in use, and the sweep of those a killed process left;
+- :mod:`.maintenance`: the reachability walk from index.json, verify and gc;
+- :mod:`.repair`: removing what verify rejects (`ocibuild verify --repair`).
 
 :mod:`.entries` is the cache-entry format: the one place a built layer is recorded in the store.
 
@@ -38,12 +41,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import FormatError
 from ..oci import CONFIG_TYPES, MANIFEST_TYPES, Descriptor, Digest, ImageConfig, Index, Manifest
 from .content import BlobWriter, Content
 from .layout import Layout, check_ref_name
+
+if TYPE_CHECKING:  # .repair is imported where it is used, as .maintenance is
+    from .repair import Removal
 
 __all__ = ["BlobWriter", "Store", "check_ref_name"]
 
@@ -66,9 +72,13 @@ class Store:
     def open(cls, root: Path, *, create: bool = True) -> Store:
         """Open the layout at ``root``, creating it (and parents) when missing or an empty directory.
 
-        Without ``create`` nothing is written, so a read-only layout (an import source) can be read.
+        Without ``create`` nothing is written, so a read-only layout (an import source) can be read. With it, the
+        temporary files of processes that ended without removing them (killed) are removed (:meth:`Content.sweep`).
         """
-        return cls(Layout.open(root, create=create))
+        store = cls(Layout.open(root, create=create))
+        if create:
+            store._content.sweep()
+        return store
 
     # ---------------------------------------------------------------------------------------------- blobs
 
@@ -214,6 +224,20 @@ class Store:
 
         return maintenance.verify(self._layout, self._content, unreachable=unreachable)
 
+    def tag_problems(self, tags: Mapping[str, Descriptor]) -> list[str]:
+        """What :meth:`verify` would report about ``tags`` (name → descriptor in the store) were they tagged: the
+        check of what comes from outside before it is tagged; see :func:`.maintenance.tag_problems`."""
+        from . import maintenance
+
+        return maintenance.tag_problems(self._layout, self._content, tags)
+
+    def repair(self) -> list[Removal]:
+        """Remove what :meth:`verify` rejects (damaged blobs, then the tags that reach a problem), until it finds the
+        store sound: what was removed; see :func:`.repair.repair`."""
+        from . import repair
+
+        return repair.repair(self._layout, self._content)
+
     def gc(self, *, wait: bool = True) -> tuple[int, int]:
         """Delete blobs index.json does not reach and leftover temporary files; (blobs removed, bytes freed).
 
@@ -223,6 +247,11 @@ class Store:
         from . import maintenance
 
         return maintenance.gc(self._layout, self._content, wait=wait)
+
+    def temp_dir(self) -> AbstractContextManager[Path]:
+        """A private scratch directory in ``ocibuild/tmp/`` for the with-block, removed at its end; if the process
+        is killed meanwhile, the next ocibuild that opens the store removes it."""
+        return self._content.temp_dir()
 
     def private_dir(self, name: str) -> Path:
         """``<root>/ocibuild/<name>``, created: a place for caches other modules keep. gc and verify ignore it."""

@@ -4,6 +4,10 @@ A blob is written like umoci and containerd write content: to a temporary file i
 written, fsynced, checked against the expected digest and size, renamed into ``blobs/`` and the directory fsynced
 (``files.fsync_dir``). A blob in ``blobs/`` is therefore complete; its presence is trusted and its content is
 verified as it is read. Blob commits stream, so they do not go through ``files.atomic_write`` (a whole-file write).
+
+A blob being written is a temporary file of :mod:`.scratch` (held under a flock: what a killed writer leaves is
+removed by the next open of the store); partial downloads are kept on purpose, for the next run to resume (gc
+removes them after an hour).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import io
 import logging
 import os
-import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +26,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..errors import BlobNotFound, DigestMismatch, StoreError
 from ..files import TooLarge, fsync_dir, open_regular, read_bounded
 from ..oci import Digest
-from .layout import FILE_MODE, STORE_HINT, Layout, hint_for, reason
+from .layout import FILE_MODE, Layout, hint_for, reason
+from .scratch import create_held, is_at, remove_tree, sweep
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -39,7 +43,8 @@ _CHANGED_HINT = "the source changed or was corrupted in transit; fetch or build 
 
 
 def corrupt_hint(path: Path) -> str:
-    return f"delete {path} and rebuild or fetch the image again; `ocibuild verify` lists every damaged blob"
+    return (f"run `ocibuild verify --repair`: it removes {path} and every other damaged blob, with the tags that "
+            "reach them; then build or fetch again")
 
 
 def sync_dir(directory: Path, root: Path) -> None:
@@ -159,7 +164,7 @@ class BlobWriter:
     def _owns_path(self) -> bool:
         """Whether the temporary file's path still names this writer's file (always, but for a partial download
         whose file an older writer's commit moved away; checked before the path is renamed or removed)."""
-        return not self._partial or _is_at(self._file.fileno(), self._path)
+        return not self._partial or is_at(self._file.fileno(), self._path)
 
     def _discard(self, keep: bool) -> None:
         """After a failure: remove the temporary file (unless ``keep``, for a resumed download) and close it."""
@@ -172,15 +177,6 @@ class BlobWriter:
             self._file.close()
         except OSError:
             pass
-
-
-def _is_at(fd: int, path: Path) -> bool:
-    """Whether the open file ``fd`` is the file ``path`` names now (same device and inode, not unlinked)."""
-    try:
-        held, named = os.fstat(fd), os.stat(path)
-    except FileNotFoundError:
-        return False
-    return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 class _VerifyingReader(io.RawIOBase):
@@ -260,7 +256,7 @@ class Content:
         algorithm = expected.algorithm if expected is not None else "sha256"
         with self._layout.locks.lease():
             partial = self._open_partial(expected) if resumable and expected is not None else None
-            path, fd = partial or self._create_tmp(BLOB_TMP)
+            path, fd = partial or create_held(self._layout.tmp_dir, "blob", self._root)
             try:
                 file = open(fd, "r+b" if partial else "wb", buffering=_WRITE_BUFFER)
             except BaseException:
@@ -285,21 +281,6 @@ class Content:
                 if not committed:
                     blob._discard(keep_on_failure)
 
-    def _create_tmp(self, prefix: str) -> tuple[Path, int]:
-        directory = self._layout.tmp_dir
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        for attempt in (1, 2):
-            path = directory / f"{prefix}{secrets.token_hex(8)}"
-            try:
-                return path, os.open(path, flags, FILE_MODE)
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise StoreError(f"create temporary file: {directory} is missing", hint=STORE_HINT) from None
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise StoreError(f"create temporary file: {path}: {reason(err)}", hint_for(err, self._root)) from err
-        raise AssertionError("unreachable")
-
     def _open_partial(self, expected: Digest) -> tuple[Path, int] | None:
         """The locked partial file of a download of ``expected`` (created if absent); None when another writer
         holds it (this writer then starts afresh in a file of its own).
@@ -323,7 +304,7 @@ class Content:
             except OSError:
                 os.close(fd)
                 return None
-            if _is_at(fd, path):
+            if is_at(fd, path):
                 return path, fd
             os.close(fd)  # moved or removed while we waited for it: not ours to resume
         return None
@@ -357,6 +338,21 @@ class Content:
             raise StoreError(f"close blob: {target}: {reason(err)}", hint_for(err, self._root)) from err
         blob._digest = digest
         log.debug("stored blob %s (%d bytes)", digest, blob.size)
+
+    @contextmanager
+    def temp_dir(self) -> Iterator[Path]:
+        """A private directory in ``ocibuild/tmp/`` for the context, removed at its end: held (see
+        :func:`create_held`), so only a process that ended without removing it leaves it to :func:`sweep`."""
+        path, fd = create_held(self._layout.tmp_dir, "dir", self._root)
+        try:
+            yield path
+        finally:
+            remove_tree(path)  # before the close releases the flock
+            os.close(fd)
+
+    def sweep(self) -> int:
+        """:func:`sweep` of this store's ``ocibuild/tmp/``: bytes freed."""
+        return sweep(self._layout.tmp_dir)
 
     def sync(self) -> None:
         """Make durable every blob committed with ``sync=False``: fsync each, then their directories."""
@@ -447,5 +443,5 @@ class Content:
     def _not_found(self, digest: Digest) -> BlobNotFound:
         return BlobNotFound(
             f"blob {digest} is not in the store {self._root}",
-            hint="run `ocibuild verify` to check the store, then rebuild or fetch the image again",
+            hint="run `ocibuild verify --repair` (it removes what reaches a missing blob), then build or fetch again",
         )

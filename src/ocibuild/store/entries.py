@@ -11,8 +11,9 @@ entries under the same tags, so this format is a contract with other ocibuild in
 such as oras, which read them).
 
 Every entry enters through :func:`add_cache_entries` (a build through :func:`put_cache_entry`; pull-cache and
-import directly), which checks that the entry's key label is the key its tag names and that its diff_ids match its
-layers, and never re-points a tag: an entry with the same diff_ids (the same layer, perhaps otherwise compressed)
+import directly), which makes every check `ocibuild verify` makes of it (:func:`check_entering`: its graph, media
+types and sizes, its key label and key document against the key its tag names, one diff_id per layer), and
+never re-points a tag: an entry with the same diff_ids (the same layer, perhaps otherwise compressed)
 leaves the first in place; one with other diff_ids is an :class:`~ocibuild.errors.EntryConflict` naming both.
 """
 
@@ -104,11 +105,17 @@ def add_cache_entries(store: Store, entries: Mapping[str, Descriptor], *, what: 
     tag names afterwards (the first entry when one was there). All or nothing: a check that fails raises
     StoreError (EntryConflict for a conflict) and tags none of them."""
     where = f"{what}: " if what else ""
-    diff_ids = {tag: _check_entry(store, tag, descriptor, where) for tag, descriptor in entries.items()}
+    for tag in entries:
+        if not is_cache_tag(tag):
+            raise StoreError(f"{where}'{tag}' is not the tag of a cache entry (<name>-<64 hex of the key>)")
+    check_entering(store, entries, what=what)
+    diff_ids = {tag: store.get_config(store.get_manifest(d.digest).config.digest).diff_ids
+                for tag, d in entries.items()}
     result: dict[str, Descriptor] = {}
     with store.lock():  # the check and the tagging as one step: of two writers of a key, the first stays
+        current = store.index().tags()
         for tag, descriptor in entries.items():
-            existing = store.resolve(tag)
+            existing = current.get(tag)
             if existing is None or existing.digest == descriptor.digest:
                 continue
             existing_config = store.get_config(store.get_manifest(existing.digest).config.digest)
@@ -124,26 +131,16 @@ def add_cache_entries(store: Store, entries: Mapping[str, Descriptor], *, what: 
     return {tag: result.get(tag, descriptor) for tag, descriptor in entries.items()}
 
 
-def _check_entry(store: Store, tag: str, descriptor: Descriptor, where: str) -> tuple[Digest, ...]:
-    """The diff_ids of the entry ``descriptor`` once it is checked to be the entry of the key ``tag`` names."""
-    match = _CACHE_TAG.fullmatch(tag)
-    if match is None:
-        raise StoreError(f"{where}'{tag}' is not the tag of a cache entry (<name>-<64 hex of the key>)")
-    manifest = store.get_manifest(descriptor.digest)
-    config = store.get_config(manifest.config.digest)
-    label = config.labels.get(LABEL_PREFIX + "key")
-    if label != f"sha256:{match.group(1)}":
-        raise StoreError(f"{where}{descriptor.digest} is not the cache entry {tag} (its key label is {label!r})",
-                         "something else was recorded under that tag; delete it and build or push it again")
-    document = _document_key(config)
-    if document is not None and document.hex != match.group(1):
-        raise StoreError(f"{where}{descriptor.digest} is not the cache entry {tag} (its key document hashes to "
-                         f"{document})", "something else was recorded under that tag; delete it and build or push it "
-                         "again")
-    if len(config.diff_ids) != len(manifest.layers):
-        raise StoreError(f"{where}cache entry {tag} ({descriptor.digest}) has {len(manifest.layers)} layers but "
-                         f"{len(config.diff_ids)} diff_ids", "delete it and build or push it again")
-    return config.diff_ids
+def check_entering(store: Store, tags: Mapping[str, Descriptor], *, what: str = "") -> None:
+    """StoreError unless each of ``tags`` (name → a manifest or index in the store, from outside: pulled,
+    imported) passes every check `ocibuild verify` makes of a tag (:meth:`Store.tag_problems`): nothing enters
+    the store that verify would then reject."""
+    problems = store.tag_problems(tags)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise StoreError(f"{what + ': ' if what else ''}{problems[0]}{more}",
+                         "nothing was tagged: the source's entry is damaged or not genuine; push it again from a "
+                         "store that `ocibuild verify` finds sound, or build the layer here")
 
 
 def _document_key(config: ImageConfig) -> Digest | None:

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -73,36 +74,72 @@ class Layout:
     @classmethod
     def open(cls, root: Path, *, create: bool) -> Layout:
         """Open the layout at ``root``, with ``create`` creating it (and parents) when missing or an empty
-        directory, and adding what ocibuild needs to an existing one."""
+        directory, and adding what ocibuild needs to an existing one.
+
+        Processes creating one store at once meet under a flock of the directory (:meth:`_creation`): the first
+        creates it, the others then find a layout, never a half-made one they would take for a foreign directory.
+        """
         root = Path(os.path.abspath(root))
         layout = cls(root)
-        try:
-            is_dir = root.is_dir()
-            exists = is_dir or root.exists()
-        except OSError as err:
-            raise StoreError(f"open store: {root}: {reason(err)}", hint_for(err, root)) from err
-        if exists and not is_dir:
-            raise StoreError(f"store {root} is not a directory", hint=f"remove it, or {STORE_HINT}")
-        if exists and (root / "oci-layout").exists():
+        if layout._is_layout():
             layout._check(prepare=create)
             return layout
-        if exists:
-            try:
-                entries = sorted(name for name in os.listdir(root) if not _ours(name))
-            except OSError as err:
-                raise StoreError(f"open store: {root}: {reason(err)}", hint_for(err, root)) from err
-            if entries:
-                raise StoreError(
-                    f"{root} is neither an empty directory nor an OCI image layout (no oci-layout file)",
-                    hint=f"choose a new or empty directory: {STORE_HINT}",
-                )
         if not create:
+            layout._refuse_foreign()
             raise StoreError(
                 f"no store at {root}",
                 hint=f"build or import an image first, or point to an existing store: {STORE_HINT}",
             )
-        layout._create()
+        with layout._creation():
+            if not layout._is_layout():
+                layout._refuse_foreign()
+                layout._create()
+        layout._check(prepare=True)
         return layout
+
+    def _is_layout(self) -> bool:
+        """Whether ``root`` holds an oci-layout file (False when it is missing or a directory without one)."""
+        try:
+            if not stat.S_ISDIR(os.stat(self.root).st_mode):
+                raise StoreError(f"store {self.root} is not a directory", hint=f"remove it, or {STORE_HINT}")
+            return os.path.lexists(self.root / "oci-layout")
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise StoreError(f"open store: {self.root}: {reason(err)}", hint_for(err, self.root)) from err
+
+    def _refuse_foreign(self) -> None:
+        """StoreError when ``root`` holds entries that are not ours (it is not a new or empty directory)."""
+        try:
+            entries = sorted(name for name in os.listdir(self.root) if not _ours(name))
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StoreError(f"open store: {self.root}: {reason(err)}", hint_for(err, self.root)) from err
+        if entries and not self._is_layout():  # one made meanwhile by a process that did not take our flock
+            raise StoreError(
+                f"{self.root} is neither an empty directory nor an OCI image layout (no oci-layout file)",
+                hint=f"choose a new or empty directory: {STORE_HINT}",
+            )
+
+    @contextmanager
+    def _creation(self) -> Iterator[None]:
+        """``root`` made (with its parents) and held under an exclusive flock of the directory itself, so that of
+        processes creating the store at once one creates it and the others open it. A file system without flock
+        on directories creates without it (as before: a rare race there)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise StoreError(f"create store: {self.root}: {reason(err)}", hint_for(err, self.root)) from err
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                log.debug("creating %s without a lock: %s", self.root, reason(err))
+            yield
+        finally:
+            os.close(fd)
 
     def _create(self) -> None:
         log.info("creating store %s", self.root)
@@ -115,7 +152,6 @@ class Layout:
                          mode=FILE_MODE)
         except OSError as err:
             raise StoreError(f"write oci-layout: {self.root}: {reason(err)}", hint_for(err, self.root)) from err
-        self._check(prepare=True)
 
     def _check(self, *, prepare: bool) -> None:
         """Check the layout; with ``prepare``, also add what ocibuild needs and check that it is writable.
@@ -153,7 +189,7 @@ class Layout:
                             f"{self.root / 'index.json'} is missing but the store holds blobs",
                             hint="restore index.json from a backup, or start a new store with --store",
                         )
-                    self._write_index(Index(()))
+                    self.write_index(Index(()))
 
     # ------------------------------------------------------------------------------------------------ paths
 
@@ -223,10 +259,11 @@ class Layout:
             current = self.index()
             updated = change(current)
             if updated != current:
-                self._write_index(updated)
+                self.write_index(updated)
             return updated
 
-    def _write_index(self, index: Index) -> None:
+    def write_index(self, index: Index) -> None:
+        """Replace index.json (atomically); callers hold :meth:`Locks.lock`."""
         path = self.root / "index.json"
         try:
             atomic_write(path, index.to_json(), mode=FILE_MODE)
@@ -247,13 +284,8 @@ class Layout:
         for ref_name, descriptor in tags.items():
             self._check_taggable(ref_name, descriptor)
 
-        def change(index: Index) -> Index:
-            for ref_name, descriptor in tags.items():
-                index = index.with_tag(ref_name, descriptor)
-            return index
-
         if tags:
-            self.update_index(change)
+            self.update_index(lambda index: index.with_tags(tags))
 
     def _check_taggable(self, ref_name: str, descriptor: Descriptor) -> None:
         check_ref_name(ref_name)

@@ -11,26 +11,52 @@ import hashlib
 import logging
 import stat
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 from ..errors import FormatError, StoreError
-from ..oci import CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, OCI_LAYOUT_VERSION, Descriptor, Digest, ImageConfig, \
-    Index, Manifest, parse_json
+from ..oci import CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES, OCI_EMPTY, OCI_LAYOUT_VERSION, Descriptor, \
+    Digest, ImageConfig, Index, Manifest, parse_json
 from .content import BLOB_TMP, Content, sync_dir
 from .entries import entry_problems, is_cache_tag
 from .layout import INDEX_LEFTOVERS, LAYOUT_LEFTOVERS, Layout, hint_for, reason
 
 log = logging.getLogger(__name__)
 
+_MAX_CONFIG = 16 << 20  # Content.read_blob's default limit
 _STALE_AFTER = 3600.0  # seconds after which a temporary file of no blob writer is presumed abandoned
 
 
+#: What refers to a descriptor, and so what its media type must be (see :func:`media_type_problem`).
+Role = Literal["listed", "config", "image layer", "artifact layer"]
+
+
+def media_type_problem(role: Role, media_type: str) -> str | None:
+    """What is wrong with a descriptor of ``media_type`` where ``role`` says it is (None when nothing): index.json
+    and indexes list ("listed") manifests and indexes; a manifest's config is not a manifest, index or layer; the
+    layers of an image (whose config is an image config) are layers; an artifact's are no manifest, index or
+    config. The one statement of these rules: verify, gc, the door of the store and import apply it."""
+    if role == "listed":
+        if media_type in MANIFEST_TYPES or media_type in INDEX_TYPES:
+            return None
+        return f"has media type '{media_type}': index.json and indexes list only manifests and indexes"
+    if role == "config":
+        wrong = media_type in MANIFEST_TYPES or media_type in INDEX_TYPES or media_type in LAYER_TYPES
+        return f"has media type '{media_type}', not a config" if wrong else None
+    if role == "image layer":
+        return None if media_type in LAYER_TYPES else f"has media type '{media_type}', not a layer"
+    wrong = media_type in MANIFEST_TYPES or media_type in INDEX_TYPES or media_type in CONFIG_TYPES
+    return f"has media type '{media_type}', not a layer" if wrong else None
+
+
 class _Walk:
-    """Follows index.json down through manifests and indexes to every descriptor, noting problems on the way.
+    """Follows descriptors down through manifests and indexes, noting problems on the way.
 
     ``reached``: every digest met, present or not. ``problems``: one line each. ``blocking``: the problems that hide
     what a manifest or index refers to, so that gc cannot know what is in use. A blob in ``corrupt`` (reported by
-    verify's scan) is not reported again when it cannot be read.
+    verify's scan) is not reported again when it cannot be read. A descriptor whose media type does not fit where
+    it is (:func:`media_type_problem`) is a problem, and is not read: it refers to nothing but its own blob.
     """
 
     def __init__(self, layout: Layout, content: Content, corrupt: set[Digest]) -> None:
@@ -40,38 +66,48 @@ class _Walk:
         self.reached: set[Digest] = set()
         self.problems: list[str] = []
         self.blocking: list[str] = []
+        self.manifests: dict[Digest, tuple[Manifest, ImageConfig | None]] = {}  # read on the way
+        self._configs: set[Digest] = set()  # image configs read and parsed with their manifest
 
     def run(self) -> _Walk:
+        """The walk from every entry of index.json."""
         try:
             index = self._layout.index()
         except StoreError as err:
             self.problems.append(str(err))
             self.blocking.append(str(err))
             return self
-        stack: list[tuple[Descriptor, str]] = []
-        for position, descriptor in reversed(list(enumerate(index.manifests))):
-            name = descriptor.ref_name
-            stack.append((descriptor, f"tag '{name}'" if name else f"index.json manifest {position}"))
-        checked: set[tuple[Digest, int, str]] = set()
+        return self.walk((d, f"tag '{d.ref_name}'" if d.ref_name else f"index.json manifest {position}")
+                         for position, d in enumerate(index.manifests))
+
+    def walk(self, roots: Iterable[tuple[Descriptor, str]]) -> _Walk:
+        """The walk from ``roots`` (descriptor, how to name it), each a manifest or index listed in index.json."""
+        stack: list[tuple[Descriptor, str, Role]] = [(d, via, "listed") for d, via in roots]
+        stack.reverse()
+        checked: set[tuple[Digest, int, str, Role]] = set()
         while stack:
-            descriptor, via = stack.pop()
+            descriptor, via, role = stack.pop()
             self.reached.add(descriptor.digest)
-            identity = (descriptor.digest, descriptor.size, descriptor.media_type)
+            identity = (descriptor.digest, descriptor.size, descriptor.media_type, role)
             if identity in checked:
                 continue
             checked.add(identity)
-            if self._present(descriptor, via):
+            problem = media_type_problem(role, descriptor.media_type)
+            if problem is not None:
+                self.problems.append(f"{via} {problem}")
+            if self._present(descriptor, via, read=problem is None) and problem is None:
                 stack.extend(reversed(self._children(descriptor, via)))
         return self
 
-    def _present(self, descriptor: Descriptor, via: str) -> bool:
-        """Whether the blob is there (a size other than the descriptor's is a problem, but the blob is there)."""
+    def _present(self, descriptor: Descriptor, via: str, *, read: bool) -> bool:
+        """Whether the blob is there (a size other than the descriptor's is a problem, but the blob is there).
+        A missing manifest or index that is to be ``read`` hides what it refers to: blocking."""
         digest = descriptor.digest
         try:
             actual = self._layout.blob_path(digest).stat().st_size
         except FileNotFoundError:
             self.problems.append(f"{via}: blob {digest} is missing")
-            if _is_parent(descriptor):
+            if read and _is_parent(descriptor):
                 self.blocking.append(self.problems[-1])
             return False
         except OSError as err:
@@ -82,10 +118,12 @@ class _Walk:
             self.problems.append(f"{via}: blob {digest} has {actual} bytes, the descriptor says {descriptor.size}")
         return True
 
-    def _children(self, descriptor: Descriptor, via: str) -> list[tuple[Descriptor, str]]:
+    def _children(self, descriptor: Descriptor, via: str) -> list[tuple[Descriptor, str, Role]]:
         """Parse a manifest, index or image config; the descriptors a manifest or index refers to."""
         digest, media_type = descriptor.digest, descriptor.media_type
         if media_type in CONFIG_TYPES:
+            if digest in self._configs:
+                return []
             kind = "config"
         elif media_type in MANIFEST_TYPES:
             kind = "manifest"
@@ -97,11 +135,10 @@ class _Walk:
             data = self._content.read_blob(digest)
             if kind == "manifest":
                 manifest = Manifest.parse(data, f"{via}: manifest {digest}")
-                return [(manifest.config, f"{via} > config"),
-                        *((layer, f"{via} > layer {i}") for i, layer in enumerate(manifest.layers))]
+                return self._manifest_children(digest, manifest, via)
             if kind == "index":
                 nested = Index.parse(data, f"{via}: index {digest}")
-                return [(child, f"{via} > manifest {i}") for i, child in enumerate(nested.manifests)]
+                return [(child, f"{via} > manifest {i}", "listed") for i, child in enumerate(nested.manifests)]
             ImageConfig.parse(data, f"{via}: config {digest}")
         except (StoreError, FormatError) as err:
             if _is_parent(descriptor):
@@ -109,6 +146,24 @@ class _Walk:
             if digest not in self._corrupt:  # a corrupt blob is reported once, by the scan
                 self.problems.append(str(err) if isinstance(err, FormatError) else f"{via}: {err}")
         return []
+
+    def _manifest_children(self, digest: Digest, manifest: Manifest, via: str) -> list[tuple[Descriptor, str, Role]]:
+        """A manifest's config and layers, the layers' role told by the config's media type (an image's, or an
+        artifact's); the image config is read here too, for the checks of cache entries."""
+        image = manifest.config.media_type in CONFIG_TYPES
+        if not image and manifest.artifact_type is None and manifest.config.media_type == OCI_EMPTY:
+            self.problems.append(f"{via}: manifest {digest} has an empty config but no artifactType")
+        config = None
+        if image and manifest.config.size <= _MAX_CONFIG:
+            try:
+                config = ImageConfig.parse(self._content.read_blob(manifest.config.digest), "config")
+                self._configs.add(manifest.config.digest)
+            except (StoreError, FormatError):
+                pass  # reported when the walk reaches the config
+        self.manifests[digest] = (manifest, config)
+        layer_role: Role = "image layer" if image else "artifact layer"
+        return [(manifest.config, f"{via} > config", "config"),
+                *((layer, f"{via} > layer {i}", layer_role) for i, layer in enumerate(manifest.layers))]
 
 
 def _is_parent(descriptor: Descriptor) -> bool:
@@ -126,7 +181,7 @@ def reachable(layout: Layout, content: Content) -> set[Digest]:
         more = f" (and {len(walk.blocking) - 1} more problems)" if len(walk.blocking) > 1 else ""
         raise StoreError(
             f"cannot tell which blobs are in use: {walk.blocking[0]}{more}",
-            hint="run `ocibuild verify`; untag, rebuild or fetch again the images it names",
+            hint="run `ocibuild verify --repair`: it removes the tags of what is damaged (then gc can run)",
         )
     return walk.reached
 
@@ -135,43 +190,59 @@ def verify(layout: Layout, content: Content, *, unreachable: bool = False) -> li
     """Problems found, one line each (empty when the store is sound).
 
     Every blob must hash to its name; every descriptor reachable from index.json must name a present blob of
-    its size; manifests, indexes and image configs must parse. With ``unreachable``, blobs no tag reaches
-    count as problems too. Temporary files and ocibuild's private directory are not looked at.
+    its size, of a media type that fits where it is; manifests, indexes and image configs must parse; every
+    cache entry must be the entry of the key its tag names (:func:`.entries.entry_problems`). With
+    ``unreachable``, blobs no tag reaches count as problems too. Temporary files and ocibuild's private
+    directory are not looked at.
     """
     with layout.locks.lease_if_writable():
-        problems = _check_layout_file(layout.root / "oci-layout")
-        present, corrupt = _scan_blobs(layout, problems)
+        problems = check_layout_file(layout.root / "oci-layout")
+        present, corrupt = scan_blobs(layout, problems)
         walk = _Walk(layout, content, corrupt).run()
         problems += walk.problems
-        problems += _check_cache_entries(layout, content)
+        problems += _entry_problems(layout, walk)
         if unreachable:
             for digest in sorted(present - walk.reached):
                 problems.append(f"blob {digest} is not reachable from index.json (`ocibuild gc` removes it)")
     return problems
 
 
-def _check_cache_entries(layout: Layout, content: Content) -> list[str]:
-    """Problems of the cache entries index.json tags (see entries.entry_problems). An entry whose manifest or config
-    cannot be read is left out: the walk has reported that already."""
-    problems: list[str] = []
-    try:
-        index = layout.index()
-    except StoreError:
-        return problems  # reported by the walk
-    for descriptor in index.manifests:
-        tag = descriptor.ref_name
-        if not tag or not is_cache_tag(tag) or descriptor.media_type not in MANIFEST_TYPES:
-            continue
+def tag_problems(layout: Layout, content: Content, tags: Mapping[str, Descriptor]) -> list[str]:
+    """What verify would report about these tags (the graph each reaches, and a cache entry's labels), were
+    they in index.json: the checks of :func:`verify` but the scan of every blob's content (blobs are verified
+    as they are written)."""
+    return [problem for problems in listed_problems(layout, content, list(tags.items())) for problem in problems]
+
+
+def listed_problems(layout: Layout, content: Content, listed: Sequence[tuple[str | None, Descriptor]],
+                    ) -> list[list[str]]:
+    """For each entry of index.json (its tag, or None for an untagged manifest, and its descriptor), what verify
+    reports about it, on its own: a problem of a blob two entries reach is told for both."""
+    result = []
+    for position, (tag, descriptor) in enumerate(listed):
+        via = f"tag '{tag}'" if tag is not None else f"index.json manifest {position}"
+        walk = _Walk(layout, content, set()).walk([(descriptor, via)])
+        result.append(walk.problems + (_entry_problems(layout, walk, {tag: descriptor}) if tag is not None else []))
+    return result
+
+
+def _entry_problems(layout: Layout, walk: _Walk, tags: Mapping[str, Descriptor] | None = None) -> list[str]:
+    """Problems of the cache entries among ``tags`` (default: index.json's), see entries.entry_problems. An entry
+    whose manifest or config the walk could not read is left out: the walk has reported that already."""
+    if tags is None:
         try:
-            manifest = Manifest.parse(content.read_blob(descriptor.digest), f"manifest {descriptor.digest}")
-            config = ImageConfig.parse(content.read_blob(manifest.config.digest), f"config {manifest.config.digest}")
-        except (StoreError, FormatError):
-            continue
-        problems += entry_problems(tag, manifest, config)
+            tags = layout.index().tags()
+        except StoreError:
+            return []  # reported by the walk
+    problems: list[str] = []
+    for tag, descriptor in tags.items():
+        read = walk.manifests.get(descriptor.digest)
+        if is_cache_tag(tag) and descriptor.media_type in MANIFEST_TYPES and read is not None and read[1] is not None:
+            problems += entry_problems(tag, read[0], read[1])
     return problems
 
 
-def _check_layout_file(path: Path) -> list[str]:
+def check_layout_file(path: Path) -> list[str]:
     try:
         value = parse_json(path.read_bytes(), "it", limit=4096)
     except (OSError, FormatError) as err:
@@ -181,7 +252,7 @@ def _check_layout_file(path: Path) -> list[str]:
     return []
 
 
-def _scan_blobs(layout: Layout, problems: list[str]) -> tuple[set[Digest], set[Digest]]:
+def scan_blobs(layout: Layout, problems: list[str]) -> tuple[set[Digest], set[Digest]]:
     """Hash every blob file, adding a line to ``problems`` for each bad one: (digests present, digests corrupt)."""
     present: set[Digest] = set()
     corrupt: set[Digest] = set()
@@ -211,7 +282,7 @@ def gc(layout: Layout, content: Content, *, wait: bool = True) -> tuple[int, int
     """
     with layout.locks.exclusive_lease(wait), layout.locks.lock():
         removed, freed, touched = _remove_unreachable(layout, reachable(layout, content))
-        freed += _remove_leftovers(layout)
+        freed += _remove_leftovers(layout) + content.sweep()
         for directory in sorted(touched):
             sync_dir(directory, layout.root)
     log.info("gc of %s: removed %d blobs, freed %d bytes", layout.root, removed, freed)

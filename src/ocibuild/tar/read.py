@@ -29,11 +29,14 @@ The rules every policy shares:
   (aufs metadata) are skipped.
 - ``max_size`` (optional, compressed streams) bounds the number of uncompressed bytes read, against decompression
   bombs; memory use is constant whatever the stream claims.
+- At most :data:`MAX_ENTRIES` entries (1,000,000) are read from one layer or archive: what a read keeps per path
+  (the checks of links, a layer's listing) grows with the entries, and this bounds it (to a few hundred MB), and
+  the time a hostile layer of empty files can take. The writer makes no larger layer.
 
 A hostile entry raises :class:`UnsafeArchive` with the policy's ``hint_unsafe``, a truncated or corrupt stream with
 its ``hint_corrupt``; every message names the layer or archive (``what``) and the entry.
 
-(At ~650 lines this module is larger than a room should be, on purpose: the header parser and the member checks
+(At ~720 lines this module is larger than a room should be, on purpose: the header parser and the member checks
 apply one policy between them, and the one tar parser is meant to be read, and fixed, in one place.)
 """
 
@@ -44,15 +47,22 @@ import io
 import json
 import logging
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, Final, Literal, cast
+from types import MappingProxyType
+from typing import Any, BinaryIO, Final, Generic, Literal, TypeVar, cast
 
 from ..errors import UnsafeArchive
 from . import codecs
 
 log = logging.getLogger(__name__)
 
+V = TypeVar("V")
+
+#: Entries (not counting extended headers) one layer or archive may hold; see the module docstring.
+MAX_ENTRIES: Final = 1_000_000
+MAX_ENTRIES_HINT: Final = (f"ocibuild reads at most {MAX_ENTRIES:,} entries from one layer or archive: split the "
+                           "tree into several layers, or ask the publisher of this one")
 MEMBER_TYPES: Final = frozenset({"file", "dir", "symlink", "hardlink", "whiteout", "opaque"})
 WHITEOUT_PREFIX: Final = ".wh."
 WHITEOUT_OPAQUE: Final = ".wh..wh..opq"
@@ -76,7 +86,11 @@ _DESCRIBED: Final = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
+#: The xattrs of the (many) members that have none: one shared, immutable empty mapping.
+NO_XATTRS: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)  # slots: a layer may have a million members in memory at once
 class Member:
     """One member of a tar stream being read; ``path`` is normalised.
 
@@ -91,7 +105,7 @@ class Member:
     size: int
     linkname: str
     mtime: int
-    xattrs: Mapping[str, str] = field(default_factory=dict)
+    xattrs: Mapping[str, str] = field(default_factory=lambda: NO_XATTRS)
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ class Policy:
     extensions: frozenset[bytes]  # typeflags of extended headers applied to the entry after them ('g': to all)
     refused_records: frozenset[bytes]  # PAX keys refused wherever they appear
     max_extended: int  # bytes of extended headers of one entry (and, together, of the global ones)
-    max_headers: int | None  # headers in the whole archive
+    max_entries: int  # entries in the whole archive (extended headers not counted)
     absolute: bool  # a leading '/' is taken as relative to the root; else the entry is refused
     whiteouts: Literal["member", "refuse", "literal"]  # OCI whiteouts: members, refused, or ordinary names
     end_blocks: int  # zero blocks that end the archive (2, 1, or 0: the stream may also end after a member's content)
@@ -118,7 +132,7 @@ LAYER: Final = Policy(
     extensions=frozenset({b"x", b"g", b"L", b"K", b"X"}),
     refused_records=frozenset(),
     max_extended=1 << 20,
-    max_headers=None,
+    max_entries=MAX_ENTRIES,
     absolute=True,
     whiteouts="member",
     end_blocks=0,
@@ -134,7 +148,7 @@ LAYOUT: Final = Policy(
     extensions=frozenset({b"x", b"L"}),
     refused_records=frozenset({b"linkpath"}),
     max_extended=64 << 10,
-    max_headers=1_000_000,
+    max_entries=MAX_ENTRIES,
     absolute=False,
     whiteouts="literal",
     end_blocks=2,
@@ -267,7 +281,7 @@ class _Raw:
     size: int
     linkname: str
     mtime: int
-    xattrs: dict[str, str]
+    xattrs: Mapping[str, str]
     offset: int  # of the header
     data_offset: int
     data_size: int  # bytes of data that follow the header in the stream
@@ -337,7 +351,7 @@ class _Parser:
         self.long_link: bytes | None = None
         self.extended = 0  # bytes of extended headers for the next entry
         self.global_extended = 0  # and of all global ones
-        self.headers = 0
+        self.entries = 0
 
     def __iter__(self) -> Iterator[tuple[_Raw, _Data]]:
         inp = self.inp
@@ -372,9 +386,6 @@ class _Parser:
             if block == _ZERO_BLOCK:
                 self._end()
                 return None
-            self.headers += 1
-            if self.policy.max_headers is not None and self.headers > self.policy.max_headers:
-                raise self._unsafe(f"more than {self.policy.max_headers} entries")
             stored = self._octal(block[148:156], offset)
             unsigned = sum(block[:148]) + 256 + sum(block[156:])
             if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in block[:148] + block[156:]):
@@ -382,6 +393,10 @@ class _Parser:
             typeflag = block[156:157]
             size = self._octal(block[124:136], offset)
             if typeflag not in self.policy.extensions:
+                self.entries += 1
+                if self.entries > self.policy.max_entries:
+                    raise UnsafeArchive(f"{self.what}: more than {self.policy.max_entries:,} entries",
+                                        hint=MAX_ENTRIES_HINT)
                 return self._entry(block, typeflag, size, offset)
             self._extension(typeflag, size, offset)
 
@@ -487,7 +502,7 @@ class _Parser:
             gid = self._decimal(values[b"gid"], b"gid", offset)
         if b"mtime" in values:
             mtime = self._decimal(values[b"mtime"], b"mtime", offset)
-        xattrs = {}
+        xattrs: dict[str, str] = {}
         for key, value in values.items():
             if key.startswith(b"SCHILY.xattr."):
                 xattrs[key[13:].decode("utf-8", _ENC)] = value.decode("utf-8", _ENC)
@@ -497,12 +512,57 @@ class _Parser:
         data_size = 0 if typeflag in _HEADER_ONLY else size
         return _Raw(
             name.decode("utf-8", _ENC), typeflag, self._octal(block[100:108], offset) & 0o7777, uid, gid,
-            size, link.decode("utf-8", _ENC), mtime, xattrs, offset, self.inp.pos, data_size,
+            size, link.decode("utf-8", _ENC), mtime, xattrs or NO_XATTRS, offset, self.inp.pos, data_size,
         )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Members
+
+
+class PathTree(Generic[V]):
+    """Normalised paths with a value each, by component: the ancestors of a path are found in time linear in its
+    length (slicing out each prefix of a deep path would cost its length squared: a 1 MiB path of 500,000
+    components, hours)."""
+
+    def __init__(self) -> None:
+        self._root: dict[str, Any] = {}  # component -> subtree; the key "" (never a component) holds the value
+        self._size = 0
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def set(self, path: str, value: V) -> None:
+        node = self._root
+        for part in path.split("/"):
+            node = node.setdefault(part, {})
+        if "" not in node:
+            self._size += 1
+        node[""] = value
+
+    def discard(self, path: str) -> None:
+        node: dict[str, Any] | None = self._root
+        for part in path.split("/"):
+            node = node.get(part) if node is not None else None
+        if node is not None and node.pop("", _ABSENT) is not _ABSENT:
+            self._size -= 1
+
+    def ancestor(self, path: str, accept: Callable[[V], bool] = lambda value: True) -> str | None:
+        """The first (outermost) proper ancestor of ``path`` in the tree whose value ``accept``s."""
+        if not self._size:
+            return None
+        node: dict[str, Any] | None = self._root
+        parts = path.split("/")
+        for depth, part in enumerate(parts[:-1]):
+            node = node.get(part) if node is not None else None
+            if node is None:
+                return None
+            if "" in node and accept(node[""]):
+                return "/".join(parts[: depth + 1])
+        return None
+
+
+_ABSENT: Final = object()
 
 
 class _TreeChecker:
@@ -513,20 +573,14 @@ class _TreeChecker:
         self.what = what
         self.policy = policy
         self.files: set[str] = set()
-        self.symlinks: set[str] = set()
+        self.symlinks: PathTree[bool] = PathTree()
 
     def _refuse(self, raw: _Raw, problem: str) -> UnsafeArchive:
         return UnsafeArchive(f"{self.what}: entry {quoted(raw.name)} {problem}", hint=self.policy.hint_unsafe)
 
     def _symlink_above(self, path: str) -> str | None:
         """The first ancestor of ``path`` that is a symlink of this archive, if any."""
-        if self.symlinks:
-            cut = path.find("/")
-            while cut > 0:
-                if path[:cut] in self.symlinks:
-                    return path[:cut]
-                cut = path.find("/", cut + 1)
-        return None
+        return self.symlinks.ancestor(path)
 
     def member(self, raw: _Raw) -> Member | None:
         """The member of ``raw``; None for what is left out (the root, a skipped type, aufs metadata)."""
@@ -551,7 +605,7 @@ class _TreeChecker:
             self.files.add(path)
             self.symlinks.discard(path)
         elif kind == "symlink":
-            self.symlinks.add(path)
+            self.symlinks.set(path, True)
             self.files.discard(path)
         else:
             self.files.discard(path)
@@ -665,6 +719,7 @@ def scan_layer(fileobj: BinaryIO, compression: str, *, what: str, keep: Collecti
     are held in memory), in one read of the layer."""
     result: dict[str, str] = {}
     kept: dict[str, bytes] = {}
+    shared: dict[str, str] = {}  # one string for the fingerprints many paths have (directories, empty files)
     buf = bytearray(_READ)
     view = memoryview(buf)
     for member, data in iter_members(fileobj, compression, what=what, max_size=max_size):
@@ -679,9 +734,11 @@ def scan_layer(fileobj: BinaryIO, compression: str, *, what: str, keep: Collecti
                     parts.append(bytes(view[:n]))
             if parts is not None:
                 kept[member.path] = b"".join(parts)
-            result[member.path] = f"file:{member.mode:04o}:{sha.hexdigest()}{xattrs_fingerprint(member.xattrs)}"
+            fingerprint = f"file:{member.mode:04o}:{sha.hexdigest()}{xattrs_fingerprint(member.xattrs)}"
+            result[member.path] = fingerprint if member.size else shared.setdefault(fingerprint, fingerprint)
         elif member.type == "dir":
-            result[member.path] = f"dir:{member.mode:04o}{xattrs_fingerprint(member.xattrs)}"
+            fingerprint = f"dir:{member.mode:04o}{xattrs_fingerprint(member.xattrs)}"
+            result[member.path] = shared.setdefault(fingerprint, fingerprint)
         elif member.type in ("symlink", "hardlink"):
             result[member.path] = f"{member.type}:{member.linkname}"
         else:

@@ -59,7 +59,7 @@ _TYPEFLAG: Final = {"file": b"0", "dir": b"5", "symlink": b"2", "hardlink": b"1"
 _ENC: Final = "surrogateescape"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a layer may have a million entries in memory at once
 class Entry:
     """One member of a layer to write.
 
@@ -80,7 +80,7 @@ class Entry:
     source: str | None = None
     offset: int = 0
     mtime: int = 0
-    xattrs: Mapping[str, str] = field(default_factory=dict)
+    xattrs: Mapping[str, str] = field(default_factory=lambda: read.NO_XATTRS)
     sha256: str = ""
 
 
@@ -169,14 +169,20 @@ def _by_path(items: list[Entry]) -> dict[str, Entry]:
 def _hardlink_groups(items: list[Entry], by_path: Mapping[str, Entry]) -> dict[str, list[str]]:
     """Path of the content -> every path of it (the content's first), following chains of hardlinks."""
     groups: dict[str, list[str]] = {}
+    content_of: dict[str, Entry | None] = {}  # hardlink path -> what its chain ends at: each chain walked once
     for e in items:
         if e.type != "hardlink":
             continue
-        seen = {e.path}
+        chain = {e.path: None}
         target = by_path.get(e.linkname)
-        while target is not None and target.type == "hardlink" and target.path not in seen:
-            seen.add(target.path)
+        while target is not None and target.type == "hardlink" and target.path not in chain:
+            if target.path in content_of:
+                target = content_of[target.path]
+                break
+            chain[target.path] = None
             target = by_path.get(target.linkname)
+        for link in chain:
+            content_of[link] = target
         if target is None or target.type != "file":
             what = "is not in the layer" if target is None else f"is a {target.type}"
             raise FormatError(
@@ -445,6 +451,8 @@ def write_layer(
     kept: dict[str, bytes] = {}
     try:
         plan = _plan(entries)
+        if len(plan) > read.MAX_ENTRIES:
+            raise FormatError(f"a layer of {len(plan):,} entries: more than a layer may hold", read.MAX_ENTRIES_HINT)
         writer = _TarWriter(sink)
         for e in plan:
             writer.write(header(e, epoch))
@@ -493,7 +501,11 @@ def tarball_entries(path: Path, *, what: str, skip_devices: bool = False) -> lis
     Read with the :data:`~ocibuild.tar.read.TARBALL` policy: the checks of a layer, except that OCI whiteouts are
     refused (they would delete files of lower layers) and, with ``skip_devices``, device nodes and fifos are left
     out instead of refused (a root filesystem made by mmdebstrap has /dev entries). When a path occurs twice the
-    later entry wins, as when extracting.
+    later entry wins, as when extracting: a directory replaced by another type takes what was beneath it along,
+    and the paths hardlinked to a replaced file keep its content (under the first of them).
+
+    Time is linear in the entries, whatever they replace: hardlinked paths share one :class:`_Links` (a replaced
+    file's links are not searched for), and what replaced directories took along is settled once, at the end.
     """
     policy = read.TARBALL_SKIPPING_DEVICES if skip_devices else read.TARBALL
     try:
@@ -501,35 +513,62 @@ def tarball_entries(path: Path, *, what: str, skip_devices: bool = False) -> lis
     except OSError as err:
         raise StoreError(f"{what}: cannot open {path}: {err.strerror}") from err
     source = str(path)
-    result: dict[str, Entry] = {}
+    latest: dict[str, tuple[int, Entry]] = {}  # path -> (the number of its entry in the archive, the entry)
+    links: dict[str, _Links] = {}  # path of a hardlinked file, or of a hardlink -> the paths sharing its content
+    replaced: read.PathTree[int] = read.PathTree()  # directory replaced by another type -> the number then
     try:
         with f:
-            for member, offset in read.iter_file_members(f, what=what, policy=policy):
+            for number, (member, offset) in enumerate(read.iter_file_members(f, what=what, policy=policy)):
                 is_file = member.type == "file"
                 entry = Entry(
                     member.path, member.type, member.mode, member.uid, member.gid, member.size, member.linkname,
                     source if is_file else None, offset if is_file else 0, member.mtime, member.xattrs,
                 )  # fmt: skip
-                old = result.pop(member.path, None)
+                old = latest.pop(member.path, None)
                 if old is not None:
-                    _forget(result, old, keep_children=entry.type == "dir")
-                result[member.path] = entry
+                    group = links.pop(member.path, None)
+                    if group is not None:
+                        del group.paths[member.path]
+                    if old[1].type == "dir" and entry.type != "dir":
+                        replaced.set(member.path, number)
+                if entry.type == "hardlink":
+                    _join(links, latest, entry)
+                latest[member.path] = (number, entry)
     except OSError as err:
         raise StoreError(f"{what}: cannot read {path}: {err.strerror or err}") from err
-    return list(result.values())
+    kept = {p: e for p, (n, e) in latest.items() if replaced.ancestor(p, lambda then: then > n) is None}
+    return [_linked(p, e, links.get(p), kept) for p, e in kept.items()]
 
 
-def _forget(result: dict[str, Entry], old: Entry, *, keep_children: bool) -> None:
-    """Drop ``old`` (replaced by a later entry of its path), keeping what referred to it consistent."""
-    links = [k for k, v in result.items() if v.type == "hardlink" and v.linkname == old.path]
-    if links and old.type == "file":
-        result[links[0]] = replace(old, path=links[0])
-        for k in links[1:]:
-            result[k] = replace(result[k], linkname=links[0])
-    elif links:
-        for k in links:
-            result[k] = replace(result[k], linkname=old.linkname)
-    if old.type == "dir" and not keep_children:
-        prefix = old.path + "/"
-        for k in [k for k in result if k.startswith(prefix)]:
-            del result[k]
+@dataclass
+class _Links:
+    """Paths that share one content (a file and its hardlinks), in the order they were read; mutable while the
+    tarball is read."""
+
+    content: Entry  # the file entry whose content and metadata they share
+    paths: dict[str, None]
+    holder: str | None = None  # the first path kept, which holds the content: settled at the end
+
+
+def _join(links: dict[str, _Links], latest: Mapping[str, tuple[int, Entry]], link: Entry) -> None:
+    """Add the hardlink ``link`` to the group of its target (made when the target's first link comes)."""
+    group = links.get(link.linkname)
+    if group is None:
+        target = latest.get(link.linkname)
+        if target is None or target[1].type != "file":
+            return  # the reader lets no such hardlink through; left for the writer to refuse
+        group = links[link.linkname] = _Links(target[1], {link.linkname: None})
+    group.paths[link.path] = None
+    links[link.path] = group
+
+
+def _linked(path: str, entry: Entry, group: _Links | None, kept: Mapping[str, Entry]) -> Entry:
+    """The entry of ``path`` once what it was hardlinked to is settled: the first path of its group that is
+    kept holds the content, the others are hardlinks to it."""
+    if group is None:
+        return entry
+    if group.holder is None:
+        group.holder = next(p for p in group.paths if p in kept)
+    if path == group.holder:
+        return group.content if group.content.path == path else replace(group.content, path=path)
+    return replace(entry, type="hardlink", linkname=group.holder)
