@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 import stat
 import tomllib
 from collections.abc import Iterable
@@ -131,6 +132,18 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], *, mode: int = 0o644
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a symlink or a directory tree (not following a symlink); one already gone is no error.
+    Other failures raise OSError: the caller decides whether they matter."""
+    try:
+        if stat.S_ISDIR(path.lstat().st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def link_or_copy(source: Path, target: Path, *, sync_directory: bool = True) -> None:

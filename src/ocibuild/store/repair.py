@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError, StoreError
-from ..files import atomic_write, read_bounded
+from ..files import atomic_write, read_bounded, remove_path
 from ..oci import OCI_LAYOUT_VERSION, Descriptor, Digest, Index, canonical_json, parse_json
 from .content import Content
 from .layout import FILE_MODE, INDEX_LIMIT, Layout, hint_for, reason
@@ -103,12 +101,7 @@ def _corrupt(path: Path, digest: Digest) -> str | None:
 
 def _remove(path: Path, root: Path) -> None:
     try:
-        if stat.S_ISDIR(path.lstat().st_mode):
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
+        remove_path(path)
     except OSError as err:
         raise StoreError(f"remove {path}: {reason(err)}", hint_for(err, root)) from err
 

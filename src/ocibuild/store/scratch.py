@@ -15,12 +15,12 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import stat
 import time
 from pathlib import Path
 
 from ..errors import StoreError
+from ..files import remove_path
 from .layout import FILE_MODE, STORE_HINT, hint_for, reason
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,7 @@ def sweep(tmp_dir: Path) -> int:
 def remove_tree(path: Path) -> None:
     """Remove a file or a directory tree; what cannot be removed is logged and left."""
     try:
-        if stat.S_ISDIR(path.lstat().st_mode):
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
+        remove_path(path)
     except OSError as err:
         log.warning("could not remove temporary %s: %s", path, reason(err))
 
